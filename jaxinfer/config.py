@@ -1,0 +1,138 @@
+"""Engine configuration: what the user asks for, validated once, frozen afterwards.
+
+Values discovered at start-up (the model's max length, the number of KV blocks) are filled in by
+`dataclasses.replace` in the engine, never by mutating a config in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "reference")
+
+
+def _check(condition: bool, field_name: str, allowed: str, value: object) -> None:
+    if not condition:
+        raise ValueError(f"EngineConfig.{field_name} must be {allowed}, got {value!r}")
+
+
+def powers_of_two_up_to(limit: int, start: int = 1) -> tuple[int, ...]:
+    """Bucket sizes start, 2*start, ... and finally `limit` itself (so the largest bucket is exact)."""
+    sizes = []
+    size = start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    sizes.append(limit)
+    return tuple(sizes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Everything that shapes an engine. Field names follow vLLM's `LLM(...)` arguments."""
+
+    model: str
+    tokenizer: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+
+    # Model length and KV cache.
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # explicit override (tests); otherwise sized from the budget
+    kv_cache_memory_bytes: int | None = None  # explicit budget; otherwise from the device
+    gpu_memory_utilization: float = 0.9  # fraction of accelerator memory for weights + cache
+    cpu_kv_cache_fraction: float = 0.1  # fraction of available RAM for the cache on CPU
+
+    # Scheduler.
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_prefill_seqs: int = 8
+
+    # Shape buckets (None: powers of two up to the limits above).
+    seq_buckets: tuple[int, ...] | None = None
+    token_buckets: tuple[int, ...] | None = None
+    block_buckets: tuple[int, ...] | None = None
+
+    attention_backend: str = "auto"
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.model, str) and bool(self.model), "model", "a non-empty path", self.model)
+        _check(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _check(
+            self.attention_backend in ATTENTION_BACKENDS,
+            "attention_backend",
+            f"one of {ATTENTION_BACKENDS} (the Pallas backends arrive with the kernel)",
+            self.attention_backend,
+        )
+        _check(
+            self.block_size in (8, 16, 32, 64, 128),
+            "block_size",
+            "one of 8, 16, 32, 64, 128",
+            self.block_size,
+        )
+        _check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
+        _check(
+            self.max_num_batched_tokens >= 1,
+            "max_num_batched_tokens",
+            ">= 1",
+            self.max_num_batched_tokens,
+        )
+        _check(self.max_prefill_seqs >= 1, "max_prefill_seqs", ">= 1", self.max_prefill_seqs)
+        _check(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            "gpu_memory_utilization",
+            "in (0, 1]",
+            self.gpu_memory_utilization,
+        )
+        _check(
+            0.0 < self.cpu_kv_cache_fraction <= 0.9,
+            "cpu_kv_cache_fraction",
+            "in (0, 0.9]",
+            self.cpu_kv_cache_fraction,
+        )
+        if self.max_model_len is not None:
+            _check(self.max_model_len >= 1, "max_model_len", ">= 1", self.max_model_len)
+        if self.num_kv_blocks is not None:
+            _check(self.num_kv_blocks >= 2, "num_kv_blocks", ">= 2 (block 0 is reserved)", self.num_kv_blocks)
+        if self.kv_cache_memory_bytes is not None:
+            _check(self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "> 0", self.kv_cache_memory_bytes)
+        _check(self.max_logprobs >= 0, "max_logprobs", ">= 0", self.max_logprobs)
+        for name in ("seq_buckets", "token_buckets", "block_buckets"):
+            buckets = getattr(self, name)
+            if buckets is not None:
+                _check(
+                    len(buckets) > 0 and all(isinstance(b, int) and b >= 1 for b in buckets),
+                    name,
+                    "a non-empty tuple of positive ints",
+                    buckets,
+                )
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        if self.max_model_len is None:
+            raise ValueError("max_model_len is resolved when the engine loads the model")
+        return math.ceil(self.max_model_len / self.block_size)
+
+    def resolved_seq_buckets(self) -> tuple[int, ...]:
+        buckets = self.seq_buckets or powers_of_two_up_to(self.max_num_seqs)
+        return tuple(sorted(b for b in set(buckets) if b <= self.max_num_seqs) or [self.max_num_seqs])
+
+    def resolved_token_buckets(self) -> tuple[int, ...]:
+        limit = self.max_num_batched_tokens
+        buckets = self.token_buckets or powers_of_two_up_to(limit, start=min(16, limit))
+        return tuple(sorted(b for b in set(buckets) if b <= limit) or [limit])
+
+    def resolved_block_buckets(self) -> tuple[int, ...]:
+        limit = self.max_blocks_per_seq
+        buckets = self.block_buckets or powers_of_two_up_to(limit, start=min(4, limit))
+        kept = sorted(b for b in set(buckets) if b < limit)
+        return tuple(kept + [limit])  # the largest bucket always covers max_model_len
+
+    def replace(self, **changes) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

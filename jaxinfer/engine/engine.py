@@ -1,0 +1,305 @@
+"""Engine: tokenize -> add requests -> step loop -> detokenize. vLLM's offline `LLM`, on JAX.
+
+The engine itself stays on the host side of the seam: it owns the scheduler and block manager and
+hands each StepPlan, padded into its bucket, to the ModelRunner. Everything it raises for bad input
+is raised before any request is added, so one bad prompt leaves the engine and its cache untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs
+from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.engine.sequence import Sequence
+from jaxinfer.outputs import CompletionOutput, RequestOutput
+from jaxinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxinfer")
+
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    params: SamplingParams
+    seed: int
+    seq: Sequence
+    cumulative_logprob: float = 0.0
+
+
+def request_seed(engine_seed: int, request_index: int) -> int:
+    """The key seed of an unseeded request: a function of the engine seed and submission order."""
+    return int(np.random.SeedSequence([engine_seed, request_index]).generate_state(1)[0])
+
+
+class Engine:
+    """`Engine(EngineConfig(model=PATH))`, or vLLM-style `Engine(model=PATH, dtype=...)`."""
+
+    def __init__(self, config: EngineConfig | str | None = None, **kwargs) -> None:
+        # Device-side imports live here so that `jaxinfer.engine` stays importable without JAX.
+        from jaxinfer.models.loader import (
+            CheckpointSource,
+            load_eos_token_ids,
+            load_model,
+            load_tokenizer,
+        )
+        from jaxinfer.runtime import kv_cache
+        from jaxinfer.runtime.runner import ModelRunner
+
+        if config is None or isinstance(config, str):
+            config = EngineConfig(**({"model": config} if config else {}), **kwargs)
+        elif kwargs:
+            config = config.replace(**kwargs)
+        source = CheckpointSource.resolve(config.model, config.gguf_file)
+        self.model = load_model(source, config.dtype)
+        self.tokenizer = load_tokenizer(source, config.tokenizer)
+        self.config = config = self._resolve_lengths(config)
+        self.eos_token_ids = load_eos_token_ids(source, self.model.hf_config, self.tokenizer)
+        num_blocks = kv_cache.num_blocks_for(
+            config, self.model.model_config, self.model.dtype, self.model.weight_bytes
+        )
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_prefill_seqs=config.max_prefill_seqs,
+            max_model_len=config.max_model_len,
+        )
+        self.buckets = BucketTable(
+            seq_buckets=config.resolved_seq_buckets(),
+            token_buckets=config.resolved_token_buckets(),
+            block_buckets=config.resolved_block_buckets(),
+            max_prefill_seqs=config.max_prefill_seqs,
+        )
+        self._num_requests = 0
+
+    def _resolve_lengths(self, config: EngineConfig) -> EngineConfig:
+        model_max = self.model.model_config.max_position_embeddings
+        if config.max_model_len is None:
+            return config.replace(max_model_len=model_max)
+        if config.max_model_len > model_max:
+            raise ValueError(
+                f"EngineConfig.max_model_len={config.max_model_len} exceeds the model's "
+                f"max_position_embeddings={model_max}"
+            )
+        return config
+
+    # ---- public API ---------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.model_config.vocab_size
+
+    @property
+    def num_compilations(self) -> int:
+        """Compiled executables so far; flat after `warmup()` whatever the request mix."""
+        return self.runner.num_compilations
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def warmup(self) -> int:
+        """Compile every bucket now, so that no request mix compiles later. Returns the count."""
+        for bucket in self.buckets.all_buckets():
+            self.runner.compile(bucket)
+        return self.num_compilations
+
+    def generate(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in input order."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = self._params_for(prompt_list, sampling_params)
+        encoded = [self._encode(prompt, i) for i, prompt in enumerate(prompt_list)]
+        for (text, token_ids), params in zip(encoded, params_list, strict=True):
+            self._validate_request(token_ids, params)
+        requests = [
+            self._add_request(text, token_ids, params)
+            for (text, token_ids), params in zip(encoded, params_list, strict=True)
+        ]
+        self._run(requests, use_tqdm)
+        return [self._request_output(request) for request in requests]
+
+    def shutdown(self) -> None:
+        """Drop the weights, the KV cache and compiled executables so the memory can be reused."""
+        if getattr(self, "runner", None) is not None:
+            self.runner.shutdown()
+            self.runner = None
+        self.model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- request intake -----------------------------------------------------------------------
+
+    def _params_for(self, prompts: list, sampling_params) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * len(prompts)
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * len(prompts)
+        params = list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(
+                f"sampling_params has {len(params)} entries for {len(prompts)} prompts; "
+                "pass one SamplingParams or one per prompt"
+            )
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params entries must be SamplingParams, got {type(p)}")
+        return params
+
+    def _encode(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], list(self.tokenizer.encode(prompt["prompt"]))
+            raise ValueError(f"prompt {index}: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, list | tuple) and all(isinstance(t, int | np.integer) for t in prompt):
+            return None, [int(t) for t in prompt]
+        raise TypeError(
+            f"prompt {index}: expected str, list of token ids or a dict, got {type(prompt).__name__}"
+        )
+
+    def _validate_request(self, token_ids: list[int], params: SamplingParams) -> None:
+        max_len = self.config.max_model_len
+        if not token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(token_ids) >= max_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; it must be shorter than "
+                f"max_model_len={max_len} to leave room for a generated token"
+            )
+        vocab = self.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stop:
+            raise ValueError(
+                f"SamplingParams.stop_token_ids {bad_stop} are outside the vocabulary [0, {vocab})"
+            )
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(
+                f"SamplingParams.logprobs={params.logprobs} exceeds max_logprobs="
+                f"{self.config.max_logprobs}"
+            )
+
+    def _add_request(self, text, token_ids: list[int], params: SamplingParams) -> _Request:
+        index = self._num_requests
+        self._num_requests += 1
+        room = self.config.max_model_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seq = Sequence(seq_id=index, prompt_token_ids=token_ids, max_tokens=max_tokens)
+        seed = params.seed if params.seed is not None else request_seed(self.config.seed, index)
+        request = _Request(str(index), text, params, seed, seq)
+        self.scheduler.add(seq)
+        return request
+
+    # ---- the step loop ------------------------------------------------------------------------
+
+    def _run(self, requests: list[_Request], use_tqdm: bool) -> None:
+        by_seq = {r.seq.seq_id: r for r in requests}
+        sampling = {
+            r.seq.seq_id: RowSampling(temperature=float(r.params.temperature), seed=r.seed)
+            for r in requests
+        }
+        progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
+        started, generated = time.perf_counter(), 0
+        try:
+            while self.scheduler.has_unfinished:
+                plan = self.scheduler.schedule()
+                if plan is None:
+                    break
+                bucket = self.buckets.select(plan, self.config.block_size)
+                inputs = build_step_inputs(plan, bucket, self.config.block_size, sampling)
+                tokens, logprobs = self.runner.execute(bucket, inputs)
+                sampled = {
+                    item.seq.seq_id: int(tokens[row])
+                    for row, item in enumerate(plan.scheduled)
+                    if item.samples
+                }
+                for row, item in enumerate(plan.scheduled):
+                    if item.samples:
+                        by_seq[item.seq.seq_id].cumulative_logprob += float(logprobs[row])
+                for seq in self.scheduler.update(plan, sampled):
+                    generated += 1
+                    if self._check_stop(seq, by_seq[seq.seq_id].params):
+                        progress.update(1)
+                elapsed = time.perf_counter() - started
+                progress.set_postfix_str(f"output {generated / max(elapsed, 1e-9):.1f} tok/s")
+        except BaseException:
+            for request in requests:  # never leave blocks behind on an interrupted call
+                self.scheduler.abort(request.seq.seq_id)
+            raise
+        finally:
+            progress.close()
+
+    def _check_stop(self, seq: Sequence, params: SamplingParams) -> bool:
+        token = seq.output_token_ids[-1]
+        if not params.ignore_eos and token in self.eos_token_ids:
+            self.scheduler.finish(seq, "stop")
+        elif token in params.stop_token_ids:
+            self.scheduler.finish(seq, "stop", stop_reason=token)
+        elif seq.num_output_tokens >= seq.max_tokens:
+            self.scheduler.finish(seq, "length")
+        return seq.is_finished
+
+    def _request_output(self, request: _Request) -> RequestOutput:
+        seq, params = request.seq, request.params
+        text = self.tokenizer.decode(
+            seq.output_token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+        )
+        completion = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=list(seq.output_token_ids),
+            cumulative_logprob=request.cumulative_logprob if params.logprobs is not None else None,
+            logprobs=None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=list(seq.prompt_token_ids),
+            prompt_logprobs=None,
+            outputs=[completion],
+            finished=seq.is_finished,
+        )
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str | dict):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int | np.integer) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    if not prompts:
+        raise ValueError("prompts is empty: pass a str, a list of str, or token-id lists")
+    return prompts
+
+
+LLM = Engine

@@ -1,0 +1,198 @@
+"""Checkpoint folders and GGUF files -> (config, parameter pytree, tokenizer). Loud on any mismatch.
+
+Every tensor goes through the model's weight declarations: a tensor with no declaration, a declared
+weight the checkpoint lacks, or a shape that disagrees fails the load naming the tensor. Silent
+partial loads are how an engine ends up generating fluent nonsense.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.models import gguf_reader
+from jaxinfer.models.registry import model_family
+
+# Buffers some checkpoints carry that are recomputed here rather than loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_TORCH_DTYPE_NAMES = {
+    "float32": "float32",
+    "torch.float32": "float32",
+    "bfloat16": "bfloat16",
+    "torch.bfloat16": "bfloat16",
+    "float16": "float16",
+    "torch.float16": "float16",
+    "half": "float16",
+}
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where a model lives: a Hugging Face folder, or a GGUF file (and the folder holding it)."""
+
+    folder: Path
+    gguf_file: Path | None = None
+
+    @classmethod
+    def resolve(cls, model: str, gguf_file: str | None = None) -> CheckpointSource:
+        path = Path(os.path.expanduser(model))
+        if not path.exists():
+            raise ValueError(f"EngineConfig.model: {model!r} does not exist (a checkpoint folder or .gguf file)")
+        gguf = gguf_reader.resolve_gguf(str(path), gguf_file)
+        if gguf is not None:
+            return cls(folder=gguf[0], gguf_file=gguf[1])
+        if not (path / "config.json").is_file():
+            raise ValueError(f"EngineConfig.model: {model!r} has no config.json (and no .gguf file)")
+        return cls(folder=path)
+
+
+def load_hf_config(source: CheckpointSource):
+    from transformers import AutoConfig
+
+    if source.gguf_file is not None:
+        return gguf_reader.load_gguf_config(source.folder, source.gguf_file)
+    return AutoConfig.from_pretrained(source.folder, local_files_only=True)
+
+
+def load_tokenizer(source: CheckpointSource, tokenizer: str | None = None):
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    if source.gguf_file is not None:
+        return gguf_reader.load_gguf_tokenizer(source.folder, source.gguf_file)
+    return AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
+
+
+def load_eos_token_ids(source: CheckpointSource, hf_config, tokenizer) -> tuple[int, ...]:
+    """eos ids from generation_config.json, else the model config, else the tokenizer."""
+    eos = None
+    generation_config = source.folder / "generation_config.json"
+    if source.gguf_file is None and generation_config.is_file():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+
+def resolve_dtype(requested: str, hf_config, source: CheckpointSource) -> str:
+    """`auto` means the checkpoint's own dtype; GGUF weights are dequantized to float32."""
+    if requested != "auto":
+        return requested
+    if source.gguf_file is not None:
+        return "float32"
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return _TORCH_DTYPE_NAMES.get(str(declared), "float32")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"safetensors shards listed in {index.name} are missing: {missing}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {folder}")
+    return files
+
+
+def _iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import SafetensorError, safe_open
+
+    for file in _safetensors_files(folder):
+        try:
+            # framework="flax" because numpy cannot hold bfloat16; np.asarray then gives ml_dtypes.
+            with safe_open(file, framework="flax") as handle:
+                for name in handle.keys():
+                    yield name, np.asarray(handle.get_tensor(name))
+        except SafetensorError as error:
+            raise ValueError(f"corrupt safetensors file {file}: {error}") from error
+
+
+def _set_path(tree: dict, path: str, value) -> None:
+    """Place `value` at "layers.3.q" in a tree of dicts whose "layers" entry is a list."""
+    parts = path.split(".")
+    node = tree
+    for part, following in zip(parts[:-1], parts[1:], strict=False):
+        key = int(part) if isinstance(node, list) else part
+        if isinstance(node, list):
+            while len(node) <= key:
+                node.append({})
+            node = node[key]
+        else:
+            node = node.setdefault(key, [] if following.isdigit() else {})
+    node[parts[-1]] = value
+
+
+def build_params(specs: dict, tensors: Iterator[tuple[str, np.ndarray]], dtype: str) -> dict:
+    """Map named tensors through the declarations; fail naming anything unmapped, missing or misshapen."""
+    by_hf_name = {spec.hf_name: (path, spec) for path, spec in specs.items()}
+    params: dict = {}
+    loaded: set[str] = set()
+    target = jnp.dtype(dtype)
+    for hf_name, array in tensors:
+        if hf_name not in by_hf_name:
+            if hf_name.endswith(_IGNORED_SUFFIXES):
+                continue
+            raise ValueError(f"checkpoint tensor {hf_name!r} {tuple(array.shape)} is not used by this model")
+        path, spec = by_hf_name[hf_name]
+        if spec.transpose:
+            array = array.T
+        if tuple(array.shape) != spec.shape:
+            raise ValueError(
+                f"checkpoint tensor {hf_name!r} has shape {tuple(array.shape)} (after layout), "
+                f"expected {spec.shape}"
+            )
+        _set_path(params, path, jax.device_put(np.ascontiguousarray(array.astype(target))))
+        loaded.add(hf_name)
+    missing = sorted(set(by_hf_name) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
+    params["layers"] = tuple(params.get("layers", ()))
+    return params
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    source: CheckpointSource
+    hf_config: object
+    model_config: object  # the family's frozen config, e.g. DecoderConfig
+    family: object  # the family module: declare_weights, forward
+    params: dict
+    dtype: str
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self.params))
+
+
+def load_model(source: CheckpointSource, dtype: str = "auto") -> LoadedModel:
+    hf_config = load_hf_config(source)
+    family = model_family(hf_config)
+    model_config = family.DecoderConfig.from_hf(hf_config)
+    dtype = resolve_dtype(dtype, hf_config, source)
+    specs = family.declare_weights(model_config)
+    if source.gguf_file is not None:
+        tensors = gguf_reader.read_gguf_tensors(source.gguf_file, hf_config).items()
+        if model_config.tie_word_embeddings:
+            tensors = ((k, v) for k, v in tensors if k != "lm_head.weight")
+    else:
+        tensors = _iter_safetensors(source.folder)
+    params = build_params(specs, iter(tensors), dtype)
+    return LoadedModel(source, hf_config, model_config, family, params, dtype)

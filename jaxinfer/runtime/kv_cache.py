@@ -1,0 +1,91 @@
+"""The paged KV cache: sizing from a memory budget, and one preallocation.
+
+Layout: per layer a (K, V) pair, each `[num_blocks, block_size, kv_heads, head_dim]`. Separate
+per-layer arrays rather than one stacked array: XLA:CPU decodes about 2x faster without the slicing
+that a stacked cache under `lax.scan` costs. Block 0 is reserved as the padding sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.config import EngineConfig
+
+logger = logging.getLogger("jaxinfer")
+
+# Room left on an accelerator for activations and compiled executables, beyond weights and cache.
+_ACTIVATION_HEADROOM_BYTES = 1 << 30
+
+
+def bytes_per_block(model_config, block_size: int, dtype: str) -> int:
+    itemsize = jnp.dtype(dtype).itemsize
+    per_layer = 2 * block_size * model_config.num_kv_heads * model_config.head_dim * itemsize
+    return per_layer * model_config.num_layers
+
+
+def _available_host_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def kv_budget_bytes(config: EngineConfig, weight_bytes: int) -> int:
+    """How many bytes the cache may take: explicit, else accelerator memory share, else host RAM share."""
+    if config.kv_cache_memory_bytes is not None:
+        return config.kv_cache_memory_bytes
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if limit:
+            in_use = stats.get("bytes_in_use", weight_bytes)
+            budget = int(limit * config.gpu_memory_utilization) - in_use - _ACTIVATION_HEADROOM_BYTES
+            if budget <= 0:
+                raise ValueError(
+                    f"no memory left for the KV cache: {limit} bytes on {device.device_kind}, "
+                    f"{in_use} in use; raise gpu_memory_utilization (now {config.gpu_memory_utilization})"
+                )
+            return budget
+    return int(_available_host_bytes() * config.cpu_kv_cache_fraction)
+
+
+def num_blocks_for(config: EngineConfig, model_config, dtype: str, weight_bytes: int) -> int:
+    """Blocks the budget allows, capped at what max_num_seqs full-length sequences could use."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = bytes_per_block(model_config, config.block_size, dtype)
+    from_budget = kv_budget_bytes(config, weight_bytes) // per_block
+    useful = config.max_num_seqs * config.max_blocks_per_seq + 1
+    num_blocks = min(from_budget, useful)
+    if num_blocks < 2:
+        raise ValueError(
+            f"the KV cache budget fits {from_budget} blocks of {per_block} bytes; at least 2 are needed"
+        )
+    logger.info(
+        "KV cache: %d blocks x %d tokens (%.1f MiB)",
+        num_blocks,
+        config.block_size,
+        num_blocks * per_block / 2**20,
+    )
+    return num_blocks
+
+
+def allocate(model_config, num_blocks: int, block_size: int, dtype: str) -> tuple:
+    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+    return tuple(
+        (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(model_config.num_layers)
+    )
+
+
+def tokens_capacity(num_blocks: int, block_size: int) -> int:
+    return (num_blocks - 1) * block_size
+

@@ -1,0 +1,82 @@
+"""ModelRunner: the only place that holds device arrays and calls compiled code.
+
+Each bucket is compiled ahead of time (`jit(...).lower(...).compile()`) and kept in a table, so a
+shape that was never compiled cannot slip through as a silent retrace: it shows up as a compile
+counted by `num_compilations`, which tests watch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.engine.batching import Bucket, StepInputs
+from jaxinfer.models.loader import LoadedModel
+from jaxinfer.runtime import kv_cache as kv
+from jaxinfer.runtime.step import jit_step
+
+logger = logging.getLogger("jaxinfer")
+
+
+def _abstract_inputs(bucket: Bucket) -> dict[str, jax.ShapeDtypeStruct]:
+    T, S, B = bucket.num_tokens, bucket.num_seqs, bucket.num_blocks
+    i32, f32, u32 = jnp.int32, jnp.float32, jnp.uint32
+    shapes = {
+        "token_ids": ((T,), i32),
+        "positions": ((T,), i32),
+        "slot_mapping": ((T,), i32),
+        "block_tables": ((S, B), i32),
+        "context_lens": ((S,), i32),
+        "query_start_loc": ((S + 1,), i32),
+        "logits_indices": ((S,), i32),
+        "temperatures": ((S,), f32),
+        "seeds": ((S,), u32),
+        "sample_positions": ((S,), i32),
+    }
+    return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
+
+
+class ModelRunner:
+    def __init__(self, model: LoadedModel, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_cache = kv.allocate(model.model_config, num_blocks, block_size, model.dtype)
+        self._jitted = {
+            decode_only: jit_step(model.family, model.model_config, decode_only)
+            for decode_only in (False, True)
+        }
+        self._executables: dict[Bucket, jax.stages.Compiled] = {}
+        self.num_compilations = 0
+        self.compile_seconds = 0.0
+
+    def compile(self, bucket: Bucket) -> jax.stages.Compiled:
+        executable = self._executables.get(bucket)
+        if executable is None:
+            started = time.perf_counter()
+            jitted = self._jitted[not bucket.is_prefill]
+            executable = jitted.lower(
+                self.model.params, self.kv_cache, _abstract_inputs(bucket)
+            ).compile()
+            elapsed = time.perf_counter() - started
+            self.compile_seconds += elapsed
+            self.num_compilations += 1
+            self._executables[bucket] = executable
+            logger.debug("compiled %s in %.2fs", bucket, elapsed)
+        return executable
+
+    def execute(self, bucket: Bucket, inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:
+        """Run one step; -> (tokens [S], logprobs [S]) on the host. The cache stays on device."""
+        executable = self.compile(bucket)
+        tokens, logprobs, self.kv_cache = executable(
+            self.model.params, self.kv_cache, inputs.as_dict()
+        )
+        return np.asarray(tokens), np.asarray(logprobs)
+
+    def shutdown(self) -> None:
+        self._executables.clear()
+        self.kv_cache = None
