@@ -10,9 +10,11 @@ Dimension legend:
   L  context positions of one sequence (B * P)
 
 Layout contract: the new tokens of sequence s are `q[query_start_loc[s] : query_start_loc[s + 1]]`,
-they are the *last* tokens of its context (positions `context_lens[s] - q_len .. context_lens[s] - 1`),
-and their K/V have already been written into the cache. Tokens past `query_start_loc[S]` are padding;
-their output is zero.
+they are the *last* tokens of its context (positions `context_lens[s] - q_len .. context_lens[s] - 1`).
+The cache holds the earlier positions; the new tokens' K/V arrive as `k_new`/`v_new` and are written
+into the cache by `write_kv` after attention, in a separate donated call. (XLA:CPU copies the whole
+cache when one computation both gathers from it and scatters into it, so read and write stay apart.)
+Tokens past `query_start_loc[S]` are padding; their output is zero.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def _softcap(scores: jax.Array, soft_cap: float | None) -> jax.Array:
 
 def paged_attention(
     q: jax.Array,  # [T, H, D]
+    k_new: jax.Array,  # [T, K, D]
+    v_new: jax.Array,  # [T, K, D]
     k_cache: jax.Array,  # [N, P, K, D]
     v_cache: jax.Array,  # [N, P, K, D]
     block_tables: jax.Array,  # [S, B] int32
@@ -71,12 +75,6 @@ def paged_attention(
     num_seqs = block_tables.shape[0]
     kv_heads = k_cache.shape[2]
     group = num_heads // kv_heads
-    keys = _gather_context(k_cache, block_tables).astype(jnp.float32)  # [S, L, K, D]
-    values = _gather_context(v_cache, block_tables).astype(jnp.float32)  # [S, L, K, D]
-    context_len_max = keys.shape[1]
-    key_pos = jnp.arange(context_len_max)  # [L]
-    qg = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, head_dim) * scale
-
     token_idx = jnp.arange(num_tokens)
     # Which sequence each token belongs to, and its position in that sequence.
     token_seq = jnp.searchsorted(query_start_loc, token_idx, side="right") - 1  # [T]
@@ -85,6 +83,17 @@ def paged_attention(
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
     first_pos = context_lens - q_lens  # [S]
     token_pos = first_pos[token_seq] + token_idx - query_start_loc[token_seq]  # [T]
+
+    # Each sequence's context: earlier positions from the cache, this step's tokens from k_new/v_new.
+    # Padding tokens scatter out of bounds and are dropped.
+    context_len_max = block_tables.shape[1] * k_cache.shape[1]
+    target_pos = jnp.where(is_real, token_pos, context_len_max)
+    keys = _gather_context(k_cache, block_tables).astype(jnp.float32)  # [S, L, K, D]
+    values = _gather_context(v_cache, block_tables).astype(jnp.float32)  # [S, L, K, D]
+    keys = keys.at[token_seq, target_pos].set(k_new.astype(jnp.float32), mode="drop")
+    values = values.at[token_seq, target_pos].set(v_new.astype(jnp.float32), mode="drop")
+    key_pos = jnp.arange(context_len_max)  # [L]
+    qg = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, head_dim) * scale
 
     visible = key_pos[None, :] <= token_pos[:, None]  # [T, L]
     if sliding_window is not None:

@@ -142,7 +142,7 @@ def _attention_block(
     x: jax.Array,  # [T, E] normed hidden
     positions: jax.Array,  # [T]
     inv_freq: jax.Array,
-    kv: tuple[jax.Array, jax.Array],
+    layer_cache: tuple[jax.Array, jax.Array],
     attention: Callable,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     num_tokens = x.shape[0]
@@ -156,8 +156,8 @@ def _attention_block(
         q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    out, kv = attention(q, k, v, kv)  # [T, H, D]
-    return out.reshape(num_tokens, -1) @ layer["o"], kv
+    out = attention(q, k, v, layer_cache)  # [T, H, D]
+    return out.reshape(num_tokens, -1) @ layer["o"], (k, v)
 
 
 def forward(
@@ -167,21 +167,25 @@ def forward(
     token_ids: jax.Array,  # [T]
     positions: jax.Array,  # [T]
     logits_indices: jax.Array,  # [S] which token's hidden state gives each sequence's logits
-    attention: Callable,  # (q, k_new, v_new, (k_cache, v_cache)) -> (out, (k_cache, v_cache))
+    attention: Callable,  # (q, k_new, v_new, (k_cache, v_cache)) -> out [T, H, D]
 ) -> tuple[jax.Array, tuple]:
-    """Hidden states of the step's tokens -> float32 logits at `logits_indices` [S, V]."""
+    """-> (float32 logits at `logits_indices` [S, V], per layer the new (k, v) [T, K, D]).
+
+    The cache is only read here; the runner writes the new K/V into it in a separate donated call.
+    """
     inv_freq = jnp.asarray(cfg.inv_freq)
     x = params["embed"][token_ids]  # [T, E]
-    new_cache = []
-    for layer, kv in zip(params["layers"], kv_cache, strict=True):
+    new_kv = []
+    for layer, layer_cache in zip(params["layers"], kv_cache, strict=True):
+        normed = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
         attn_out, kv = _attention_block(
-            cfg, layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), positions, inv_freq, kv, attention
+            cfg, layer, normed, positions, inv_freq, layer_cache, attention
         )
         x = x + attn_out
         h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
         x = x + gated_mlp(h, layer["gate"], layer["up"], layer["down"])
-        new_cache.append(kv)
+        new_kv.append(kv)
     x = rms_norm(x[logits_indices], params["final_norm"], cfg.rms_norm_eps)  # [S, E]
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
-    return logits, tuple(new_cache)
+    return logits, tuple(new_kv)

@@ -2,7 +2,8 @@
 
 Each bucket is compiled ahead of time (`jit(...).lower(...).compile()`) and kept in a table, so a
 shape that was never compiled cannot slip through as a silent retrace: it shows up as a compile
-counted by `num_compilations`, which tests watch.
+counted by `num_compilations`, which tests watch. Each step is two executables: the forward pass
+(reads the cache) and the cache writer (donates it), see `runtime/step.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from jaxinfer.engine.batching import Bucket, StepInputs
 from jaxinfer.models.loader import LoadedModel
 from jaxinfer.runtime import kv_cache as kv
-from jaxinfer.runtime.step import jit_step
+from jaxinfer.runtime.step import jit_step, jit_write_cache
 
 logger = logging.getLogger("jaxinfer")
 
@@ -51,10 +52,23 @@ class ModelRunner:
             for decode_only in (False, True)
         }
         self._executables: dict[Bucket, jax.stages.Compiled] = {}
+        self._writers: dict[int, jax.stages.Compiled] = {}  # keyed by token count
         self.num_compilations = 0
         self.compile_seconds = 0.0
 
-    def compile(self, bucket: Bucket) -> jax.stages.Compiled:
+    def _count(self, started: float, what: object) -> None:
+        elapsed = time.perf_counter() - started
+        self.compile_seconds += elapsed
+        self.num_compilations += 1
+        logger.debug("compiled %s in %.2fs", what, elapsed)
+
+    def _new_kv_shapes(self, num_tokens: int) -> tuple:
+        cfg = self.model.model_config
+        new = jax.ShapeDtypeStruct((num_tokens, cfg.num_kv_heads, cfg.head_dim), self.model.dtype)
+        return tuple((new, new) for _ in range(cfg.num_layers))
+
+    def compile(self, bucket: Bucket) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
+        """The bucket's step and its cache writer, compiling whichever is new."""
         executable = self._executables.get(bucket)
         if executable is None:
             started = time.perf_counter()
@@ -62,19 +76,25 @@ class ModelRunner:
             executable = jitted.lower(
                 self.model.params, self.kv_cache, _abstract_inputs(bucket)
             ).compile()
-            elapsed = time.perf_counter() - started
-            self.compile_seconds += elapsed
-            self.num_compilations += 1
             self._executables[bucket] = executable
-            logger.debug("compiled %s in %.2fs", bucket, elapsed)
-        return executable
+            self._count(started, bucket)
+        writer = self._writers.get(bucket.num_tokens)
+        if writer is None:
+            started = time.perf_counter()
+            slots = jax.ShapeDtypeStruct((bucket.num_tokens,), jnp.int32)
+            writer = jit_write_cache.lower(
+                self.kv_cache, self._new_kv_shapes(bucket.num_tokens), slots
+            ).compile()
+            self._writers[bucket.num_tokens] = writer
+            self._count(started, f"cache writer for {bucket.num_tokens} tokens")
+        return executable, writer
 
     def execute(self, bucket: Bucket, inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:
         """Run one step; -> (tokens [S], logprobs [S]) on the host. The cache stays on device."""
-        executable = self.compile(bucket)
-        tokens, logprobs, self.kv_cache = executable(
-            self.model.params, self.kv_cache, inputs.as_dict()
-        )
+        executable, writer = self.compile(bucket)
+        arrays = inputs.as_dict()
+        tokens, logprobs, new_kv = executable(self.model.params, self.kv_cache, arrays)
+        self.kv_cache = writer(self.kv_cache, new_kv, arrays["slot_mapping"])
         return np.asarray(tokens), np.asarray(logprobs)
 
     def shutdown(self) -> None:

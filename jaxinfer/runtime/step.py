@@ -1,7 +1,8 @@
-"""The one device function: a padded batch in, sampled tokens and the updated KV cache out.
+"""The device functions: a padded batch in, sampled tokens and the step's new K/V out; then the write.
 
-`step` is pure; the runner jit-compiles it once per bucket with the KV cache donated, so XLA
-updates the cache in place instead of copying it every step.
+Both are pure. The runner compiles `step` once per bucket and `write_cache` once per token count.
+They are two calls, not one, because XLA:CPU copies the whole cache when a single computation both
+gathers from it and scatters into it; apart, `write_cache` updates the donated cache in place.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 import jax
+import jax.numpy as jnp
 
 from jaxinfer.runtime.sampler import sample
 from pallas_kernels import reference
@@ -26,10 +28,12 @@ def make_attention(
 ) -> Callable:
     """Bind the step's block tables and lengths into the per-layer attention call of the model."""
 
-    def attention(q, k_new, v_new, kv):
-        k_cache, v_cache = reference.write_kv(*kv, k_new, v_new, inputs["slot_mapping"])
-        out = paged_attention(
+    def attention(q, k_new, v_new, layer_cache):
+        k_cache, v_cache = layer_cache
+        return paged_attention(
             q,
+            k_new,
+            v_new,
             k_cache,
             v_cache,
             inputs["block_tables"],
@@ -39,9 +43,35 @@ def make_attention(
             decode_only=decode_only,
             sliding_window=sliding_window,
         )
-        return out, (k_cache, v_cache)
 
     return attention
+
+
+def forward_logits(
+    params: dict,
+    kv_cache: tuple,
+    inputs: dict[str, jax.Array],
+    logits_indices: jax.Array,
+    *,
+    family: ModuleType,
+    model_config,
+    decode_only: bool,
+) -> tuple[jax.Array, tuple]:
+    attention = make_attention(
+        inputs,
+        scale=model_config.head_dim**-0.5,
+        decode_only=decode_only,
+        sliding_window=model_config.sliding_window,
+    )
+    return family.forward(
+        params,
+        model_config,
+        kv_cache,
+        inputs["token_ids"],
+        inputs["positions"],
+        logits_indices,
+        attention,
+    )
 
 
 def step(
@@ -53,51 +83,49 @@ def step(
     model_config,
     decode_only: bool,
 ) -> tuple[jax.Array, jax.Array, tuple]:
-    """-> (next tokens [S], their logprobs [S], new kv_cache)."""
-    attention = make_attention(
-        inputs,
-        scale=model_config.head_dim**-0.5,
-        decode_only=decode_only,
-        sliding_window=model_config.sliding_window,
-    )
-    logits, kv_cache = family.forward(
+    """-> (next tokens [S], their logprobs [S], per layer the new (k, v) [T, K, D])."""
+    logits, new_kv = forward_logits(
         params,
-        model_config,
         kv_cache,
-        inputs["token_ids"],
-        inputs["positions"],
+        inputs,
         inputs["logits_indices"],
-        attention,
+        family=family,
+        model_config=model_config,
+        decode_only=decode_only,
     )
     tokens, logprobs = sample(
         logits, inputs["temperatures"], inputs["seeds"], inputs["sample_positions"]
     )
-    return tokens, logprobs, kv_cache
+    return tokens, logprobs, new_kv
 
 
-def prefill_logits(params, kv_cache, inputs, *, family: ModuleType, model_config):
-    """Logits of every token of a prefill (for parity tests and prompt logprobs)."""
-    attention = make_attention(
-        inputs,
-        scale=model_config.head_dim**-0.5,
-        decode_only=False,
-        sliding_window=model_config.sliding_window,
-    )
+def all_token_logits(params, kv_cache, inputs, *, family: ModuleType, model_config):
+    """Logits of every token of a prefill [T, V] (parity tests, prompt logprobs)."""
     num_tokens = inputs["token_ids"].shape[0]
-    logits, kv_cache = family.forward(
+    logits, _ = forward_logits(
         params,
-        model_config,
         kv_cache,
-        inputs["token_ids"],
-        inputs["positions"],
-        jax.numpy.arange(num_tokens),
-        attention,
+        inputs,
+        jnp.arange(num_tokens),
+        family=family,
+        model_config=model_config,
+        decode_only=False,
     )
-    return logits, kv_cache
+    return logits
+
+
+def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array) -> tuple:
+    """Scatter every layer's new K/V into its cache slots (padding tokens land in block 0)."""
+    return tuple(
+        reference.write_kv(k_cache, v_cache, k_new, v_new, slot_mapping)
+        for (k_cache, v_cache), (k_new, v_new) in zip(kv_cache, new_kv, strict=True)
+    )
 
 
 def jit_step(family: ModuleType, model_config, decode_only: bool):
     return jax.jit(
-        functools.partial(step, family=family, model_config=model_config, decode_only=decode_only),
-        donate_argnums=(1,),
+        functools.partial(step, family=family, model_config=model_config, decode_only=decode_only)
     )
+
+
+jit_write_cache = jax.jit(write_cache, donate_argnums=(0,))

