@@ -93,6 +93,10 @@ def paged_attention(
     keys = keys.at[token_seq, target_pos].set(k_new.astype(jnp.float32), mode="drop")
     values = values.at[token_seq, target_pos].set(v_new.astype(jnp.float32), mode="drop")
     key_pos = jnp.arange(context_len_max)  # [L]
+    # Slots past a sequence's context may hold anything (padding block, stale or NaN data):
+    # zero them so that even 0 * NaN cannot reach the output.
+    in_context = key_pos[None, :] < context_lens[:, None]  # [S, L]
+    values = jnp.where(in_context[:, :, None, None], values, 0.0)
     qg = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, head_dim) * scale
 
     visible = key_pos[None, :] <= token_pos[:, None]  # [T, L]

@@ -8,6 +8,7 @@ counted by `num_compilations`, which tests watch. Each step is two executables: 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -18,7 +19,7 @@ import numpy as np
 from jaxinfer.engine.batching import Bucket, StepInputs
 from jaxinfer.models.loader import LoadedModel
 from jaxinfer.runtime import kv_cache as kv
-from jaxinfer.runtime.step import jit_step, jit_write_cache
+from jaxinfer.runtime.step import all_token_logits, jit_step, jit_write_cache
 
 logger = logging.getLogger("jaxinfer")
 
@@ -47,6 +48,11 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv_cache = kv.allocate(model.model_config, num_blocks, block_size, model.dtype)
+        self._all_logits = jax.jit(
+            functools.partial(
+                all_token_logits, family=model.family, model_config=model.model_config
+            )
+        )
         self._jitted = {
             decode_only: jit_step(model.family, model.model_config, decode_only)
             for decode_only in (False, True)
@@ -96,6 +102,18 @@ class ModelRunner:
         tokens, logprobs, new_kv = executable(self.model.params, self.kv_cache, arrays)
         self.kv_cache = writer(self.kv_cache, new_kv, arrays["slot_mapping"])
         return np.asarray(tokens), np.asarray(logprobs)
+
+    def all_logits(self, bucket: Bucket, inputs: StepInputs) -> np.ndarray:
+        """Logits of every token of a prefill step [T, V], writing its K/V like `execute`.
+
+        Outside the bucket contract (jitted on demand): for parity checks and diagnostics.
+        """
+        _, writer = self.compile(bucket)
+        arrays = inputs.as_dict()
+        logits = self._all_logits(self.model.params, self.kv_cache, arrays)
+        _, _, new_kv = self._executables[bucket](self.model.params, self.kv_cache, arrays)
+        self.kv_cache = writer(self.kv_cache, new_kv, arrays["slot_mapping"])
+        return np.asarray(logits)
 
     def shutdown(self) -> None:
         self._executables.clear()
