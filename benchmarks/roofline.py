@@ -32,7 +32,7 @@ import numpy as np
 BATCH_SIZES = (1, 16, 64)
 
 
-# ---- model shapes ---------------------------------------------------------------------------------
+# ---- model shapes --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class ModelShape:
 
     @property
     def weight_bytes_per_step(self) -> int:
-        """Bytes a step streams from memory for the weights (embedding rows are a gather: ignored)."""
+        """Bytes a step streams for the weights (embedding rows are a gather: ignored)."""
         return self.matmul_params * self.dtype_bytes
 
     @property
@@ -121,7 +121,7 @@ BUILTIN_SHAPES = {
 }
 
 
-# ---- machine rates --------------------------------------------------------------------------------
+# ---- machine rates -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def measure_machine(quick: bool = False) -> MachineRates:
     return MachineRates(max(single, threaded), single, threaded, flops, array_bytes, size)
 
 
-# ---- bounds ---------------------------------------------------------------------------------------
+# ---- bounds --------------------------------------------------------------------------------------
 
 
 def decode_bound(shape: ModelShape, rates: MachineRates, batch: int, context: float) -> dict:
@@ -220,9 +220,13 @@ def workload_bound(
     for p, n in zip(prompt_lens, output_lens, strict=True):
         decode_tokens = n - 1  # the first output token comes from the prefill
         mean_context = p + 1 + (decode_tokens - 1) / 2 if decode_tokens > 0 else p
-        compute_flops += decode_tokens * (2.0 * shape.matmul_params + shape.attention_flops(mean_context))
+        compute_flops += decode_tokens * (
+            2.0 * shape.matmul_params + shape.attention_flops(mean_context)
+        )
         kv_bytes += decode_tokens * mean_context * shape.kv_bytes_per_token
-    decode_steps = max(max(output_lens) - 1, math.ceil(sum(n - 1 for n in output_lens) / max_num_seqs))
+    decode_steps = max(
+        max(output_lens) - 1, math.ceil(sum(n - 1 for n in output_lens) / max_num_seqs)
+    )
     prefill_steps = math.ceil(sum(prompt_lens) / max_num_batched_tokens)
     memory_bytes = (decode_steps + prefill_steps) * shape.weight_bytes_per_step + kv_bytes
     compute_s = compute_flops / rates.matmul_flops_s
@@ -261,10 +265,13 @@ def format_rates(rates: MachineRates) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = [
+    title = (
         f"{result['model']}: {result['total_params'] / 1e6:.1f}M params, "
         f"{result['weight_bytes_per_step'] / 2**20:.0f} MiB weights read per step, "
-        f"{result['kv_bytes_per_token'] / 1024:.1f} KiB KV per token",
+        f"{result['kv_bytes_per_token'] / 1024:.1f} KiB KV per token"
+    )
+    lines = [
+        title,
         f"{'batch':>6} {'context':>8} {'MiB/step':>9} {'GFLOP/step':>11} {'bound':>8} {'tok/s':>9}",
     ]
     for row in result["decode"]:

@@ -23,8 +23,8 @@ Why it measures the way it does:
 * The roofline (benchmarks/roofline.py): measured memory bandwidth and matmul rate bound what any
   engine could do on this machine; measured / bound says how close each gets.
 
-Results go to a JSON file (keyed by run) and to a section of benchmarks/RESULTS.md, replaced when the
-same run is repeated.
+Results go to a JSON file (keyed by run) and to a section of benchmarks/RESULTS.md, replaced
+when the same run is repeated.
 """
 
 from __future__ import annotations
@@ -44,30 +44,30 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import roofline  # noqa: E402  (a sibling module, importable however this script is started)
+import roofline  # a sibling module, importable however this script is started
 
 MODELS = ("smollm2", "llama50m")
 BLOCK_SIZE = 16
 FIRST_TOKEN_ID = 16  # stay clear of the special tokens at the start of the vocabulary
 
 # llama50m: hidden 512, 8 layers, 8 heads, 2 kv heads, vocab 32000, untied embeddings -> 50.6M.
-LLAMA50M = dict(
-    vocab_size=32000,
-    hidden_size=512,
-    intermediate_size=1024,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-    initializer_range=0.05,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+LLAMA50M = {
+    "vocab_size": 32000,
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.05,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
 
 
-# ---- the workload ---------------------------------------------------------------------------------
+# ---- the workload --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,12 @@ class WorkloadSpec:
         return -(-longest // BLOCK_SIZE) * BLOCK_SIZE
 
 
-FULL = WorkloadSpec(256, (16, 512), (16, 256), max_num_seqs=64, max_num_batched_tokens=512, hf_batch_size=16)
-QUICK = WorkloadSpec(16, (8, 64), (8, 32), max_num_seqs=8, max_num_batched_tokens=128, hf_batch_size=8)
+FULL = WorkloadSpec(
+    256, (16, 512), (16, 256), max_num_seqs=64, max_num_batched_tokens=512, hf_batch_size=16
+)
+QUICK = WorkloadSpec(
+    16, (8, 64), (8, 32), max_num_seqs=8, max_num_batched_tokens=128, hf_batch_size=8
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def make_workload(spec: WorkloadSpec, seed: int, vocab_size: int) -> Workload:
     return Workload(prompts, output_lens)
 
 
-# ---- the models -----------------------------------------------------------------------------------
+# ---- the models ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ def resolve_model(name: str, cache_dir: Path) -> ModelFiles:
     return ModelFiles("llama50m (random)", str(folder), str(folder), None)
 
 
-# ---- jaxinfer -------------------------------------------------------------------------------------
+# ---- jaxinfer ------------------------------------------------------------------------------------
 
 
 def _timed(fn):
@@ -194,16 +198,22 @@ def run_jaxinfer(files: ModelFiles, spec: WorkloadSpec, seed: int, ttft_repeats:
     num_compiled, warmup_s = _timed(engine.warmup)
     compile_s = engine.runner.compile_seconds
 
-    greedy = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
+    greedy = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens
+    ]
     outputs, wall_s = _timed(lambda: engine.generate(workload.prompts, greedy, use_tqdm=False))
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     generated = sum(len(t) for t in tokens)
     if generated != sum(workload.output_lens):
-        raise RuntimeError(f"jaxinfer generated {generated} tokens, expected {sum(workload.output_lens)}")
+        raise RuntimeError(
+            f"jaxinfer generated {generated} tokens, expected {sum(workload.output_lens)}"
+        )
 
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    ttfts = [_timed(lambda: engine.generate([workload.median_prompt], one, use_tqdm=False))[1]
-             for _ in range(ttft_repeats)]
+    ttfts = [
+        _timed(lambda: engine.generate([workload.median_prompt], one, use_tqdm=False))[1]
+        for _ in range(ttft_repeats)
+    ]
     result = {
         "load_s": load_s,
         "warmup_s": warmup_s,
@@ -225,7 +235,7 @@ def run_jaxinfer(files: ModelFiles, spec: WorkloadSpec, seed: int, ttft_repeats:
     return result
 
 
-# ---- transformers ---------------------------------------------------------------------------------
+# ---- transformers --------------------------------------------------------------------------------
 
 
 def _hf_batches(workload: Workload, batch_size: int) -> list[list[int]]:
@@ -262,7 +272,9 @@ def run_hf(files: ModelFiles, workload: Workload, batch_size: int, ttft_repeats:
     torch.set_num_threads(os.cpu_count() or 1)
     kwargs = {"gguf_file": files.hf_gguf_file} if files.hf_gguf_file else {}
     model, load_s = _timed(
-        lambda: AutoModelForCausalLM.from_pretrained(files.hf_folder, dtype=torch.float32, **kwargs).eval()
+        lambda: AutoModelForCausalLM.from_pretrained(
+            files.hf_folder, dtype=torch.float32, **kwargs
+        ).eval()
     )
     pad_id = 0
     _hf_generate(model, [workload.median_prompt[:8]], 2, pad_id)  # first-call overheads, untimed
@@ -279,9 +291,10 @@ def run_hf(files: ModelFiles, workload: Workload, batch_size: int, ttft_repeats:
     wall_s = time.perf_counter() - started
     useful = sum(len(t) for t in tokens)
 
-    ttfts = [_timed(lambda: _hf_generate(model, [workload.median_prompt], 1, pad_id))[1]
-             for _ in range(ttft_repeats)]
-    del model
+    ttfts = [
+        _timed(lambda: _hf_generate(model, [workload.median_prompt], 1, pad_id))[1]
+        for _ in range(ttft_repeats)
+    ]
     return {
         "load_s": load_s,
         "batch_size": batch_size,
@@ -297,8 +310,10 @@ def run_hf(files: ModelFiles, workload: Workload, batch_size: int, ttft_repeats:
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    """How far the two engines' greedy outputs agree: a sanity check that the weights are the same.
-    Float32 rounding differs (padding, kernel order), so near-ties may flip and later tokens diverge."""
+    """How far the two engines' greedy outputs agree: a check that the weights are the same.
+
+    Float32 rounding differs (padding, kernel order), so near-ties may flip and tokens diverge.
+    """
     exact = sum(x == y for x, y in zip(a, b, strict=True))
     prefix = []
     for x, y in zip(a, b, strict=True):
@@ -306,12 +321,13 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
         prefix.append(n / max(len(x), 1))
     return {
         "exact_match_fraction": exact / len(a),
-        "first_token_match_fraction": sum(x[:1] == y[:1] for x, y in zip(a, b, strict=True)) / len(a),
+        "first_token_match_fraction": sum(x[:1] == y[:1] for x, y in zip(a, b, strict=True))
+        / len(a),
         "mean_matching_prefix_fraction": float(np.mean(prefix)),
     }
 
 
-# ---- one model, end to end ------------------------------------------------------------------------
+# ---- one model, end to end -----------------------------------------------------------------------
 
 
 def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rates) -> dict:
@@ -325,11 +341,17 @@ def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rat
         flush=True,
     )
     result: dict = {"model": files.name, "path": files.path, "jaxinfer": jx}
-    mean_context = float(np.mean([p + n / 2 for p, n in zip(workload.prompt_lens, workload.output_lens)]))
+    mean_context = float(
+        np.mean([p + n / 2 for p, n in zip(workload.prompt_lens, workload.output_lens)])
+    )
     result["roofline"] = roofline.roofline(shape, rates, mean_context)
     result["roofline"]["workload"] = roofline.workload_bound(
-        shape, rates, workload.prompt_lens, workload.output_lens,
-        spec.max_num_seqs, spec.max_num_batched_tokens,
+        shape,
+        rates,
+        workload.prompt_lens,
+        workload.output_lens,
+        spec.max_num_seqs,
+        spec.max_num_batched_tokens,
     )
     result["workload"] = {
         "prompt_tokens": sum(workload.prompt_lens),
@@ -338,9 +360,15 @@ def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rat
         "mean_output_len": float(np.mean(workload.output_lens)),
     }
     if not args.skip_hf:
-        print(f"== {files.name}: transformers generate, static batches of {spec.hf_batch_size}", flush=True)
+        print(
+            f"== {files.name}: transformers generate, static batches of {spec.hf_batch_size}",
+            flush=True,
+        )
         hf = run_hf(files, workload, spec.hf_batch_size)
-        print(f"   {hf['output_tokens_per_s']:.1f} tok/s, TTFT {hf['ttft_s'] * 1e3:.0f} ms", flush=True)
+        print(
+            f"   {hf['output_tokens_per_s']:.1f} tok/s, TTFT {hf['ttft_s'] * 1e3:.0f} ms",
+            flush=True,
+        )
         result["agreement"] = agreement(jx["tokens"], hf["tokens"])
         result["transformers"] = hf
     for side in ("jaxinfer", "transformers"):
@@ -349,7 +377,7 @@ def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rat
     return result
 
 
-# ---- reporting ------------------------------------------------------------------------------------
+# ---- reporting -----------------------------------------------------------------------------------
 
 
 def machine_info() -> dict:
@@ -386,17 +414,51 @@ def table_rows(result: dict) -> list[list[str]]:
         if r is None:
             continue
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
-        rows.append([
-            result["model"], label, f"{r['output_tokens_per_s']:.1f}", f"{r['requests_per_s']:.2f}",
-            f"{r['ttft_s'] * 1e3:.0f}", compile_s, f"{r['wall_s']:.1f}",
-            f"{100 * r['output_tokens_per_s'] / bound:.0f}%",
-        ])
-    rows.append([result["model"], "roofline bound", f"{bound:.1f}", "-", "-", "-",
-                 f"{result['roofline']['workload']['seconds']:.1f}", "100%"])
+        rows.append(
+            [
+                result["model"],
+                label,
+                f"{r['output_tokens_per_s']:.1f}",
+                f"{r['requests_per_s']:.2f}",
+                f"{r['ttft_s'] * 1e3:.0f}",
+                compile_s,
+                f"{r['wall_s']:.1f}",
+                f"{100 * r['output_tokens_per_s'] / bound:.0f}%",
+            ]
+        )
+    rows.append(
+        [
+            result["model"],
+            "roofline bound",
+            f"{bound:.1f}",
+            "-",
+            "-",
+            "-",
+            f"{result['roofline']['workload']['seconds']:.1f}",
+            "100%",
+        ]
+    )
     return rows
 
 
-HEADER = ["model", "engine", "output tok/s", "req/s", "TTFT ms", "compile s", "wall s", "of roofline"]
+NOTES = (
+    "Notes: output tok/s = generated tokens / wall time of the whole workload (jaxinfer after "
+    "warm-up; compile s is the separate warm-up compiling every bucket). TTFT is a separate "
+    "single request at the median prompt length with max_tokens=1 on an idle engine (jaxinfer "
+    'has no streaming API), median of 3. "of roofline" compares with the workload bound of '
+    "benchmarks/roofline.py (weights + KV bytes over measured bandwidth, FLOPs over measured "
+    "matmul rate)."
+)
+HEADER = [
+    "model",
+    "engine",
+    "output tok/s",
+    "req/s",
+    "TTFT ms",
+    "compile s",
+    "wall s",
+    "of roofline",
+]
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -407,7 +469,9 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 def text_table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    fmt = lambda r: "  ".join(
+        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+    )
     return "\n".join([fmt(HEADER), *(fmt(r) for r in rows)])
 
 
@@ -418,15 +482,19 @@ def markdown_section(key: str, run: dict) -> str:
         f"<!-- run: {key} -->",
         f"## {key}",
         "",
-        f"{m['date']} · {m['cpu']}, {m['cores']} cores ({m['jax_device']}) · jax {m['jax']}, "
-        f"transformers {m['transformers']}, torch {m['torch']}, Python {m['python']}",
+        (
+            f"{m['date']} · {m['cpu']}, {m['cores']} cores ({m['jax_device']}) · jax {m['jax']}, "
+            f"transformers {m['transformers']}, torch {m['torch']}, Python {m['python']}"
+        ),
         "",
-        f"Workload: {spec['num_requests']} requests, seed {run['seed']}, prompt lengths "
-        f"{spec['prompt_range'][0]}-{spec['prompt_range'][1]}, output lengths "
-        f"{spec['output_range'][0]}-{spec['output_range'][1]} (log-uniform), greedy, ignore_eos. "
-        f"jaxinfer: float32, max_num_seqs {spec['max_num_seqs']}, max_num_batched_tokens "
-        f"{spec['max_num_batched_tokens']}. transformers: float32, static batches of "
-        f"{spec['hf_batch_size']} sorted by prompt length.",
+        (
+            f"Workload: {spec['num_requests']} requests, seed {run['seed']}, prompt lengths "
+            f"{spec['prompt_range'][0]}-{spec['prompt_range'][1]}, output lengths "
+            f"{spec['output_range'][0]}-{spec['output_range'][1]} (log-uniform), greedy, "
+            f"ignore_eos. jaxinfer: float32, max_num_seqs {spec['max_num_seqs']}, "
+            f"max_num_batched_tokens {spec['max_num_batched_tokens']}. transformers: float32, "
+            f"static batches of {spec['hf_batch_size']} sorted by prompt length."
+        ),
         "",
         markdown_table(rows),
         "",
@@ -435,26 +503,27 @@ def markdown_section(key: str, run: dict) -> str:
     ]
     for result in run["results"]:
         wb = result["roofline"]["workload"]
-        decode = ", ".join(f"b={d['batch']}: {d['tokens_per_s']:.0f}" for d in result["roofline"]["decode"])
-        line = (f"- {result['model']}: {result['workload']['output_tokens']} output tokens, "
-                f"{result['workload']['prompt_tokens']} prompt tokens; workload roofline is "
-                f"{wb['bound']}-bound ({wb['compute_s']:.1f}s compute, {wb['memory_s']:.1f}s memory); "
-                f"decode bound tok/s at mean context ({decode}).")
+        decode = ", ".join(
+            f"b={d['batch']}: {d['tokens_per_s']:.0f}" for d in result["roofline"]["decode"]
+        )
+        line = (
+            f"- {result['model']}: {result['workload']['output_tokens']} output tokens, "
+            f"{result['workload']['prompt_tokens']} prompt tokens; workload roofline is "
+            f"{wb['bound']}-bound ({wb['compute_s']:.1f}s compute, {wb['memory_s']:.1f}s memory); "
+            f"decode bound tok/s at mean context ({decode})."
+        )
         if "transformers" in result:
             hf, ag = result["transformers"], result["agreement"]
-            line += (f" transformers generated {hf['generated_tokens_incl_waste']} tokens for "
-                     f"{hf['output_tokens']} useful. Greedy agreement: first token "
-                     f"{100 * ag['first_token_match_fraction']:.0f}%, exact "
-                     f"{100 * ag['exact_match_fraction']:.0f}%.")
+            line += (
+                f" transformers generated {hf['generated_tokens_incl_waste']} tokens for "
+                f"{hf['output_tokens']} useful. Greedy agreement: first token "
+                f"{100 * ag['first_token_match_fraction']:.0f}%, exact "
+                f"{100 * ag['exact_match_fraction']:.0f}%."
+            )
         lines.append(line)
     lines += [
         "",
-        "Notes: output tok/s = generated tokens / wall time of the whole workload (jaxinfer after "
-        "warm-up; compile s is the separate warm-up compiling every bucket). TTFT is a separate "
-        "single request at the median prompt length with max_tokens=1 on an idle engine (jaxinfer "
-        "has no streaming API), median of 3. \"of roofline\" compares with the workload bound of "
-        "benchmarks/roofline.py (weights + KV bytes over measured bandwidth, FLOPs over measured "
-        "matmul rate).",
+        NOTES,
         f"<!-- end run: {key} -->",
         "",
     ]
@@ -482,23 +551,33 @@ def write_json(path: Path, key: str, run: dict) -> None:
     path.write_text(json.dumps(runs, indent=2, default=str) + "\n")
 
 
-# ---- main -----------------------------------------------------------------------------------------
+# ---- main ----------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     here = Path(__file__).resolve().parent
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=[*MODELS, "both"], default="both")
-    p.add_argument("--num-requests", type=int, help=f"default {FULL.num_requests} ({QUICK.num_requests} with --quick)")
+    p.add_argument(
+        "--num-requests",
+        type=int,
+        help=f"default {FULL.num_requests} ({QUICK.num_requests} with --quick)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a small workload for checking the script")
     p.add_argument("--hf-batch-size", type=int, help=f"default {FULL.hf_batch_size}")
     p.add_argument("--max-num-seqs", type=int, help=f"jaxinfer; default {FULL.max_num_seqs}")
-    p.add_argument("--max-num-batched-tokens", type=int, help=f"jaxinfer; default {FULL.max_num_batched_tokens}")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help=f"jaxinfer; default {FULL.max_num_batched_tokens}",
+    )
     p.add_argument("--skip-hf", action="store_true", help="jaxinfer and the roofline only")
     p.add_argument("--out", default=str(here / "results.json"))
     p.add_argument("--markdown", default=str(here / "RESULTS.md"))
-    p.add_argument("--cache-dir", default="~/.cache/jaxinfer/benchmarks", help="where llama50m is built")
+    p.add_argument(
+        "--cache-dir", default="~/.cache/jaxinfer/benchmarks", help="where llama50m is built"
+    )
     return p.parse_args(argv)
 
 
@@ -530,11 +609,17 @@ def main(argv: list[str] | None = None) -> int:
         "rates": rates,
         "results": results,
     }
-    key = f"{'+'.join(names)}, {spec.num_requests} requests, seed {args.seed}" + (", quick" if args.quick else "")
+    key = f"{'+'.join(names)}, {spec.num_requests} requests, seed {args.seed}" + (
+        ", quick" if args.quick else ""
+    )
     rows = [row for result in results for row in table_rows(result)]
     print()
     print(text_table(rows))
-    run_json = json.loads(json.dumps(run, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+    run_json = json.loads(
+        json.dumps(
+            run, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)
+        )
+    )
     write_json(Path(args.out), key, run_json)
     write_markdown(Path(args.markdown), key, markdown_section(key, run_json))
     print(f"\nwrote {args.out} and {args.markdown} (section '{key}')")

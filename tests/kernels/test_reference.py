@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from pallas_kernels.reference import paged_attention, write_kv
 
 SETTINGS = settings(
-    max_examples=12,
+    max_examples=10,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -110,7 +110,9 @@ def numpy_attention(
 ) -> np.ndarray:
     """Obvious per-sequence, per-token, per-head attention in float64."""
     f = (lambda a: np.asarray(a, np.float64)) if cast is None else cast
-    q, k_new, v_new, k_cache, v_cache = (f(a) for a in (b.q, b.k_new, b.v_new, b.k_cache, b.v_cache))
+    q, k_new, v_new, k_cache, v_cache = (
+        f(a) for a in (b.q, b.k_new, b.v_new, b.k_cache, b.v_cache)
+    )
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     heads = q.shape[1]
     group = heads // kv_heads
@@ -201,7 +203,7 @@ def test_ragged_matches_numpy(b: Batch):
     assert_padding_zero(b, out)
 
 
-@settings(SETTINGS, max_examples=8)
+@settings(SETTINGS, max_examples=6)
 @given(ragged_batches(decode=True))
 def test_decode_only_matches_general(b: Batch):
     assert b.q.shape[0] == len(b.context_lens)  # T == S
@@ -212,7 +214,7 @@ def test_decode_only_matches_general(b: Batch):
     assert_padding_zero(b, decode)
 
 
-@settings(SETTINGS, max_examples=10)
+@settings(SETTINGS, max_examples=8)
 @given(
     ragged_batches(),
     st.sampled_from([None, 1, 2, 3, 7, 16, 50]),
@@ -311,9 +313,15 @@ def test_gqa_head_mapping():
     kv_heads, group, d, p = 2, 3, 8, 4
     rng = np.random.default_rng(0)
     b = make_batch(
-        rng, [(6, 2)], padded_seqs=0, pad_tokens=0, block_size=p, kv_heads=kv_heads, group=group,
+        rng,
+        [(6, 2)],
+        padded_seqs=0,
+        pad_tokens=0,
+        block_size=p,
+        kv_heads=kv_heads,
+        group=group,
         head_dim=d,
-    )  # fmt: skip
+    )
     for kh in range(kv_heads):
         b.v_new[:, kh] = kh + 1.0
         real = ~np.isnan(b.v_cache[:, :, kh])
@@ -401,9 +409,15 @@ def test_write_kv_then_attend_from_cache():
     """Writing a prefill's K/V and then decoding one more token reads them back correctly."""
     rng = np.random.default_rng(9)
     b = make_batch(
-        rng, [(3, 6), (0, 5)], padded_seqs=1, pad_tokens=2, block_size=4, kv_heads=2, group=2,
+        rng,
+        [(3, 6), (0, 5)],
+        padded_seqs=1,
+        pad_tokens=2,
+        block_size=4,
+        kv_heads=2,
+        group=2,
         head_dim=16,
-    )  # fmt: skip
+    )
     p = b.k_cache.shape[1]
     slots = np.zeros(b.q.shape[0], np.int32)  # padding -> slot 0 of block 0
     for s in range(2):
@@ -422,9 +436,16 @@ def test_write_kv_then_attend_from_cache():
     kn = rng.standard_normal((3, *b.k_new.shape[1:])).astype(np.float32)
     vn = rng.standard_normal((3, *b.v_new.shape[1:])).astype(np.float32)
     decode = Batch(
-        q, kn, vn, np.asarray(k_cache), np.asarray(v_cache), b.block_tables, ctx,
-        np.array([0, 1, 2, 2], np.int32), b.scale,
-    )  # fmt: skip
+        q,
+        kn,
+        vn,
+        np.asarray(k_cache),
+        np.asarray(v_cache),
+        b.block_tables,
+        ctx,
+        np.array([0, 1, 2, 2], np.int32),
+        b.scale,
+    )
     expected = numpy_attention(decode)
     for decode_only in (False, True):
         assert_close(run(decode, decode_only=decode_only), expected)
@@ -433,9 +454,7 @@ def test_write_kv_then_attend_from_cache():
 # --- jit ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "decode_only,window,cap", [(False, None, None), (True, 4, 3.0)]
-)
+@pytest.mark.parametrize("decode_only,window,cap", [(False, None, None), (True, 4, 3.0)])
 def test_jit_matches_eager(decode_only, window, cap):
     rng = np.random.default_rng(13)
     seqs = [(10, 1), (0, 1), (33, 1)] if decode_only else [(10, 12), (0, 1), (33, 4)]
@@ -449,7 +468,12 @@ def test_jit_matches_eager(decode_only, window, cap):
         group=2,
         head_dim=16,
     )
-    kwargs = dict(scale=b.scale, decode_only=decode_only, sliding_window=window, soft_cap=cap)
+    kwargs = {
+        "scale": b.scale,
+        "decode_only": decode_only,
+        "sliding_window": window,
+        "soft_cap": cap,
+    }
     args = b.args()
     eager = np.asarray(paged_attention(*args, **kwargs))
     jitted = np.asarray(jax.jit(functools.partial(paged_attention, **kwargs))(*args))
