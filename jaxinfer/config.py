@@ -62,7 +62,12 @@ class EngineConfig:
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.model, str) and bool(self.model), "model", "a non-empty path", self.model)
+        _check(
+            isinstance(self.model, str) and bool(self.model),
+            "model",
+            "a non-empty path",
+            self.model,
+        )
         _check(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
         _check(
             self.attention_backend in ATTENTION_BACKENDS,
@@ -99,9 +104,19 @@ class EngineConfig:
         if self.max_model_len is not None:
             _check(self.max_model_len >= 1, "max_model_len", ">= 1", self.max_model_len)
         if self.num_kv_blocks is not None:
-            _check(self.num_kv_blocks >= 2, "num_kv_blocks", ">= 2 (block 0 is reserved)", self.num_kv_blocks)
+            _check(
+                self.num_kv_blocks >= 2,
+                "num_kv_blocks",
+                ">= 2 (block 0 is reserved)",
+                self.num_kv_blocks,
+            )
         if self.kv_cache_memory_bytes is not None:
-            _check(self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "> 0", self.kv_cache_memory_bytes)
+            _check(
+                self.kv_cache_memory_bytes > 0,
+                "kv_cache_memory_bytes",
+                "> 0",
+                self.kv_cache_memory_bytes,
+            )
         _check(self.max_logprobs >= 0, "max_logprobs", ">= 0", self.max_logprobs)
         for name in ("seq_buckets", "token_buckets", "block_buckets"):
             buckets = getattr(self, name)
@@ -121,7 +136,9 @@ class EngineConfig:
 
     def resolved_seq_buckets(self) -> tuple[int, ...]:
         buckets = self.seq_buckets or powers_of_two_up_to(self.max_num_seqs)
-        return tuple(sorted(b for b in set(buckets) if b <= self.max_num_seqs) or [self.max_num_seqs])
+        return tuple(
+            sorted(b for b in set(buckets) if b <= self.max_num_seqs) or [self.max_num_seqs]
+        )
 
     def resolved_token_buckets(self) -> tuple[int, ...]:
         limit = self.max_num_batched_tokens

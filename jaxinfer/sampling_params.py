@@ -30,7 +30,9 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.n, int) and self.n == 1, "n", "1 (n > 1 is not supported yet)", self.n)
+        _require(
+            isinstance(self.n, int) and self.n == 1, "n", "1 (n > 1 is not supported yet)", self.n
+        )
         _require(
             isinstance(self.temperature, int | float)
             and math.isfinite(self.temperature)

@@ -44,7 +44,11 @@ def engine_prefill_logits(
             inputs = build_step_inputs(plan, bucket, block_size, sampling)
             logits = engine.runner.all_logits(bucket, inputs)
             for row, item, begin, end in zip(
-                rows, scheduled, inputs.query_start_loc[:-1], inputs.query_start_loc[1:], strict=False
+                rows,
+                scheduled,
+                inputs.query_start_loc[:-1],
+                inputs.query_start_loc[1:],
+                strict=False,
             ):
                 pieces[row].append(logits[begin:end])
                 item.seq.num_computed_tokens += item.num_new_tokens

@@ -32,11 +32,11 @@ def expected(tiny_llama, prompts) -> list[list[int]]:
 
 
 SETTINGS = {
-    "roomy": dict(num_kv_blocks=256),
+    "roomy": {"num_kv_blocks": 256},
     # 8 usable blocks of 16 tokens hold two 64-token sequences: the batch must preempt.
-    "squeezed-cache": dict(num_kv_blocks=20, max_num_seqs=8),
-    "chunked-prefill": dict(num_kv_blocks=256, max_num_batched_tokens=32),
-    "one-seq-at-a-time": dict(num_kv_blocks=256, max_num_seqs=1),
+    "squeezed-cache": {"num_kv_blocks": 20, "max_num_seqs": 8},
+    "chunked-prefill": {"num_kv_blocks": 256, "max_num_batched_tokens": 32},
+    "one-seq-at-a-time": {"num_kv_blocks": 256, "max_num_seqs": 1},
 }
 
 

@@ -50,9 +50,7 @@ class BucketTable:
         return tuple(sorted({b for b in self.seq_buckets if b < cap} | {cap}))
 
     def all_buckets(self) -> list[Bucket]:
-        decode = [
-            Bucket(False, s, s, b) for s in self.seq_buckets for b in self.block_buckets
-        ]
+        decode = [Bucket(False, s, s, b) for s in self.seq_buckets for b in self.block_buckets]
         prefill = [
             Bucket(True, t, s, b)
             for t in self.token_buckets
@@ -127,7 +125,9 @@ def build_step_inputs(
         pos = np.arange(start, end, dtype=np.int32)
         positions[cursor : cursor + count] = pos
         table = np.asarray(seq.block_table, np.int32)
-        slot_mapping[cursor : cursor + count] = table[pos // block_size] * block_size + pos % block_size
+        slot_mapping[cursor : cursor + count] = (
+            table[pos // block_size] * block_size + pos % block_size
+        )
         used_blocks = -(-end // block_size)
         block_tables[row, :used_blocks] = table[:used_blocks]
         context_lens[row] = end

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
+from typing_extensions import Self
 
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs
@@ -143,7 +144,7 @@ class Engine:
             self.runner = None
         self.model = None
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -176,7 +177,9 @@ class Engine:
             if "prompt" in prompt:
                 return prompt["prompt"], list(self.tokenizer.encode(prompt["prompt"]))
             raise ValueError(f"prompt {index}: a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, list | tuple) and all(isinstance(t, int | np.integer) for t in prompt):
+        if isinstance(prompt, list | tuple) and all(
+            isinstance(t, int | np.integer) for t in prompt
+        ):
             return None, [int(t) for t in prompt]
         raise TypeError(
             f"prompt {index}: expected str, list of token ids or a dict, got {type(prompt).__name__}"

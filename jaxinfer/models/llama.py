@@ -116,10 +116,18 @@ def declare_weights(cfg: DecoderConfig) -> dict[str, WeightSpec]:
         hf = f"model.layers.{i}"
         layer = {
             "attn_norm": WeightSpec(f"{hf}.input_layernorm.weight", (e,), ("embed",)),
-            "q": WeightSpec(f"{hf}.self_attn.q_proj.weight", (e, q_out), ("embed", "q_heads"), True),
-            "k": WeightSpec(f"{hf}.self_attn.k_proj.weight", (e, kv_out), ("embed", "kv_heads"), True),
-            "v": WeightSpec(f"{hf}.self_attn.v_proj.weight", (e, kv_out), ("embed", "kv_heads"), True),
-            "o": WeightSpec(f"{hf}.self_attn.o_proj.weight", (q_out, e), ("q_heads", "embed"), True),
+            "q": WeightSpec(
+                f"{hf}.self_attn.q_proj.weight", (e, q_out), ("embed", "q_heads"), True
+            ),
+            "k": WeightSpec(
+                f"{hf}.self_attn.k_proj.weight", (e, kv_out), ("embed", "kv_heads"), True
+            ),
+            "v": WeightSpec(
+                f"{hf}.self_attn.v_proj.weight", (e, kv_out), ("embed", "kv_heads"), True
+            ),
+            "o": WeightSpec(
+                f"{hf}.self_attn.o_proj.weight", (q_out, e), ("q_heads", "embed"), True
+            ),
             "mlp_norm": WeightSpec(f"{hf}.post_attention_layernorm.weight", (e,), ("embed",)),
             "gate": WeightSpec(f"{hf}.mlp.gate_proj.weight", (e, f), ("embed", "mlp"), True),
             "up": WeightSpec(f"{hf}.mlp.up_proj.weight", (e, f), ("embed", "mlp"), True),

@@ -7,6 +7,7 @@ partial loads are how an engine ends up generating fluent nonsense.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -45,12 +46,16 @@ class CheckpointSource:
     def resolve(cls, model: str, gguf_file: str | None = None) -> CheckpointSource:
         path = Path(os.path.expanduser(model))
         if not path.exists():
-            raise ValueError(f"EngineConfig.model: {model!r} does not exist (a checkpoint folder or .gguf file)")
+            raise ValueError(
+                f"EngineConfig.model: {model!r} does not exist (a checkpoint folder or .gguf file)"
+            )
         gguf = gguf_reader.resolve_gguf(str(path), gguf_file)
         if gguf is not None:
             return cls(folder=gguf[0], gguf_file=gguf[1])
         if not (path / "config.json").is_file():
-            raise ValueError(f"EngineConfig.model: {model!r} has no config.json (and no .gguf file)")
+            raise ValueError(
+                f"EngineConfig.model: {model!r} has no config.json (and no .gguf file)"
+            )
         return cls(folder=path)
 
 
@@ -119,7 +124,7 @@ def _iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
         try:
             # framework="flax" because numpy cannot hold bfloat16; np.asarray then gives ml_dtypes.
             with safe_open(file, framework="flax") as handle:
-                for name in handle.keys():
+                for name in handle:
                     yield name, np.asarray(handle.get_tensor(name))
         except SafetensorError as error:
             raise ValueError(f"corrupt safetensors file {file}: {error}") from error
@@ -129,7 +134,7 @@ def _set_path(tree: dict, path: str, value) -> None:
     """Place `value` at "layers.3.q" in a tree of dicts whose "layers" entry is a list."""
     parts = path.split(".")
     node = tree
-    for part, following in zip(parts[:-1], parts[1:], strict=False):
+    for part, following in itertools.pairwise(parts):
         key = int(part) if isinstance(node, list) else part
         if isinstance(node, list):
             while len(node) <= key:
@@ -150,7 +155,9 @@ def build_params(specs: dict, tensors: Iterator[tuple[str, np.ndarray]], dtype: 
         if hf_name not in by_hf_name:
             if hf_name.endswith(_IGNORED_SUFFIXES):
                 continue
-            raise ValueError(f"checkpoint tensor {hf_name!r} {tuple(array.shape)} is not used by this model")
+            raise ValueError(
+                f"checkpoint tensor {hf_name!r} {tuple(array.shape)} is not used by this model"
+            )
         path, spec = by_hf_name[hf_name]
         if spec.transpose:
             array = array.T

@@ -48,7 +48,9 @@ def kv_budget_bytes(config: EngineConfig, weight_bytes: int) -> int:
         limit = stats.get("bytes_limit")
         if limit:
             in_use = stats.get("bytes_in_use", weight_bytes)
-            budget = int(limit * config.gpu_memory_utilization) - in_use - _ACTIVATION_HEADROOM_BYTES
+            budget = (
+                int(limit * config.gpu_memory_utilization) - in_use - _ACTIVATION_HEADROOM_BYTES
+            )
             if budget <= 0:
                 raise ValueError(
                     f"no memory left for the KV cache: {limit} bytes on {device.device_kind}, "
@@ -88,4 +90,3 @@ def allocate(model_config, num_blocks: int, block_size: int, dtype: str) -> tupl
 
 def tokens_capacity(num_blocks: int, block_size: int) -> int:
     return (num_blocks - 1) * block_size
-

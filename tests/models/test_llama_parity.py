@@ -18,18 +18,20 @@ rng = np.random.default_rng(0)
 PROMPTS = [rng.integers(5, 512, size=n).tolist() for n in (1, 7, 33, 120)]
 
 VARIANTS = {
-    "llama-gqa": dict(family="llama"),
-    "llama-tied-mha": dict(family="llama", tie_word_embeddings=True, num_kv_heads=4),
-    "llama-mqa-llama3-rope": dict(family="llama", num_kv_heads=1, rope_scaling="llama3"),
-    "llama-sharded": dict(family="llama", shards=2, num_hidden_layers=3),
-    "mistral": dict(family="mistral"),
-    "qwen2-bias": dict(family="qwen2"),
-    "qwen3-qknorm": dict(family="qwen3", tie_word_embeddings=True),
+    "llama-gqa": {"family": "llama"},
+    "llama-tied-mha": {"family": "llama", "tie_word_embeddings": True, "num_kv_heads": 4},
+    "llama-mqa-llama3-rope": {"family": "llama", "num_kv_heads": 1, "rope_scaling": "llama3"},
+    "llama-sharded": {"family": "llama", "shards": 2, "num_hidden_layers": 3},
+    "mistral": {"family": "mistral"},
+    "qwen2-bias": {"family": "qwen2"},
+    "qwen3-qknorm": {"family": "qwen3", "tie_word_embeddings": True},
 }
 
 
 def _engine(path, **kw) -> Engine:
-    return Engine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, max_model_len=256, **kw))
+    return Engine(
+        EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, max_model_len=256, **kw)
+    )
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -49,7 +51,9 @@ def test_chunked_prefill_reads_earlier_chunks_from_the_cache(tiny_llama):
     engine = _engine(tiny_llama)
     ours = engine_prefill_logits(engine, PROMPTS, chunk_size=10)
     for prompt, logits in zip(PROMPTS, ours, strict=True):
-        np.testing.assert_allclose(logits, hf_prefill_logits(reference, prompt), atol=LOGIT_ATOL, rtol=0)
+        np.testing.assert_allclose(
+            logits, hf_prefill_logits(reference, prompt), atol=LOGIT_ATOL, rtol=0
+        )
 
 
 def test_bfloat16_checkpoint_loads_as_auto_dtype():
@@ -57,5 +61,7 @@ def test_bfloat16_checkpoint_loads_as_auto_dtype():
     engine = Engine(EngineConfig(model=str(path), num_kv_blocks=16, max_model_len=128))
     assert engine.model.dtype == "bfloat16"
     assert engine.model.params["layers"][0]["q"].dtype.name == "bfloat16"
-    as_f32 = Engine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=16, max_model_len=128))
+    as_f32 = Engine(
+        EngineConfig(model=str(path), dtype="float32", num_kv_blocks=16, max_model_len=128)
+    )
     assert as_f32.model.params["embed"].dtype.name == "float32"

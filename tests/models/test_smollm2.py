@@ -47,9 +47,7 @@ CHAT_QUESTIONS = [
 @pytest.fixture(scope="module")
 def engine(smollm2_gguf) -> Engine:
     return Engine(
-        EngineConfig(
-            model=str(smollm2_gguf), max_model_len=512, num_kv_blocks=200, max_num_seqs=16
-        )
+        EngineConfig(model=str(smollm2_gguf), max_model_len=512, num_kv_blocks=200, max_num_seqs=16)
     )
 
 
@@ -84,7 +82,9 @@ def test_prefill_logits_match_transformers(engine, hf_smollm2):
     prompts = [tokenizer.encode(p) for p in PLAIN_PROMPTS[:3]]
     prompts.append(_chat_ids(tokenizer, CHAT_QUESTIONS[0]))
     for prompt, logits in zip(prompts, engine_prefill_logits(engine, prompts), strict=True):
-        np.testing.assert_allclose(logits, hf_prefill_logits(hf_smollm2, prompt), atol=LOGIT_ATOL, rtol=0)
+        np.testing.assert_allclose(
+            logits, hf_prefill_logits(hf_smollm2, prompt), atol=LOGIT_ATOL, rtol=0
+        )
 
 
 def test_greedy_16_prompts_match_transformers(engine, hf_smollm2):
@@ -106,7 +106,9 @@ def test_greedy_chat_names_paris(engine):
     prompt = _chat_ids(
         engine.get_tokenizer(), "What is the capital of France?", "You are a helpful assistant."
     )
-    out = engine.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=32))
+    out = engine.generate(
+        {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=32)
+    )
     completion = out[0].outputs[0]
     assert completion.text.strip() == "The capital of France is Paris."
     assert completion.finish_reason == "stop"  # stopped at the model's end-of-turn token
