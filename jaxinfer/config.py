@@ -51,7 +51,7 @@ class EngineConfig:
     # Scheduler.
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
-    max_prefill_seqs: int = 8
+    max_prefill_seqs: int = 4  # prefill attention costs (tokens x seqs x context): keep seqs few
 
     # Shape buckets (None: powers of two up to the limits above).
     seq_buckets: tuple[int, ...] | None = None

@@ -124,7 +124,7 @@ def _iter_safetensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
         try:
             # framework="flax" because numpy cannot hold bfloat16; np.asarray then gives ml_dtypes.
             with safe_open(file, framework="flax") as handle:
-                for name in handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                     yield name, np.asarray(handle.get_tensor(name))
         except SafetensorError as error:
             raise ValueError(f"corrupt safetensors file {file}: {error}") from error
