@@ -258,3 +258,22 @@ def test_cli_default_model_runs(smollm2_gguf):
         check=True,
     )
     assert "Paris" in result.stdout
+
+
+def test_generation_config_supplies_default_sampling_params(tiny_llama, tmp_path):
+    folder = tmp_path / "with-defaults"
+    shutil.copytree(tiny_llama, folder)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    generation.update(do_sample=False, max_new_tokens=5, eos_token_id=[])
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    engine = Engine(
+        EngineConfig(model=str(folder), dtype="float32", num_kv_blocks=16, max_model_len=64)
+    )
+    assert engine.get_default_sampling_params().temperature == 0.0
+    out = engine.generate("hello there")[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    # Explicit params win over the checkpoint's defaults.
+    assert (
+        len(engine.generate("hello there", SamplingParams(max_tokens=2))[0].outputs[0].token_ids)
+        == 2
+    )

@@ -52,6 +52,7 @@ class Engine:
         from jaxinfer.models.loader import (
             CheckpointSource,
             load_eos_token_ids,
+            load_generation_defaults,
             load_model,
             load_tokenizer,
         )
@@ -67,6 +68,7 @@ class Engine:
         self.tokenizer = load_tokenizer(source, config.tokenizer)
         self.config = config = self._resolve_lengths(config)
         self.eos_token_ids = load_eos_token_ids(source, self.model.hf_config, self.tokenizer)
+        self.default_sampling_params = SamplingParams(**load_generation_defaults(source))
         num_blocks = kv_cache.num_blocks_for(
             config, self.model.model_config, self.model.dtype, self.model.weight_bytes
         )
@@ -112,6 +114,10 @@ class Engine:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's defaults, overridden by the checkpoint's generation_config.json."""
+        return self.default_sampling_params
+
     def warmup(self) -> int:
         """Compile every bucket now, so that no request mix compiles later. Returns the count."""
         for bucket in self.buckets.all_buckets():
@@ -154,7 +160,7 @@ class Engine:
 
     def _params_for(self, prompts: list, sampling_params) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * len(prompts)
+            return [self.default_sampling_params] * len(prompts)
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * len(prompts)
         params = list(sampling_params)

@@ -92,6 +92,25 @@ def load_eos_token_ids(source: CheckpointSource, hf_config, tokenizer) -> tuple[
     return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
 
 
+def load_generation_defaults(source: CheckpointSource) -> dict:
+    """Sampling defaults the checkpoint's authors chose (generation_config.json), in our field names.
+
+    As in vLLM, they apply only when a call passes no SamplingParams.
+    """
+    path = source.folder / "generation_config.json"
+    if source.gguf_file is not None or not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    defaults = {}
+    if config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    elif config.get("temperature") is not None:
+        defaults["temperature"] = float(config["temperature"])
+    if config.get("max_new_tokens") is not None:
+        defaults["max_tokens"] = int(config["max_new_tokens"])
+    return defaults
+
+
 def resolve_dtype(requested: str, hf_config, source: CheckpointSource) -> str:
     """`auto` means the checkpoint's own dtype; GGUF weights are dequantized to float32."""
     if requested != "auto":
