@@ -65,3 +65,23 @@ def test_bfloat16_checkpoint_loads_as_auto_dtype():
         EngineConfig(model=str(path), dtype="float32", num_kv_blocks=16, max_model_len=128)
     )
     assert as_f32.model.params["embed"].dtype.name == "float32"
+
+
+def test_pre_5x_config_with_top_level_rope_theta(tmp_path):
+    """Older config.json files keep rope_theta at top level and scaling under rope_scaling."""
+    import json
+    import shutil
+
+    path = tiny_checkpoint("llama", rope_scaling="llama3")
+    old_style = tmp_path / "old-style"
+    shutil.copytree(path, old_style)
+    config = json.loads((old_style / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    (old_style / "config.json").write_text(json.dumps(config))
+    engine = _engine(old_style)
+    assert dict(engine.model.model_config.rope_parameters)["rope_type"] == "llama3"
+    ours = engine_prefill_logits(engine, PROMPTS[-1:])[0]
+    expected = hf_prefill_logits(hf_model(path), PROMPTS[-1])
+    np.testing.assert_allclose(ours, expected, atol=LOGIT_ATOL, rtol=0)
