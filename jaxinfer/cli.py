@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     gen.add_argument("--max-num-seqs", type=int, default=16)
+    gen.add_argument(
+        "--compilation-cache-dir",
+        default=str(Path.home() / ".cache" / "jaxinfer" / "xla"),
+        help="JAX persistent compilation cache ('' to disable)",
+    )
     return parser
 
 
@@ -58,6 +63,7 @@ def _generate(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
+            compilation_cache_dir=args.compilation_cache_dir,
         )
     )
     prompts = args.prompt

@@ -59,6 +59,8 @@ class EngineConfig:
     block_buckets: tuple[int, ...] | None = None
 
     attention_backend: str = "auto"
+    # JAX's persistent compilation cache: a second engine with the same shapes skips XLA compiles.
+    compilation_cache_dir: str | None = None
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:

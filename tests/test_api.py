@@ -277,3 +277,16 @@ def test_generation_config_supplies_default_sampling_params(tiny_llama, tmp_path
         len(engine.generate("hello there", SamplingParams(max_tokens=2))[0].outputs[0].token_ids)
         == 2
     )
+
+
+def test_compilation_cache_dir_persists_executables(tiny_llama, tmp_path):
+    """JAX's persistent cache is process-global, so this runs in a subprocess."""
+    cache = tmp_path / "xla-cache"
+    script = (
+        "from jaxinfer import Engine, EngineConfig, SamplingParams\n"
+        f"e = Engine(EngineConfig(model={str(tiny_llama)!r}, dtype='float32', max_model_len=64,"
+        f" num_kv_blocks=8, max_num_seqs=1, compilation_cache_dir={str(cache)!r}))\n"
+        "e.generate('hi', SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    assert len(list(cache.iterdir())) >= 2  # at least one step and one cache writer

@@ -57,13 +57,15 @@ class Engine:
             load_tokenizer,
         )
         from jaxinfer.runtime import kv_cache
-        from jaxinfer.runtime.runner import ModelRunner
+        from jaxinfer.runtime.runner import ModelRunner, enable_compilation_cache
 
         if config is None or isinstance(config, str):
             config = EngineConfig(**({"model": config} if config else {}), **kwargs)
         elif kwargs:
             config = config.replace(**kwargs)
         source = CheckpointSource.resolve(config.model, config.gguf_file)
+        if config.compilation_cache_dir:
+            enable_compilation_cache(config.compilation_cache_dir)
         self.model = load_model(source, config.dtype)
         self.tokenizer = load_tokenizer(source, config.tokenizer)
         self.config = config = self._resolve_lengths(config)

@@ -42,6 +42,13 @@ def _abstract_inputs(bucket: Bucket) -> dict[str, jax.ShapeDtypeStruct]:
     return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
 
 
+def enable_compilation_cache(path: str) -> None:
+    """Persist compiled executables across processes (JAX's own cache; CPU and GPU alike)."""
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 class ModelRunner:
     def __init__(self, model: LoadedModel, num_blocks: int, block_size: int) -> None:
         self.model = model
