@@ -61,6 +61,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     # JAX's persistent compilation cache: a second engine with the same shapes skips XLA compiles.
     compilation_cache_dir: str | None = None
+    # On CPU, keep freed host memory mapped (glibc mallopt): see runtime/host_allocator.py.
+    cpu_keep_freed_memory: bool = True
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:

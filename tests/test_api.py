@@ -168,7 +168,7 @@ def test_kv_cache_sized_from_memory_budget(tiny_llama):
     assert per_block == 2 * 2 * 16 * 2 * 16 * 4  # layers * (k, v) * tokens * kv heads * dim * bytes
     assert engine.runner.num_blocks == budget // per_block
     k_cache, _ = engine.runner.kv_cache[0]
-    assert k_cache.shape == (budget // per_block, 16, 2, 16)
+    assert k_cache.shape == (2, budget // per_block, 16, 16)  # [K, N, P, D]
 
 
 def test_bad_config_values_name_the_field():

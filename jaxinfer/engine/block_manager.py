@@ -1,6 +1,6 @@
 """KV-cache block bookkeeping: a free list, per-block reference counts and block tables.
 
-The device KV cache is one array `[num_blocks, block_size, kv_heads, head_dim]`; a sequence's
+The device KV cache is one array `[kv_heads, num_blocks, block_size, head_dim]`; a sequence's
 `block_table` lists which blocks hold its tokens, token `t` living in block
 `block_table[t // block_size]` at slot `t % block_size`.
 

@@ -56,7 +56,10 @@ class Engine:
             load_model,
             load_tokenizer,
         )
+        import jax
+
         from jaxinfer.runtime import kv_cache
+        from jaxinfer.runtime.host_allocator import keep_freed_memory_mapped
         from jaxinfer.runtime.runner import ModelRunner, enable_compilation_cache
 
         if config is None or isinstance(config, str):
@@ -66,6 +69,8 @@ class Engine:
         source = CheckpointSource.resolve(config.model, config.gguf_file)
         if config.compilation_cache_dir:
             enable_compilation_cache(config.compilation_cache_dir)
+        if config.cpu_keep_freed_memory and jax.default_backend() == "cpu":
+            keep_freed_memory_mapped()
         self.model = load_model(source, config.dtype)
         self.tokenizer = load_tokenizer(source, config.tokenizer)
         self.config = config = self._resolve_lengths(config)

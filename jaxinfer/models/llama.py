@@ -171,7 +171,7 @@ def _attention_block(
 def forward(
     params: dict,
     cfg: DecoderConfig,
-    kv_cache: tuple[tuple[jax.Array, jax.Array], ...],  # per layer (k, v): [N, P, K, D]
+    kv_cache: tuple[tuple[jax.Array, jax.Array], ...],  # per layer (k, v): [K, N, P, D]
     token_ids: jax.Array,  # [T]
     positions: jax.Array,  # [T]
     logits_indices: jax.Array,  # [S] which token's hidden state gives each sequence's logits

@@ -31,12 +31,21 @@ SETTINGS = settings(
 HEAD_CONFIGS = [(2, 1, 16), (1, 2, 64), (2, 4, 8), (1, 4, 16), (2, 2, 64)]
 
 
+def to_kernel(cache: np.ndarray) -> np.ndarray:
+    """[N, P, K, D] -> the kernels' kv-head-major [K, N, P, D]."""
+    return np.ascontiguousarray(np.asarray(cache).transpose(2, 0, 1, 3))
+
+
+def from_kernel(cache) -> np.ndarray:
+    return np.asarray(cache).transpose(1, 2, 0, 3)
+
+
 @dataclass
 class Batch:
     q: np.ndarray  # [T, H, D]
     k_new: np.ndarray  # [T, K, D]
     v_new: np.ndarray  # [T, K, D]
-    k_cache: np.ndarray  # [N, P, K, D]
+    k_cache: np.ndarray  # [N, P, K, D] here (easy to index); the kernels take [K, N, P, D]
     v_cache: np.ndarray  # [N, P, K, D]
     block_tables: np.ndarray  # [S, B] int32
     context_lens: np.ndarray  # [S] int32
@@ -44,7 +53,7 @@ class Batch:
     scale: float
 
     def args(self, dtype=jnp.float32):
-        floats = (self.q, self.k_new, self.v_new, self.k_cache, self.v_cache)
+        floats = (self.q, self.k_new, self.v_new, to_kernel(self.k_cache), to_kernel(self.v_cache))
         ints = (self.block_tables, self.context_lens, self.query_start_loc)
         return tuple(jnp.asarray(a, dtype) for a in floats) + tuple(jnp.asarray(a) for a in ints)
 
@@ -229,6 +238,27 @@ def test_sliding_window_and_soft_cap(b: Batch, window, cap, scale_up):
     assert_padding_zero(b, out)
 
 
+@pytest.mark.parametrize("window,cap", [(None, None), (4, None), (None, 2.0)])
+def test_fresh_prefill_without_cached_context(window, cap):
+    """All sequences start at position 0: the branch that never reads the (all-NaN) cache."""
+    rng = np.random.default_rng(5)
+    b = make_batch(
+        rng,
+        [(0, 7), (0, 1), (0, 19)],
+        padded_seqs=1,
+        pad_tokens=3,
+        block_size=8,
+        kv_heads=2,
+        group=2,
+        head_dim=16,
+        pad_value=np.nan,
+    )
+    assert np.isnan(b.k_cache).all()
+    out = run(b, sliding_window=window, soft_cap=cap)
+    assert_close(out, numpy_attention(b, sliding_window=window, soft_cap=cap))
+    assert_padding_zero(b, out)
+
+
 @pytest.mark.parametrize("window,cap", [(None, None), (3, None), (None, 1.5), (5, 2.0)])
 def test_decode_only_sliding_window_soft_cap(window, cap):
     rng = np.random.default_rng(7)
@@ -334,6 +364,18 @@ def test_gqa_head_mapping():
 # --- write_kv -----------------------------------------------------------------------------------
 
 
+def write_kv_npkd(k_cache, v_cache, k_new, v_new, slots):
+    """`write_kv` on [N, P, K, D] caches (the layout these tests index), via the kernel layout."""
+    k_out, v_out = write_kv(
+        jnp.asarray(to_kernel(k_cache)),
+        jnp.asarray(to_kernel(v_cache)),
+        jnp.asarray(k_new),
+        jnp.asarray(v_new),
+        jnp.asarray(slots),
+    )
+    return from_kernel(k_out), from_kernel(v_out)
+
+
 def _write_kv_case(rng, *, distinct_padding: bool, cache_dtype=np.float32):
     n, p, k, d = 6, 4, 2, 8
     real_tokens, pad_tokens = 9, 3
@@ -353,7 +395,7 @@ def _write_kv_case(rng, *, distinct_padding: bool, cache_dtype=np.float32):
 def test_write_kv_distinct_slots():
     rng = np.random.default_rng(1)
     k_cache, v_cache, k_new, v_new, slots = _write_kv_case(rng, distinct_padding=True)
-    k_out, v_out = write_kv(*(jnp.asarray(a) for a in (k_cache, v_cache, k_new, v_new, slots)))
+    k_out, v_out = write_kv_npkd(k_cache, v_cache, k_new, v_new, slots)
     assert k_out.shape == k_cache.shape and k_out.dtype == k_cache.dtype
     n, p = k_cache.shape[:2]
     for cache, new, got in ((k_cache, k_new, k_out), (v_cache, v_new, v_out)):
@@ -369,7 +411,7 @@ def test_write_kv_distinct_slots():
 def test_write_kv_padding_only_touches_block_0():
     rng = np.random.default_rng(2)
     k_cache, v_cache, k_new, v_new, slots = _write_kv_case(rng, distinct_padding=False)
-    k_out, v_out = write_kv(*(jnp.asarray(a) for a in (k_cache, v_cache, k_new, v_new, slots)))
+    k_out, v_out = write_kv_npkd(k_cache, v_cache, k_new, v_new, slots)
     n, p = k_cache.shape[:2]
     real = slots >= p
     for cache, new, got in ((k_cache, k_new, k_out), (v_cache, v_new, v_out)):
@@ -387,14 +429,9 @@ def test_write_kv_padding_only_touches_block_0():
 def test_write_kv_casts_to_cache_dtype():
     rng = np.random.default_rng(4)
     k_cache, v_cache, k_new, v_new, slots = _write_kv_case(rng, distinct_padding=True)
-    args = (
-        jnp.asarray(k_cache, jnp.bfloat16),
-        jnp.asarray(v_cache, jnp.bfloat16),
-        jnp.asarray(k_new),
-        jnp.asarray(v_new),
-        jnp.asarray(slots),
+    k_out, v_out = write_kv_npkd(
+        jnp.asarray(k_cache, jnp.bfloat16), jnp.asarray(v_cache, jnp.bfloat16), k_new, v_new, slots
     )
-    k_out, v_out = write_kv(*args)
     assert k_out.dtype == jnp.bfloat16 and v_out.dtype == jnp.bfloat16
     p = k_cache.shape[1]
     for new, got in ((k_new, k_out), (v_new, v_out)):
@@ -426,9 +463,7 @@ def test_write_kv_then_attend_from_cache():
         for i, t in enumerate(range(start, end)):
             pos = prior + i
             slots[t] = b.block_tables[s, pos // p] * p + pos % p
-    k_cache, v_cache = write_kv(
-        *(jnp.asarray(a) for a in (b.k_cache, b.v_cache, b.k_new, b.v_new, slots))
-    )
+    k_cache, v_cache = write_kv_npkd(b.k_cache, b.v_cache, b.k_new, b.v_new, slots)
     # Decode step: the next token of each real sequence; the cache now holds everything before it.
     ctx = b.context_lens.copy()
     ctx[:2] += 1
