@@ -282,11 +282,15 @@ def _as_model(path_or_model: Path | str | PreTrainedModel) -> PreTrainedModel:
 
 @torch.no_grad()
 def hf_greedy(
-    path_or_model: Path | str | PreTrainedModel, prompt_ids: list[int], max_new_tokens: int
+    path_or_model: Path | str | PreTrainedModel,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    **generation: Any,
 ) -> list[int]:
     """Greedy continuation of one prompt by transformers, exactly `max_new_tokens` new token ids.
 
     EOS does not stop it and is not suppressed (matching jaxinfer's `ignore_eos=True`).
+    `generation` adds GenerationConfig fields (e.g. `repetition_penalty`).
     """
     model = _as_model(path_or_model)
     input_ids = torch.tensor([prompt_ids], dtype=torch.long)
@@ -296,6 +300,7 @@ def hf_greedy(
         do_sample=False,
         max_new_tokens=max_new_tokens,
         pad_token_id=model.config.pad_token_id,
+        **generation,
     )
     saved, model.generation_config = model.generation_config, GenerationConfig()
     try:

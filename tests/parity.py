@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxinfer import Engine
+from jaxinfer import Engine, SamplingParams
 from jaxinfer.engine.batching import RowSampling, build_step_inputs
 from jaxinfer.engine.scheduler import ScheduledSeq, StepPlan
 from jaxinfer.engine.sequence import Sequence
@@ -24,7 +24,9 @@ def engine_prefill_logits(
         Sequence(seq_id=10_000 + i, prompt_token_ids=list(p), max_tokens=1)
         for i, p in enumerate(prompts)
     ]
-    sampling = {seq.seq_id: RowSampling(temperature=0.0, seed=0) for seq in seqs}
+    greedy = SamplingParams(temperature=0.0)
+    padding_slot = engine.runner.slot_state.padding_slot
+    sampling = {seq.seq_id: RowSampling(greedy, seed=0, slot=padding_slot) for seq in seqs}
     pieces: list[list[np.ndarray]] = [[] for _ in prompts]
     try:
         while any(seq.num_computed_tokens < seq.num_tokens for seq in seqs):
@@ -41,7 +43,14 @@ def engine_prefill_logits(
                 rows.append(row)
             plan = StepPlan(is_prefill=True, scheduled=tuple(scheduled), preempted=())
             bucket = engine.buckets.select(plan, block_size)
-            inputs = build_step_inputs(plan, bucket, block_size, sampling)
+            inputs = build_step_inputs(
+                plan,
+                bucket,
+                block_size,
+                sampling,
+                padding_slot=padding_slot,
+                vocab_size=engine.vocab_size,
+            )
             logits = engine.runner.all_logits(bucket, inputs)
             for row, item, begin, end in zip(
                 rows,

@@ -81,11 +81,23 @@ def test_no_compilation_after_warmup(tiny_llama):
     for _ in range(200):
         length = int(rng.integers(1, 100))
         prompts.append(rng.integers(5, 512, size=length).tolist())
+        temperature = float(rng.choice([0.0, 0.7, 1.0]))
+        sampling = bool(temperature) and bool(rng.integers(0, 2))  # the full pipeline, or not
         params.append(
             SamplingParams(
-                temperature=float(rng.choice([0.0, 0.7, 1.0])),
+                temperature=temperature,
+                top_k=int(rng.choice([0, 1, 20])) if sampling else 0,
+                top_p=float(rng.choice([1.0, 0.9])) if sampling else 1.0,
+                min_p=float(rng.choice([0.0, 0.1])) if sampling else 0.0,
+                repetition_penalty=float(rng.choice([1.0, 1.3])),
+                frequency_penalty=float(rng.choice([0.0, 0.5])),
+                logit_bias={int(rng.integers(0, 512)): 3.0} if rng.integers(0, 4) == 0 else None,
+                logprobs=int(rng.choice([0, 3])) if rng.integers(0, 3) == 0 else None,
+                stop=["ab"] if rng.integers(0, 5) == 0 else None,
+                bad_words=["the"] if rng.integers(0, 5) == 0 else None,
+                min_tokens=int(rng.integers(0, 3)),
                 seed=int(rng.integers(0, 1000)),
-                max_tokens=int(rng.integers(1, 128 - length)),
+                max_tokens=int(rng.integers(3, 128 - length)),
                 ignore_eos=bool(rng.integers(0, 2)),
             )
         )

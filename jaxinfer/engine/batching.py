@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxinfer.engine.scheduler import StepPlan
+from jaxinfer.sampling_params import SamplingParams
 
 PAD_BLOCK = 0
 
@@ -31,10 +32,31 @@ class Bucket:
 
 @dataclass(frozen=True)
 class RowSampling:
-    """Per-row sampling inputs. The full pipeline (top-k, penalties, ...) extends this."""
+    """What a step needs to know about one request's sampling, besides its slot's device row."""
 
-    temperature: float
-    seed: int  # the request's key seed; the output position is folded in on the device
+    params: SamplingParams
+    seed: int  # the sample's uint32 key seed; the output position is folded in on the device
+    slot: int  # its row of the device-resident sampling state (runtime/slot_state.py)
+    banned: tuple[int, ...] = ()  # bad-word tokens banned at this step only
+
+
+MAX_BANNED_PER_STEP = 8  # bad-word bans of one row in one step (multi-token bad words)
+
+# Per-row sampling scalars, each [S], with the neutral value that padding rows carry.
+SCALAR_DTYPES = {
+    "temperature": np.float32,
+    "top_k": np.int32,
+    "top_p": np.float32,
+    "min_p": np.float32,
+    "presence_penalty": np.float32,
+    "frequency_penalty": np.float32,
+    "repetition_penalty": np.float32,
+    "min_tokens": np.int32,
+    "num_output_tokens": np.int32,
+    "seeds": np.uint32,
+    "positions": np.int32,
+}
+_NEUTRAL = {"top_p": 1.0, "repetition_penalty": 1.0}
 
 
 @dataclass(frozen=True)
@@ -91,11 +113,13 @@ class StepInputs:
     context_lens: np.ndarray  # [S] int32: tokens in the cache after this step
     query_start_loc: np.ndarray  # [S + 1] int32
     logits_indices: np.ndarray  # [S] int32: last token of each sequence
-    temperatures: np.ndarray  # [S] float32
-    seeds: np.ndarray  # [S] uint32
-    sample_positions: np.ndarray  # [S] int32: index of the output token being sampled
+    slots: np.ndarray  # [S] int32: sampling-state row (padding rows: the padding slot)
+    sampled: np.ndarray  # [S] bool: the row samples a token (not a mid-prompt chunk, not padding)
+    want_logprobs: np.ndarray  # [S] bool
+    banned: np.ndarray  # [S, MAX_BANNED_PER_STEP] int32; `vocab_size` = no ban
+    sampling: dict[str, np.ndarray]  # SCALAR_DTYPES, each [S]
 
-    def as_dict(self) -> dict[str, np.ndarray]:
+    def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
@@ -104,6 +128,9 @@ def build_step_inputs(
     bucket: Bucket,
     block_size: int,
     sampling: Mapping[int, RowSampling],
+    *,
+    padding_slot: int,
+    vocab_size: int,
 ) -> StepInputs:
     T, S, B = bucket.num_tokens, bucket.num_seqs, bucket.num_blocks
     token_ids = np.zeros(T, np.int32)
@@ -113,9 +140,13 @@ def build_step_inputs(
     context_lens = np.zeros(S, np.int32)
     query_start_loc = np.zeros(S + 1, np.int32)
     logits_indices = np.zeros(S, np.int32)
-    temperatures = np.zeros(S, np.float32)
-    seeds = np.zeros(S, np.uint32)
-    sample_positions = np.zeros(S, np.int32)
+    slots = np.full(S, padding_slot, np.int32)
+    sampled = np.zeros(S, bool)
+    want_logprobs = np.zeros(S, bool)
+    banned = np.full((S, MAX_BANNED_PER_STEP), vocab_size, np.int32)
+    scalars = {
+        name: np.full(S, _NEUTRAL.get(name, 0), dtype) for name, dtype in SCALAR_DTYPES.items()
+    }
 
     cursor = 0
     for row, item in enumerate(plan.scheduled):
@@ -135,9 +166,18 @@ def build_step_inputs(
         cursor += count
         query_start_loc[row + 1] = cursor
         row_sampling = sampling[seq.seq_id]
-        temperatures[row] = row_sampling.temperature
-        seeds[row] = row_sampling.seed & 0xFFFFFFFF
-        sample_positions[row] = seq.num_output_tokens
+        params = row_sampling.params
+        slots[row] = row_sampling.slot
+        sampled[row] = item.samples
+        want_logprobs[row] = params.logprobs is not None
+        banned[row, : len(row_sampling.banned)] = row_sampling.banned[:MAX_BANNED_PER_STEP]
+        for name in ("temperature", "top_k", "top_p", "min_p", "min_tokens"):
+            scalars[name][row] = getattr(params, name)
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            scalars[name][row] = getattr(params, name)
+        scalars["num_output_tokens"][row] = seq.num_output_tokens
+        scalars["positions"][row] = seq.num_output_tokens
+        scalars["seeds"][row] = row_sampling.seed
     query_start_loc[len(plan.scheduled) + 1 :] = cursor
     return StepInputs(
         token_ids=token_ids,
@@ -147,7 +187,9 @@ def build_step_inputs(
         context_lens=context_lens,
         query_start_loc=query_start_loc,
         logits_indices=logits_indices,
-        temperatures=temperatures,
-        seeds=seeds,
-        sample_positions=sample_positions,
+        slots=slots,
+        sampled=sampled,
+        want_logprobs=want_logprobs,
+        banned=banned,
+        sampling=scalars,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -20,8 +20,9 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.scheduler import Scheduler
-from jaxinfer.engine.sequence import Sequence
-from jaxinfer.outputs import CompletionOutput, RequestOutput
+from jaxinfer.engine.sequence import Sequence, SequenceStatus
+from jaxinfer.engine.stop_strings import StopStringMatcher
+from jaxinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger("jaxinfer")
@@ -34,9 +35,12 @@ class _Request:
     request_id: str
     prompt: str | None
     params: SamplingParams
-    seed: int
+    seed: int  # uint32 key seed (row_seed of the request's seed)
     seq: Sequence
+    stop_matcher: StopStringMatcher | None = None
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences; see _bad_word_token_ids
     cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
 
 
 def request_seed(engine_seed: int, request_index: int) -> int:
@@ -49,6 +53,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig | str | None = None, **kwargs) -> None:
         # Device-side imports live here so that `jaxinfer.engine` stays importable without JAX.
+        import jax
+
         from jaxinfer.models.loader import (
             CheckpointSource,
             load_eos_token_ids,
@@ -56,8 +62,6 @@ class Engine:
             load_model,
             load_tokenizer,
         )
-        import jax
-
         from jaxinfer.runtime import kv_cache
         from jaxinfer.runtime.host_allocator import keep_freed_memory_mapped
         from jaxinfer.runtime.runner import ModelRunner, enable_compilation_cache
@@ -79,7 +83,15 @@ class Engine:
         num_blocks = kv_cache.num_blocks_for(
             config, self.model.model_config, self.model.dtype, self.model.weight_bytes
         )
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.runner = ModelRunner(
+            self.model,
+            num_blocks,
+            config.block_size,
+            num_slots=config.max_num_seqs,
+            num_logprobs=max(config.max_logprobs, 0),
+        )
+        self._free_slots = list(range(config.max_num_seqs))
+        self._slot_of: dict[int, int] = {}  # seq_id -> sampling-state slot, while running
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -211,15 +223,17 @@ class Engine:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
-        if bad_stop:
+        params.validate_for_model(vocab, self.config.max_logprobs)
+        if params.n != 1:
             raise ValueError(
-                f"SamplingParams.stop_token_ids {bad_stop} are outside the vocabulary [0, {vocab})"
+                f"SamplingParams.n must be 1 here (n > 1 is not supported yet), got {params.n}"
             )
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+        if params.prompt_logprobs is not None:
+            raise ValueError("SamplingParams.prompt_logprobs is not supported yet: leave it None")
+        if params.logprobs == -1:
             raise ValueError(
-                f"SamplingParams.logprobs={params.logprobs} exceeds max_logprobs="
-                f"{self.config.max_logprobs}"
+                "SamplingParams.logprobs=-1 (the whole vocabulary) is not supported yet; "
+                f"ask for at most max_logprobs={self.config.max_logprobs}"
             )
 
     def _add_request(self, text, token_ids: list[int], params: SamplingParams) -> _Request:
@@ -228,8 +242,19 @@ class Engine:
         room = self.config.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seq = Sequence(seq_id=index, prompt_token_ids=token_ids, max_tokens=max_tokens)
+        from jaxinfer.runtime.sampling_tensors import row_seed  # device side: imported late
+
         seed = params.seed if params.seed is not None else request_seed(self.config.seed, index)
-        request = _Request(str(index), text, params, seed, seq)
+        matcher = None
+        if params.stop:
+            matcher = StopStringMatcher(
+                self.tokenizer,
+                params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                skip_special_tokens=params.skip_special_tokens,
+            )
+        bad_words = self._bad_word_token_ids(params.bad_words or [])
+        request = _Request(str(index), text, params, row_seed(seed), seq, matcher, bad_words)
         self.scheduler.add(seq)
         return request
 
@@ -237,10 +262,6 @@ class Engine:
 
     def _run(self, requests: list[_Request], use_tqdm: bool) -> None:
         by_seq = {r.seq.seq_id: r for r in requests}
-        sampling = {
-            r.seq.seq_id: RowSampling(temperature=float(r.params.temperature), seed=r.seed)
-            for r in requests
-        }
         progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
         started, generated = time.perf_counter(), 0
         try:
@@ -248,52 +269,148 @@ class Engine:
                 plan = self.scheduler.schedule()
                 if plan is None:
                     break
-                bucket = self.buckets.select(plan, self.config.block_size)
-                inputs = build_step_inputs(plan, bucket, self.config.block_size, sampling)
-                tokens, logprobs = self.runner.execute(bucket, inputs)
-                sampled = {
-                    item.seq.seq_id: int(tokens[row])
-                    for row, item in enumerate(plan.scheduled)
-                    if item.samples
+                self._assign_slots(plan, by_seq)
+                sampling = {
+                    item.seq.seq_id: self._row_sampling(by_seq[item.seq.seq_id])
+                    for item in plan.scheduled
                 }
+                bucket = self.buckets.select(plan, self.config.block_size)
+                inputs = build_step_inputs(
+                    plan,
+                    bucket,
+                    self.config.block_size,
+                    sampling,
+                    padding_slot=self.runner.slot_state.padding_slot,
+                    vocab_size=self.vocab_size,
+                )
+                outputs = self.runner.execute(bucket, inputs)
+                sampled = {}
                 for row, item in enumerate(plan.scheduled):
                     if item.samples:
-                        by_seq[item.seq.seq_id].cumulative_logprob += float(logprobs[row])
+                        sampled[item.seq.seq_id] = int(outputs["tokens"][row])
+                        self._record_logprobs(by_seq[item.seq.seq_id], outputs, row)
                 for seq in self.scheduler.update(plan, sampled):
                     generated += 1
-                    if self._check_stop(seq, by_seq[seq.seq_id].params):
+                    if self._check_stop(seq, by_seq[seq.seq_id]):
+                        self._release_slot(seq.seq_id)
                         progress.update(1)
                 elapsed = time.perf_counter() - started
                 progress.set_postfix_str(f"output {generated / max(elapsed, 1e-9):.1f} tok/s")
         except BaseException:
             for request in requests:  # never leave blocks behind on an interrupted call
                 self.scheduler.abort(request.seq.seq_id)
+                self._release_slot(request.seq.seq_id)
             raise
         finally:
             progress.close()
 
-    def _check_stop(self, seq: Sequence, params: SamplingParams) -> bool:
+    # ---- sampling state -----------------------------------------------------------------------
+
+    def _assign_slots(self, plan, by_seq: dict[int, _Request]) -> None:
+        """Give each scheduled sequence a sampling-state slot, writing its row when it gets one.
+
+        A preempted sequence gives its slot back (it is no longer running); when it runs again
+        its row is rebuilt from its outputs so far, so penalties count exactly as before.
+        """
+        from jaxinfer.runtime.sampling_tensors import SamplingRow, build_sampling_tensors
+        from jaxinfer.runtime.slot_state import row_of
+
+        preempted = [i for i in self._slot_of if by_seq[i].seq.status is not SequenceStatus.RUNNING]
+        for seq_id in preempted:
+            self._release_slot(seq_id)
+        for item in plan.scheduled:
+            seq = item.seq
+            if seq.seq_id in self._slot_of:
+                continue
+            request = by_seq[seq.seq_id]
+            slot = self._free_slots.pop()
+            self._slot_of[seq.seq_id] = slot
+            row = SamplingRow(
+                params=request.params,
+                seed=request.seed,
+                prompt_token_ids=seq.prompt_token_ids,
+                output_token_ids=seq.output_token_ids,
+                eos_token_ids=sorted(self.eos_token_ids),
+                banned_token_ids=[ids[0] for ids in request.bad_words if len(ids) == 1],
+            )
+            self.runner.write_slot(slot, row_of(build_sampling_tensors([row], self.vocab_size)))
+
+    def _release_slot(self, seq_id: int) -> None:
+        slot = self._slot_of.pop(seq_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+
+    def _row_sampling(self, request: _Request) -> RowSampling:
+        """This step's sampling inputs of one request; multi-token bad words ban per step."""
+        output = request.seq.output_token_ids
+        banned = tuple(
+            ids[-1]
+            for ids in request.bad_words
+            if len(ids) > 1
+            and len(output) >= len(ids) - 1
+            and tuple(output[len(output) - len(ids) + 1 :]) == ids[:-1]
+        )
+        return RowSampling(request.params, request.seed, self._slot_of[request.seq.seq_id], banned)
+
+    def _bad_word_token_ids(self, bad_words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """vLLM's rule: each word as encoded alone and, when that differs, after a space."""
+        sequences: list[tuple[int, ...]] = []
+        for word in bad_words:
+            plain = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            sequences.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                sequences.append(spaced)
+        return tuple(sequences)
+
+    def _record_logprobs(self, request: _Request, outputs: dict, row: int) -> None:
+        logprob = float(outputs["token_logprob"][row])
+        request.cumulative_logprob += logprob
+        k = request.params.logprobs
+        if k is None:
+            return
+        token = int(outputs["tokens"][row])
+        entry = {token: Logprob(logprob, int(outputs["token_rank"][row]), self._decode_one(token))}
+        for rank, (tid, value) in enumerate(
+            zip(outputs["top_ids"][row, :k], outputs["top_logprobs"][row, :k], strict=True), 1
+        ):
+            entry.setdefault(int(tid), Logprob(float(value), rank, self._decode_one(int(tid))))
+        request.logprobs.append(entry)
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _check_stop(self, seq: Sequence, request: _Request) -> bool:
+        params = request.params
         token = seq.output_token_ids[-1]
         if not params.ignore_eos and token in self.eos_token_ids:
             self.scheduler.finish(seq, "stop")
         elif token in params.stop_token_ids:
             self.scheduler.finish(seq, "stop", stop_reason=token)
+        elif (
+            request.stop_matcher is not None
+            and seq.num_output_tokens >= params.min_tokens
+            and (stop := request.stop_matcher.update(seq.output_token_ids)) is not None
+        ):
+            self.scheduler.finish(seq, "stop", stop_reason=stop)
         elif seq.num_output_tokens >= seq.max_tokens:
             self.scheduler.finish(seq, "length")
         return seq.is_finished
 
     def _request_output(self, request: _Request) -> RequestOutput:
         seq, params = request.seq, request.params
-        text = self.tokenizer.decode(
-            seq.output_token_ids,
-            skip_special_tokens=params.skip_special_tokens,
-        )
+        if request.stop_matcher is not None and request.stop_matcher.matched is not None:
+            text = request.stop_matcher.text
+        else:
+            text = self.tokenizer.decode(
+                seq.output_token_ids, skip_special_tokens=params.skip_special_tokens
+            )
         completion = CompletionOutput(
             index=0,
             text=text,
             token_ids=list(seq.output_token_ids),
             cumulative_logprob=request.cumulative_logprob if params.logprobs is not None else None,
-            logprobs=None,
+            logprobs=request.logprobs if params.logprobs is not None else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )

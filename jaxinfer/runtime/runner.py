@@ -16,17 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.engine.batching import Bucket, StepInputs
+from jaxinfer.engine.batching import MAX_BANNED_PER_STEP, SCALAR_DTYPES, Bucket, StepInputs
 from jaxinfer.models.loader import LoadedModel
 from jaxinfer.runtime import kv_cache as kv
+from jaxinfer.runtime import slot_state as slots
 from jaxinfer.runtime.step import all_token_logits, jit_step, jit_write_cache
 
 logger = logging.getLogger("jaxinfer")
 
 
-def _abstract_inputs(bucket: Bucket) -> dict[str, jax.ShapeDtypeStruct]:
+def _abstract_inputs(bucket: Bucket, max_banned: int) -> dict:
+    """Shapes and dtypes of one bucket's StepInputs (`StepInputs.as_dict()` must match)."""
     T, S, B = bucket.num_tokens, bucket.num_seqs, bucket.num_blocks
-    i32, f32, u32 = jnp.int32, jnp.float32, jnp.uint32
+    i32 = jnp.int32
     shapes = {
         "token_ids": ((T,), i32),
         "positions": ((T,), i32),
@@ -35,11 +37,16 @@ def _abstract_inputs(bucket: Bucket) -> dict[str, jax.ShapeDtypeStruct]:
         "context_lens": ((S,), i32),
         "query_start_loc": ((S + 1,), i32),
         "logits_indices": ((S,), i32),
-        "temperatures": ((S,), f32),
-        "seeds": ((S,), u32),
-        "sample_positions": ((S,), i32),
+        "slots": ((S,), i32),
+        "sampled": ((S,), jnp.bool_),
+        "want_logprobs": ((S,), jnp.bool_),
+        "banned": ((S, max_banned), i32),
     }
-    return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
+    abstract = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
+    abstract["sampling"] = {
+        name: jax.ShapeDtypeStruct((S,), dtype) for name, dtype in SCALAR_DTYPES.items()
+    }
+    return abstract
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -50,18 +57,32 @@ def enable_compilation_cache(path: str) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model: LoadedModel, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        num_blocks: int,
+        block_size: int,
+        *,
+        num_slots: int,
+        num_logprobs: int,
+        max_top_k: int = 256,
+    ) -> None:
         self.model = model
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.num_logprobs = num_logprobs
         self.kv_cache = kv.allocate(model.model_config, num_blocks, block_size, model.dtype)
+        self.slot_state = slots.allocate(num_slots, model.model_config.vocab_size)
+        self._write_slot = jax.jit(slots.write_slot, donate_argnums=(0,))
         self._all_logits = jax.jit(
             functools.partial(
                 all_token_logits, family=model.family, model_config=model.model_config
             )
         )
         self._jitted = {
-            decode_only: jit_step(model.family, model.model_config, decode_only)
+            decode_only: jit_step(
+                model.family, model.model_config, decode_only, max_top_k, num_logprobs
+            )
             for decode_only in (False, True)
         }
         self._executables: dict[Bucket, jax.stages.Compiled] = {}
@@ -87,7 +108,10 @@ class ModelRunner:
             started = time.perf_counter()
             jitted = self._jitted[not bucket.is_prefill]
             executable = jitted.lower(
-                self.model.params, self.kv_cache, _abstract_inputs(bucket)
+                self.model.params,
+                self.kv_cache,
+                self.slot_state,
+                _abstract_inputs(bucket, MAX_BANNED_PER_STEP),
             ).compile()
             self._executables[bucket] = executable
             self._count(started, bucket)
@@ -102,13 +126,19 @@ class ModelRunner:
             self._count(started, f"cache writer for {bucket.num_tokens} tokens")
         return executable, writer
 
-    def execute(self, bucket: Bucket, inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:
-        """Run one step; -> (tokens [S], logprobs [S]) on the host. The cache stays on device."""
+    def write_slot(self, slot: int, row: slots.SlotState) -> None:
+        """Install one request's sampling row (host arrays [V]) in its slot."""
+        self.slot_state = self._write_slot(self.slot_state, np.int32(slot), row)
+
+    def execute(self, bucket: Bucket, inputs: StepInputs) -> dict[str, np.ndarray]:
+        """Run one step; -> its outputs (see `step`) on the host. Cache and slots stay on device."""
         executable, writer = self.compile(bucket)
         arrays = inputs.as_dict()
-        tokens, logprobs, new_kv = executable(self.model.params, self.kv_cache, arrays)
+        outputs, new_kv, self.slot_state = executable(
+            self.model.params, self.kv_cache, self.slot_state, arrays
+        )
         self.kv_cache = writer(self.kv_cache, new_kv, arrays["slot_mapping"])
-        return np.asarray(tokens), np.asarray(logprobs)
+        return {name: np.asarray(value) for name, value in outputs.items()}
 
     def all_logits(self, bucket: Bucket, inputs: StepInputs) -> np.ndarray:
         """Logits of every token of a prefill step [T, V], writing its K/V like `execute`.
@@ -117,11 +147,16 @@ class ModelRunner:
         """
         _, writer = self.compile(bucket)
         arrays = inputs.as_dict()
+        arrays["sampled"] = np.zeros_like(arrays["sampled"])  # leave the sampling state alone
         logits = self._all_logits(self.model.params, self.kv_cache, arrays)
-        _, _, new_kv = self._executables[bucket](self.model.params, self.kv_cache, arrays)
+        _, new_kv, self.slot_state = self._executables[bucket](
+            self.model.params, self.kv_cache, self.slot_state, arrays
+        )
         self.kv_cache = writer(self.kv_cache, new_kv, arrays["slot_mapping"])
         return np.asarray(logits)
 
     def shutdown(self) -> None:
         self._executables.clear()
+        self._writers.clear()
         self.kv_cache = None
+        self.slot_state = None

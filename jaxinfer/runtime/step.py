@@ -14,7 +14,8 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.runtime.sampler import sample
+from jaxinfer.runtime.sampling import sample, top_logprobs
+from jaxinfer.runtime.slot_state import SlotState, batch_tensors, count_sampled
 from pallas_kernels import reference
 
 
@@ -77,13 +78,21 @@ def forward_logits(
 def step(
     params: dict,
     kv_cache: tuple,
-    inputs: dict[str, jax.Array],
+    slot_state: SlotState,
+    inputs: dict,
     *,
     family: ModuleType,
     model_config,
     decode_only: bool,
-) -> tuple[jax.Array, jax.Array, tuple]:
-    """-> (next tokens [S], their logprobs [S], per layer the new (k, v) [T, K, D])."""
+    max_top_k: int,
+    num_logprobs: int,
+) -> tuple[dict[str, jax.Array], tuple, SlotState]:
+    """-> (sampled tokens and their logprobs, per layer the new (k, v) [T, K, D], new slot state).
+
+    Outputs, each per row [S]: `tokens`, `token_logprob` (raw log-softmax, vLLM's default),
+    `token_rank`; and [S, num_logprobs]: `top_ids`, `top_logprobs`. The top-k search runs only
+    when some row asked for logprobs.
+    """
     logits, new_kv = forward_logits(
         params,
         kv_cache,
@@ -93,10 +102,34 @@ def step(
         model_config=model_config,
         decode_only=decode_only,
     )
-    tokens, logprobs = sample(
-        logits, inputs["temperatures"], inputs["seeds"], inputs["sample_positions"]
+    slots = inputs["slots"]
+    tensors = batch_tensors(slot_state, slots, inputs["sampling"], inputs["banned"])
+    tokens, raw_logprobs = sample(logits, tensors, max_top_k)
+    num_rows = tokens.shape[0]
+
+    def with_logprobs():
+        return top_logprobs(raw_logprobs, tokens, num_logprobs)
+
+    def without_logprobs():
+        token_logprob = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+        return (
+            token_logprob,
+            jnp.zeros(num_rows, jnp.int32),
+            jnp.zeros((num_rows, num_logprobs), jnp.int32),
+            jnp.zeros((num_rows, num_logprobs), jnp.float32),
+        )
+
+    token_logprob, rank, top_ids, top_values = jax.lax.cond(
+        jnp.any(inputs["want_logprobs"]), with_logprobs, without_logprobs
     )
-    return tokens, logprobs, new_kv
+    outputs = {
+        "tokens": tokens,
+        "token_logprob": token_logprob,
+        "token_rank": rank,
+        "top_ids": top_ids,
+        "top_logprobs": top_values,
+    }
+    return outputs, new_kv, count_sampled(slot_state, slots, tokens, inputs["sampled"])
 
 
 def all_token_logits(params, kv_cache, inputs, *, family: ModuleType, model_config):
@@ -122,9 +155,21 @@ def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array) -> tupl
     )
 
 
-def jit_step(family: ModuleType, model_config, decode_only: bool):
+def jit_step(
+    family: ModuleType, model_config, decode_only: bool, max_top_k: int, num_logprobs: int
+):
+    """The step, compiled per bucket. Only the slot state is donated: the cache is read here and
+    written by `write_cache` (see the module docstring)."""
     return jax.jit(
-        functools.partial(step, family=family, model_config=model_config, decode_only=decode_only)
+        functools.partial(
+            step,
+            family=family,
+            model_config=model_config,
+            decode_only=decode_only,
+            max_top_k=max_top_k,
+            num_logprobs=num_logprobs,
+        ),
+        donate_argnums=(2,),
     )
 
 

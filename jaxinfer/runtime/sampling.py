@@ -1,0 +1,380 @@
+"""vLLM's V1 sampling pipeline as one pure, row-independent function of (logits, SamplingTensors).
+
+Order, as vLLM's V1 sampler: raw logprobs (log_softmax of the f32 logits) are captured first ->
+allowed_token_ids / bad words -> min_tokens (eos and stop ids banned) and logit_bias ->
+penalties (repetition over prompt and output; frequency and presence over the output) -> greedy
+rows take the argmax -> temperature -> min_p -> top-k -> top-p -> sample.
+
+Legend: S rows, V vocabulary, K = max_top_k (static), C = candidate tokens per row (K).
+
+Top-k / top-p without sorting the vocabulary, exactly:
+1. Candidates: `lax.top_k` of the min_p-masked scaled logits with K + 1 entries. The K-th value is
+   the top-k threshold for any top_k <= K; the (K + 1)-th, the *probe*, bounds every token outside
+   the candidates. Top-p then works on the candidates' sorted values: a token is kept when the
+   probability of the tokens strictly above it is below top_p times the total (vLLM's rule;
+   tokens of equal probability are kept or dropped together, where vLLM's sort may split them). A row is *settled* when the kept set provably lies
+   inside the candidates: the probe is -inf (fewer than K + 1 tokens survive), or top-k drops it,
+   or the mass above it already reaches top_p. Settled rows sample among their K candidates.
+2. Unsettled rows (top_k > K, top_p whose nucleus is wider than K tokens, or plain temperature
+   sampling over a wide distribution) take the full-vocabulary path: each threshold is found by
+   bisection over the bit patterns of f32 values, which order like the values (31 masked sums
+   over V for top-p, 32 counts for top-k > K; exact, no sort), then a draw over all V tokens. A batch-level `lax.cond` runs
+   it only when some row needs it, and each row's token comes from the path its own row chose,
+   so a row's result never depends on the other rows.
+3. The draw is Gumbel-max with noise that is a pure function of (row key, token id) -- threefry
+   of (key, token_id // 2), word token_id % 2 -- so both paths, any K and any batch see the same
+   noise for the same token; the two paths give the same token (tested).
+
+Measured on this project's shared 2-core CPU (jax 0.10.2, S = 64, K = 256, jit, best of 7 calls,
+load average ~3 from other work, so read the ratios more than the numbers;
+`benchmarks/sampling.py` reproduces it):
+
+    case                                           V = 32,000    V = 151,936
+    greedy, nothing else (fast path)                     6 ms         19 ms
+    greedy + penalties, bias, masks                     11 ms         60 ms
+    all features, top_k = 50 (candidate path)           28 ms        153 ms
+    all features, top_k off, top_p 0.9 (bisection)      56 ms        439 ms
+    temperature only (full-vocabulary draw)             45 ms        243 ms
+    argsort + cumsum top-p (reference, not used)       531 ms       3129 ms
+
+Most of the full-vocabulary cost is the threefry noise for every token (~140 ms at V = 151,936)
+and XLA:CPU materializing [S, V] temporaries for its reductions. A program whose temporaries
+exceed glibc's 32 MiB mmap threshold page-faults them in on every call (~0.25 ms per MB touched
+here), which is why the greedy paths avoid [S, V] temporaries. With freed memory kept mapped
+(`mallopt`, jaxinfer.runtime.host_allocator) rows 2-5 of the table take 6 / 19 / 42 /
+32 ms at V = 32,000 and 47 / 118 / 381 / 229 ms at V = 151,936.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.extend.random import threefry_2x32
+
+from jaxinfer.runtime.sampling_tensors import SamplingTensors
+from jaxinfer.sampling_params import GREEDY_TEMPERATURE
+
+_NEG_INF = float("-inf")
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+# ---------------------------------------------------------------- logits processing (vLLM order)
+
+
+def apply_penalties(
+    logits: jax.Array,  # [S, V] f32
+    prompt_mask: jax.Array,  # [S, V] bool
+    output_counts: jax.Array,  # [S, V] i32
+    repetition_penalty: jax.Array,  # [S]
+    frequency_penalty: jax.Array,  # [S]
+    presence_penalty: jax.Array,  # [S]
+) -> jax.Array:
+    """vLLM's `apply_penalties`: repetition over prompt and output, the others over the output."""
+    in_output = output_counts > 0
+    repetition = jnp.where(prompt_mask | in_output, repetition_penalty[:, None], 1.0)
+    logits = jnp.where(logits > 0, logits / repetition, logits * repetition)
+    logits = logits - frequency_penalty[:, None] * output_counts.astype(jnp.float32)
+    return logits - presence_penalty[:, None] * in_output.astype(jnp.float32)
+
+
+def process_logits(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """[S, V] f32 logits after masks, min_tokens, logit_bias and penalties (what greedy argmaxes)."""
+    logits = jnp.where(t.allowed_mask, logits.astype(jnp.float32), _NEG_INF)
+    min_tokens_unmet = t.num_output_tokens < t.min_tokens  # [S]
+    logits = jnp.where(min_tokens_unmet[:, None] & t.stop_mask, _NEG_INF, logits)
+    logits = logits + t.logit_bias
+    return apply_penalties(
+        logits,
+        t.prompt_mask,
+        t.output_counts,
+        t.repetition_penalty,
+        t.frequency_penalty,
+        t.presence_penalty,
+    )
+
+
+# ---------------------------------------------------------------- per-token noise
+
+
+def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+    """[S, 2] u32 threefry key data of `fold_in(key(seed), position)` for each row."""
+
+    def one(seed: jax.Array, position: jax.Array) -> jax.Array:
+        key = jax.random.key(seed, impl="threefry2x32")
+        return jax.random.key_data(jax.random.fold_in(key, position))
+
+    return jax.vmap(one)(seeds.astype(jnp.uint32), positions.astype(jnp.int32))
+
+
+def _hash_pairs(keys: jax.Array, pairs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Both threefry words of (key, (pair, 0)): keys [S, 2] u32, pairs [S, N] u32 -> 2 x [S, N]."""
+
+    def one(key: jax.Array, row_pairs: jax.Array) -> jax.Array:
+        # threefry_2x32 hashes (count[i], count[i + half]): with zeros as the second half,
+        # word 0 of pair i lands at i and word 1 at half + i.
+        return threefry_2x32(key, jnp.concatenate([row_pairs, jnp.zeros_like(row_pairs)]))
+
+    words = jax.vmap(one)(keys, pairs)
+    n = pairs.shape[1]
+    return words[:, :n], words[:, n:]
+
+
+def _gumbel_from_bits(bits: jax.Array) -> jax.Array:
+    """u32 -> standard Gumbel f32 (uniform from the top 23 bits, as jax.random.uniform)."""
+    mantissa = jax.lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000)
+    uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
+    return -jnp.log(-jnp.log(jnp.maximum(uniform, _TINY)))
+
+
+def token_gumbel(keys: jax.Array, token_ids: jax.Array) -> jax.Array:
+    """[S, N] Gumbel noise of the given tokens, a pure function of (row key, token id)."""
+    word0, word1 = _hash_pairs(keys, jax.lax.shift_right_logical(token_ids, 1).astype(jnp.uint32))
+    return _gumbel_from_bits(jnp.where(token_ids % 2 == 1, word1, word0))
+
+
+def vocab_gumbel(keys: jax.Array, vocab_size: int) -> jax.Array:
+    """[S, V] the same noise as `token_gumbel` for every token, one hash per two tokens."""
+    num_pairs = (vocab_size + 1) // 2
+    pairs = jnp.broadcast_to(jnp.arange(num_pairs, dtype=jnp.uint32), (keys.shape[0], num_pairs))
+    word0, word1 = _hash_pairs(keys, pairs)
+    bits = jnp.stack([word0, word1], axis=-1).reshape(keys.shape[0], 2 * num_pairs)
+    return _gumbel_from_bits(bits[:, :vocab_size])
+
+
+# ---------------------------------------------------------------- exact thresholds by bisection
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+    """f32 -> u32 with the same order (for non-NaN values): flip negatives, set the sign bit."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _from_order_key(key: jax.Array) -> jax.Array:
+    """The inverse of `_order_key`."""
+    bits = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _bisect_u32(predicate, num_rows: int, hi: int, largest_true: bool) -> jax.Array:
+    """Per row, the smallest x in [0, hi] with predicate(x) (predicate monotone false -> true),
+    or with `largest_true` the largest x with predicate(x) (monotone true -> false)."""
+
+    def step(_, bounds):
+        lo, hi = bounds
+        half = (hi - lo) // 2
+        if largest_true:
+            mid = lo + half + (hi - lo) % 2  # ceil, so that lo = mid always moves
+            ok = predicate(mid)
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+        mid = lo + half
+        ok = predicate(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    bounds = (jnp.zeros(num_rows, jnp.uint32), jnp.full(num_rows, hi, jnp.uint32))
+    lo, hi = jax.lax.fori_loop(0, hi.bit_length(), step, bounds)  # each step halves hi - lo + 1
+    return lo if largest_true else hi
+
+
+def kth_largest(values: jax.Array, k: jax.Array) -> jax.Array:
+    """[S] each row's k-th largest value, counting repeats (values [S, V] f32, 1 <= k <= V).
+
+    The largest x with count(values >= x) >= k, over the order-preserving u32 image of f32:
+    32 counting passes, exact. Keys are recomputed inside the loop rather than kept in memory.
+    """
+    key = _bisect_u32(
+        lambda x: jnp.sum(_order_key(values) >= x[:, None], axis=-1) >= k,
+        values.shape[0],
+        hi=0xFFFFFFFF,
+        largest_true=True,
+    )
+    return _from_order_key(key)
+
+
+def top_p_threshold(weights: jax.Array, limit: jax.Array) -> jax.Array:
+    """[S] the smallest weight w whose mass strictly above stays below `limit`: the tokens with
+    weight >= w are the top-p set (weights [S, V] >= 0, unnormalized; limit [S] = top_p * total).
+
+    Non-negative f32 order like their bits, so the search runs over bits 0 .. 0x7F800000 (inf):
+    31 passes of one masked sum, exact.
+    """
+    bits = _bisect_u32(
+        lambda x: (
+            jnp.sum(
+                jnp.where(
+                    weights > jax.lax.bitcast_convert_type(x, jnp.float32)[:, None], weights, 0.0
+                ),
+                axis=-1,
+            )
+            < limit
+        ),
+        weights.shape[0],
+        hi=0x7F800000,
+        largest_true=False,
+    )
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+# ---------------------------------------------------------------- the random path
+
+
+def _sample_random(processed: jax.Array, t: SamplingTensors, max_top_k: int) -> jax.Array:
+    """[S] tokens drawn after temperature, min_p, top-k and top-p (greedy rows: meaningless)."""
+    num_rows, vocab_size = processed.shape
+    k_cap = min(max_top_k, vocab_size)
+    is_greedy = t.temperature < GREEDY_TEMPERATURE
+    temperature = jnp.where(is_greedy, 1.0, t.temperature)
+    scaled = processed / temperature[:, None]
+    row_max = jnp.max(scaled, axis=-1)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # all-masked rows stay all -inf
+    # min_p: p < min_p * p_max  <=>  scaled - max < log(min_p); log(0) = -inf keeps everything.
+    keep_min_p = scaled - row_max[:, None] >= jnp.log(t.min_p)[:, None]
+    scaled = jnp.where(keep_min_p, scaled, _NEG_INF)  # [S, V]
+
+    num_probe = min(k_cap + 1, vocab_size)
+    # The barrier keeps XLA:CPU's TopK kernel: without it the slices below are merged into the
+    # top_k and the rewritten pattern falls back to a full sort of the vocabulary (40x slower).
+    values, ids = jax.lax.optimization_barrier(jax.lax.top_k(scaled, num_probe))  # [S, K + 1]
+    probe = values[:, k_cap] if k_cap < vocab_size else jnp.full(num_rows, _NEG_INF)
+    values, ids = values[:, :k_cap], ids[:, :k_cap]  # candidates [S, C]
+
+    top_k = t.top_k
+    top_k_off = (top_k <= 0) | (top_k >= vocab_size)
+    top_k_small = ~top_k_off & (top_k <= k_cap)
+    top_k_large = ~top_k_off & ~top_k_small
+    kth = jnp.take_along_axis(values, jnp.clip(top_k - 1, 0, k_cap - 1)[:, None], axis=-1)[:, 0]
+    kth = jnp.where(top_k_small, kth, _NEG_INF)  # large-k rows are finished on the full path
+
+    # Unnormalized probabilities after top-k; their total includes tokens outside the candidates.
+    total = jnp.sum(
+        jnp.exp(jnp.where(scaled >= kth[:, None], scaled, _NEG_INF) - row_max[:, None]), axis=-1
+    )
+    top_p_on = t.top_p < 1.0
+    limit = t.top_p * total  # [S]
+
+    # Candidate path: the mass strictly above each candidate; equal weights form one tie group.
+    cand = jnp.where(values >= kth[:, None], values, _NEG_INF)  # [S, C], still descending
+    weights = jnp.exp(cand - row_max[:, None])  # [S, C], non-increasing
+    above = jnp.cumsum(weights, axis=-1) - weights
+    starts = jnp.arange(k_cap)[None, :] * jnp.concatenate(
+        [jnp.ones((num_rows, 1), bool), weights[:, 1:] != weights[:, :-1]], axis=-1
+    )
+    above = jnp.take_along_axis(above, jax.lax.cummax(starts, axis=1), axis=-1)
+    keep = (cand > _NEG_INF) & (~top_p_on[:, None] | (above < limit[:, None]))
+    probe_weight = jnp.exp(probe - row_max)
+    mass_above_probe = jnp.sum(jnp.where(weights > probe_weight[:, None], weights, 0.0), axis=-1)
+    settled = (
+        is_greedy
+        | (probe == _NEG_INF)
+        | (top_k_small & (probe < kth))
+        | (~top_k_large & top_p_on & (mass_above_probe >= limit))
+    )
+    keys = row_keys(t.seeds, t.positions)
+    cand_tokens = _gumbel_argmax(jnp.where(keep, cand + token_gumbel(keys, ids), _NEG_INF), ids)
+
+    def full_vocab() -> jax.Array:
+        need_kth = ~settled & top_k_large
+        row_kth = jax.lax.cond(
+            jnp.any(need_kth),
+            lambda: jnp.where(need_kth, kth_largest(scaled, jnp.clip(top_k, 1, vocab_size)), kth),
+            lambda: kth,
+        )
+        kept = (scaled >= row_kth[:, None]) & (scaled > _NEG_INF)
+        weights = jnp.where(kept, jnp.exp(scaled - row_max[:, None]), 0.0)  # [S, V]
+        row_limit = jnp.where(need_kth, t.top_p * jnp.sum(weights, axis=-1), limit)
+        need_top_p = ~settled & top_p_on
+        threshold = jax.lax.cond(
+            jnp.any(need_top_p),
+            lambda: jnp.where(need_top_p, top_p_threshold(weights, row_limit), 0.0),
+            lambda: jnp.zeros(num_rows, jnp.float32),
+        )
+        kept = kept & (weights >= threshold[:, None])
+        scores = jnp.where(kept, scaled + vocab_gumbel(keys, vocab_size), _NEG_INF)
+        return jnp.where(settled, cand_tokens, argmax(scores))
+
+    return jax.lax.cond(jnp.all(settled), lambda: cand_tokens, full_vocab)
+
+
+def argmax(x: jax.Array) -> jax.Array:
+    """[S] int32 index of each row's maximum, the first on ties, as `jnp.argmax`.
+
+    `lax.top_k(x, 1)`: on XLA:CPU the TopK kernel beats the variadic (value, index) reduce behind
+    `jnp.argmax` (64 x 151,936: 19 ms vs 44 ms) and, unlike max-then-match, needs no [S, V]
+    temporary (temporaries above glibc's 32 MiB mmap threshold are page-faulted in on every call).
+    """
+    return jax.lax.top_k(x, 1)[1][:, 0]
+
+
+def _gumbel_argmax(scores: jax.Array, ids: jax.Array) -> jax.Array:
+    """[S] the id with the best score; ties go to the smallest id, as argmax over the vocabulary."""
+    best = jnp.max(scores, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(scores == best, ids, jnp.iinfo(jnp.int32).max), axis=-1)
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def sample(
+    logits: jax.Array,  # [S, V] any float dtype
+    t: SamplingTensors,
+    max_top_k: int = 256,  # static
+) -> tuple[jax.Array, jax.Array]:
+    """-> (tokens [S] int32, raw_logprobs [S, V] f32: the model's log_softmax, before any
+    processing, which is what vLLM reports by default). Unused logprobs cost nothing under jit.
+
+    Three programs behind two `lax.cond`s, chosen by the batch but each exact for every row, so
+    the choice never changes a token: all rows greedy with nothing to apply -> argmax of the raw
+    logits; all greedy -> argmax of the processed logits; otherwise the full pipeline, whose
+    random draws only sampling rows use.
+    """
+    if max_top_k < 1:
+        raise ValueError(f"max_top_k must be >= 1, got {max_top_k}")
+    logits = logits.astype(jnp.float32)
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    is_greedy = t.temperature < GREEDY_TEMPERATURE
+
+    def sampled() -> jax.Array:
+        processed = process_logits(logits, t)
+        greedy = argmax(processed)
+        return jnp.where(is_greedy, greedy, _sample_random(processed, t, max_top_k))
+
+    def greedy_processed() -> jax.Array:
+        return argmax(process_logits(logits, t))
+
+    def greedy_raw() -> jax.Array:
+        return argmax(logits)
+
+    branch = jnp.where(jnp.all(is_greedy), _needs_processing(t).astype(jnp.int32), 2)
+    tokens = jax.lax.switch(branch, [greedy_raw, greedy_processed, sampled])
+    return tokens, raw_logprobs
+
+
+def _needs_processing(t: SamplingTensors) -> jax.Array:
+    """[] bool: does any row change its logits before the argmax?"""
+    return (
+        jnp.any(t.repetition_penalty != 1.0)
+        | jnp.any(t.frequency_penalty != 0.0)
+        | jnp.any(t.presence_penalty != 0.0)
+        | jnp.any(t.num_output_tokens < t.min_tokens)
+        # max/min of the array itself: a reduction of `bias != 0` would materialize [S, V].
+        | (jnp.max(t.logit_bias) > 0.0)
+        | (jnp.min(t.logit_bias) < 0.0)
+        | ~jnp.all(t.allowed_mask)
+    )
+
+
+def top_logprobs(
+    raw_logprobs: jax.Array,  # [S, V] f32
+    tokens: jax.Array,  # [S] int32
+    k: int,  # static
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """-> (token_logprob [S], token_rank [S] i32, top_ids [S, k] i32, top_logprobs [S, k]).
+
+    vLLM's rank (`batched_count_greater_than`): the number of tokens whose logprob is >= the
+    token's, itself included -- 1 + the number strictly larger when there are no ties; a token
+    tied with others gets the last rank of its tie group. k = 0 gives empty [S, 0] arrays.
+    """
+    token_logprob = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(raw_logprobs >= token_logprob[:, None], axis=-1, dtype=jnp.int32)
+    top_values, top_ids = jax.lax.top_k(raw_logprobs, k)
+    return token_logprob, rank, top_ids.astype(jnp.int32), top_values
