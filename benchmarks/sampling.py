@@ -15,12 +15,15 @@ Cases (every row of the batch alike; logits ~ N(0, 2^2), a history of 64 output 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.runtime.host_allocator import keep_freed_memory_mapped
 from jaxinfer.runtime.sampling import sample
 from jaxinfer.runtime.sampling_tensors import SamplingTensors
 
@@ -71,7 +74,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--max-top-k", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(Path(__file__).with_name("sampling.json")))
     args = parser.parse_args()
+    if jax.default_backend() == "cpu":
+        keep_freed_memory_mapped()  # as the engine does on CPU
 
     processing = {"repetition_penalty": 1.2, "frequency_penalty": 0.5, "presence_penalty": 0.5}
     cases = {
@@ -85,14 +91,26 @@ def main() -> None:
     }
     run = jax.jit(lambda logits, t: sample(logits, t, args.max_top_k)[0])
     reference = jax.jit(_sort_reference, static_argnums=1)
-    print(f"{jax.devices()[0].device_kind}, S={args.rows}, K={args.max_top_k}, ms per call")
+    device = jax.devices()[0].device_kind
+    print(f"{device}, S={args.rows}, K={args.max_top_k}, ms per call (best of {args.repeats})")
+    results = []
     for vocab in args.vocab:
         logits = 2.0 * jax.random.normal(jax.random.key(0), (args.rows, vocab))
         for name, features in cases.items():
             t = _tensors(args.rows, vocab, **features)
-            print(f"V={vocab:>7}  {name:<28} {_time(run, logits, t, repeats=args.repeats):8.1f}")
+            ms = _time(run, logits, t, repeats=args.repeats)
+            results.append({"vocab": vocab, "case": name, "ms": round(ms, 2)})
+            print(f"V={vocab:>7}  {name:<28} {ms:8.1f}")
         ms = _time(reference, logits, 0.9, jax.random.key(0), repeats=args.repeats)
+        results.append({"vocab": vocab, "case": "sort reference", "ms": round(ms, 2)})
         print(f"V={vocab:>7}  {'sort reference':<28} {ms:8.1f}")
+    meta = {
+        "device": device,
+        "rows": args.rows,
+        "max_top_k": args.max_top_k,
+        "jax": jax.__version__,
+    }
+    Path(args.out).write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
     # On CPU, keep freed host memory mapped (glibc mallopt): see runtime/host_allocator.py.
     cpu_keep_freed_memory: bool = True
+    # Largest logprobs / prompt_logprobs a request may ask for (vLLM's). -1: no bound, and
+    # logprobs=-1 returns the whole vocabulary, so every step then carries [rows, vocab] results.
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:
@@ -121,7 +123,12 @@ class EngineConfig:
                 "> 0",
                 self.kv_cache_memory_bytes,
             )
-        _check(self.max_logprobs >= 0, "max_logprobs", ">= 0", self.max_logprobs)
+        _check(
+            self.max_logprobs >= -1,
+            "max_logprobs",
+            ">= 0, or -1 (no bound: logprobs=-1 returns the whole vocabulary)",
+            self.max_logprobs,
+        )
         for name in ("seq_buckets", "token_buckets", "block_buckets"):
             buckets = getattr(self, name)
             if buckets is not None:

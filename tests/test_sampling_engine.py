@@ -241,7 +241,7 @@ def test_bad_sampling_input_fails_before_any_work(tiny_llama, prompt):
         (SamplingParams(allowed_token_ids=[vocab + 3]), "allowed_token_ids"),
         (SamplingParams(logprobs=engine.config.max_logprobs + 1), "logprobs"),
         (SamplingParams(top_k=vocab + 1), "top_k"),
-        (SamplingParams(n=2), "SamplingParams.n"),
+        (SamplingParams(n=engine.config.max_num_seqs + 1), "SamplingParams.n"),
     ]
     for bad, field in cases:
         with pytest.raises(ValueError, match=field):
@@ -251,3 +251,74 @@ def test_bad_sampling_input_fails_before_any_work(tiny_llama, prompt):
         assert not engine.scheduler.has_unfinished
     ok = engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
     assert len(ok[0].outputs[0].token_ids) == 3
+
+
+def test_parallel_samples_equal_single_requests_with_their_seeds(tiny_llama, prompt):
+    """n > 1 shares the prompt's blocks (copy-on-write of the partial one); if sharing or the
+    copy were wrong, the samples' tokens would drift from the same requests run one by one."""
+    from jaxinfer.runtime.sampling_tensors import row_seed
+
+    engine = _engine(tiny_llama)
+    params = SamplingParams(**{**_fields(SEEDED), "n": 4, "logprobs": 1})
+    out = engine.generate([prompt, prompt[:5]], params, use_tqdm=False)
+    for request in out:
+        assert [c.index for c in request.outputs] == [0, 1, 2, 3]
+        assert len({tuple(c.token_ids) for c in request.outputs}) == 4
+        for completion in request.outputs:
+            alone = SamplingParams(
+                **{**_fields(params), "n": 1, "seed": row_seed(1234, completion.index)}
+            )
+            single = engine.generate([request.prompt_token_ids], alone, use_tqdm=False)[0]
+            assert single.outputs[0].token_ids == completion.token_ids
+            assert len(completion.logprobs) == len(completion.token_ids)
+    manager = engine.block_manager
+    assert manager.num_free_blocks == manager.num_usable_blocks
+    # sample 0 is the request's own seed: n = 1 with the same seed gives the same tokens
+    assert (
+        out[0].outputs[0].token_ids
+        == engine.generate([prompt], SEEDED, use_tqdm=False)[0].outputs[0].token_ids
+    )
+
+
+@torch.no_grad()
+def test_prompt_logprobs_match_transformers_across_chunks(tiny_llama, prompt):
+    """Prompt logprobs come chunk by chunk (chunked prefill here) and equal transformers'."""
+    k = 3
+    engine = _engine(tiny_llama, max_num_batched_tokens=16, max_num_seqs=4)
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=k)
+    out = engine.generate([prompt, prompt[:9]], [params, SamplingParams(max_tokens=2)], False)
+    assert out[1].prompt_logprobs is None
+    entries = out[0].prompt_logprobs
+    assert len(entries) == len(prompt) and entries[0] is None
+
+    logits = hf_model(tiny_llama)(torch.tensor([prompt])).logits[0].float()
+    reference = torch.log_softmax(logits, dim=-1).numpy()  # row p predicts token p + 1
+    for position in range(1, len(prompt)):
+        entry, row, token = entries[position], reference[position - 1], prompt[position]
+        np.testing.assert_allclose(entry[token].logprob, row[token], atol=1e-4)
+        assert len(entry) in (k, k + 1)
+        top = sorted((lp.rank, tid) for tid, lp in entry.items() if tid != token or len(entry) == k)
+        assert [rank for rank, _ in top] == list(range(1, k + 1))
+        for _, tid in top:
+            np.testing.assert_allclose(entry[tid].logprob, row[tid], atol=1e-4)
+        assert min(row[tid] for _, tid in top) >= np.sort(row)[-k] - 1e-4
+
+
+@torch.no_grad()
+def test_whole_vocabulary_logprobs_when_unbounded(tiny_llama, prompt):
+    """vLLM: logprobs=-1 counts as vocab_size against max_logprobs; -1 lifts the bound."""
+    with pytest.raises(ValueError, match="max_logprobs"):
+        _engine(tiny_llama).generate([prompt], SamplingParams(logprobs=-1), use_tqdm=False)
+    engine = _engine(tiny_llama, max_logprobs=-1)
+    params = SamplingParams(temperature=0, max_tokens=2, logprobs=-1, prompt_logprobs=-1)
+    out = engine.generate([prompt[:6]], params, use_tqdm=False)[0]
+    vocab = engine.vocab_size
+    ids = out.prompt_token_ids + out.outputs[0].token_ids
+    logits = hf_model(tiny_llama)(torch.tensor([ids[:-1]])).logits[0].float()
+    reference = torch.log_softmax(logits, dim=-1).numpy()
+    entries = out.prompt_logprobs[1:] + out.outputs[0].logprobs
+    assert len(entries) == len(ids) - 1
+    for entry, row in zip(entries, reference, strict=True):
+        assert sorted(entry) == list(range(vocab))
+        got = np.array([entry[t].logprob for t in range(vocab)])
+        np.testing.assert_allclose(got, row, atol=1e-4)

@@ -118,6 +118,8 @@ class StepInputs:
     want_logprobs: np.ndarray  # [S] bool
     banned: np.ndarray  # [S, MAX_BANNED_PER_STEP] int32; `vocab_size` = no ban
     sampling: dict[str, np.ndarray]  # SCALAR_DTYPES, each [S]
+    prompt_next_ids: np.ndarray  # [T] int32: the prompt token after token t, when its prompt
+    # logprob is wanted; `vocab_size` otherwise
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -144,6 +146,7 @@ def build_step_inputs(
     sampled = np.zeros(S, bool)
     want_logprobs = np.zeros(S, bool)
     banned = np.full((S, MAX_BANNED_PER_STEP), vocab_size, np.int32)
+    prompt_next_ids = np.full(T, vocab_size, np.int32)
     scalars = {
         name: np.full(S, _NEUTRAL.get(name, 0), dtype) for name, dtype in SCALAR_DTYPES.items()
     }
@@ -167,6 +170,12 @@ def build_step_inputs(
         query_start_loc[row + 1] = cursor
         row_sampling = sampling[seq.seq_id]
         params = row_sampling.params
+        if params.prompt_logprobs is not None and start + 1 < seq.num_prompt_tokens:
+            next_end = min(end, seq.num_prompt_tokens - 1)  # the last prompt token has no next
+            first = cursor - count  # this row's first token in the step
+            prompt_next_ids[first : first + next_end - start] = seq.prompt_token_ids[
+                start + 1 : next_end + 1
+            ]
         slots[row] = row_sampling.slot
         sampled[row] = item.samples
         want_logprobs[row] = params.logprobs is not None
@@ -192,4 +201,5 @@ def build_step_inputs(
         want_logprobs=want_logprobs,
         banned=banned,
         sampling=scalars,
+        prompt_next_ids=prompt_next_ids,
     )

@@ -8,8 +8,8 @@ Block 0 is reserved: padded token slots of a bucketed batch write their K/V into
 never handed to a sequence and a padded write can never clobber live data.
 
 Blocks carry reference counts rather than an owner so that several sequences can share a prefix
-(`fork`, for n > 1 or common prompts). Copy-on-write of a shared, partially filled last block is
-not done here yet: today only whole-prefix sharing followed by fresh blocks is supported.
+(`fork`, for n > 1). A sequence about to write into a shared, partly filled block first gets its
+own copy (`copy_on_write`); the device copies the contents before the step.
 """
 
 from __future__ import annotations
@@ -79,6 +79,23 @@ class BlockManager:
                 raise ValueError(f"cannot fork block {block_id}: it is not allocated")
             self._ref_counts[block_id] += 1
         return list(src_table)
+
+    def copy_on_write(self, seq: Sequence, block_index: int) -> tuple[int, int] | None:
+        """Make `seq.block_table[block_index]` private before `seq` writes into it.
+
+        -> (src, dst) blocks whose contents the device must copy; (b, b) when the block was
+        private already (nothing to copy); None, changing nothing, when no block is free.
+        """
+        src = seq.block_table[block_index]
+        if self._ref_counts[src] == 1:
+            return src, src
+        if not self._free_blocks:
+            return None
+        dst = self._free_blocks.popleft()
+        self._ref_counts[dst] = 1
+        self._ref_counts[src] -= 1
+        seq.block_table[block_index] = dst
+        return src, dst
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references; a block returns to the free list when nobody references it."""

@@ -31,16 +31,21 @@ PromptType = str | list[int] | dict
 
 
 @dataclass
-class _Request:
+class _Sample:
+    """One of a request's n samples: its sequence and what its output accumulates."""
+
     request_id: str
     prompt: str | None
     params: SamplingParams
-    seed: int  # uint32 key seed (row_seed of the request's seed)
+    index: int  # which of the request's n samples
+    seed: int  # uint32 key seed: row_seed(request seed, index)
     seq: Sequence
     stop_matcher: StopStringMatcher | None = None
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences; see _bad_word_token_ids
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    # prompt position -> its logprobs entry (filled chunk by chunk during prefill)
+    prompt_logprobs: dict[int, dict[int, Logprob]] = field(default_factory=dict)
 
 
 def request_seed(engine_seed: int, request_index: int) -> int:
@@ -88,7 +93,7 @@ class Engine:
             num_blocks,
             config.block_size,
             num_slots=config.max_num_seqs,
-            num_logprobs=max(config.max_logprobs, 0),
+            num_logprobs=self._num_logprobs(config),
         )
         self._free_slots = list(range(config.max_num_seqs))
         self._slot_of: dict[int, int] = {}  # seq_id -> sampling-state slot, while running
@@ -107,6 +112,13 @@ class Engine:
             max_prefill_seqs=config.max_prefill_seqs,
         )
         self._num_requests = 0
+        self._num_seqs = 0
+        self._token_text: dict[int, str] = {}
+
+    def _num_logprobs(self, config: EngineConfig) -> int:
+        """Top logprobs each step can return: max_logprobs, or the whole vocabulary for -1."""
+        vocab = self.model.model_config.vocab_size
+        return vocab if config.max_logprobs == -1 else min(config.max_logprobs, vocab)
 
     def _resolve_lengths(self, config: EngineConfig) -> EngineConfig:
         model_max = self.model.model_config.max_position_embeddings
@@ -141,6 +153,7 @@ class Engine:
         """Compile every bucket now, so that no request mix compiles later. Returns the count."""
         for bucket in self.buckets.all_buckets():
             self.runner.compile(bucket)
+        self.runner.compile_block_copier()
         return self.num_compilations
 
     def generate(
@@ -159,8 +172,8 @@ class Engine:
             self._add_request(text, token_ids, params)
             for (text, token_ids), params in zip(encoded, params_list, strict=True)
         ]
-        self._run(requests, use_tqdm)
-        return [self._request_output(request) for request in requests]
+        self._run([sample for samples in requests for sample in samples], use_tqdm)
+        return [self._request_output(samples) for samples in requests]
 
     def shutdown(self) -> None:
         """Drop the weights, the KV cache and compiled executables so the memory can be reused."""
@@ -224,43 +237,43 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         params.validate_for_model(vocab, self.config.max_logprobs)
-        if params.n != 1:
+        if params.n > self.config.max_num_seqs:
             raise ValueError(
-                f"SamplingParams.n must be 1 here (n > 1 is not supported yet), got {params.n}"
-            )
-        if params.prompt_logprobs is not None:
-            raise ValueError("SamplingParams.prompt_logprobs is not supported yet: leave it None")
-        if params.logprobs == -1:
-            raise ValueError(
-                "SamplingParams.logprobs=-1 (the whole vocabulary) is not supported yet; "
-                f"ask for at most max_logprobs={self.config.max_logprobs}"
+                f"SamplingParams.n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}: "
+                "a request's samples run side by side"
             )
 
-    def _add_request(self, text, token_ids: list[int], params: SamplingParams) -> _Request:
+    def _add_request(self, text, token_ids: list[int], params: SamplingParams) -> list[_Sample]:
+        """Queue a request's n samples; the first one prefills the prompt for all (scheduler)."""
+        from jaxinfer.runtime.sampling_tensors import row_seed  # device side: imported late
+
         index = self._num_requests
         self._num_requests += 1
         room = self.config.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        seq = Sequence(seq_id=index, prompt_token_ids=token_ids, max_tokens=max_tokens)
-        from jaxinfer.runtime.sampling_tensors import row_seed  # device side: imported late
-
         seed = params.seed if params.seed is not None else request_seed(self.config.seed, index)
-        matcher = None
-        if params.stop:
-            matcher = StopStringMatcher(
-                self.tokenizer,
-                params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output,
-                skip_special_tokens=params.skip_special_tokens,
-            )
         bad_words = self._bad_word_token_ids(params.bad_words or [])
-        request = _Request(str(index), text, params, row_seed(seed), seq, matcher, bad_words)
-        self.scheduler.add(seq)
-        return request
+        samples = []
+        for i in range(params.n):
+            seq = Sequence(seq_id=self._num_seqs, prompt_token_ids=token_ids, max_tokens=max_tokens)
+            self._num_seqs += 1
+            matcher = None
+            if params.stop:
+                matcher = StopStringMatcher(
+                    self.tokenizer,
+                    params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                    skip_special_tokens=params.skip_special_tokens,
+                )
+            samples.append(
+                _Sample(str(index), text, params, i, row_seed(seed, i), seq, matcher, bad_words)
+            )
+        self.scheduler.add(samples[0].seq, [sample.seq for sample in samples[1:]])
+        return samples
 
     # ---- the step loop ------------------------------------------------------------------------
 
-    def _run(self, requests: list[_Request], use_tqdm: bool) -> None:
+    def _run(self, requests: list[_Sample], use_tqdm: bool) -> None:
         by_seq = {r.seq.seq_id: r for r in requests}
         progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
         started, generated = time.perf_counter(), 0
@@ -283,7 +296,10 @@ class Engine:
                     padding_slot=self.runner.slot_state.padding_slot,
                     vocab_size=self.vocab_size,
                 )
+                self.runner.copy_blocks(plan.block_copies)
                 outputs = self.runner.execute(bucket, inputs)
+                if plan.is_prefill:
+                    self._record_prompt_logprobs(plan, inputs, outputs, by_seq)
                 sampled = {}
                 for row, item in enumerate(plan.scheduled):
                     if item.samples:
@@ -306,7 +322,7 @@ class Engine:
 
     # ---- sampling state -----------------------------------------------------------------------
 
-    def _assign_slots(self, plan, by_seq: dict[int, _Request]) -> None:
+    def _assign_slots(self, plan, by_seq: dict[int, _Sample]) -> None:
         """Give each scheduled sequence a sampling-state slot, writing its row when it gets one.
 
         A preempted sequence gives its slot back (it is no longer running); when it runs again
@@ -340,7 +356,7 @@ class Engine:
         if slot is not None:
             self._free_slots.append(slot)
 
-    def _row_sampling(self, request: _Request) -> RowSampling:
+    def _row_sampling(self, request: _Sample) -> RowSampling:
         """This step's sampling inputs of one request; multi-token bad words ban per step."""
         output = request.seq.output_token_ids
         banned = tuple(
@@ -363,10 +379,10 @@ class Engine:
                 sequences.append(spaced)
         return tuple(sequences)
 
-    def _record_logprobs(self, request: _Request, outputs: dict, row: int) -> None:
+    def _record_logprobs(self, request: _Sample, outputs: dict, row: int) -> None:
         logprob = float(outputs["token_logprob"][row])
         request.cumulative_logprob += logprob
-        k = request.params.logprobs
+        k = self._top_count(request.params.logprobs)
         if k is None:
             return
         token = int(outputs["tokens"][row])
@@ -377,10 +393,44 @@ class Engine:
             entry.setdefault(int(tid), Logprob(float(value), rank, self._decode_one(int(tid))))
         request.logprobs.append(entry)
 
-    def _decode_one(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def _record_prompt_logprobs(self, plan, inputs, outputs: dict, by_seq: dict) -> None:
+        for row, item in enumerate(plan.scheduled):
+            sample = by_seq[item.seq.seq_id]
+            k = self._top_count(sample.params.prompt_logprobs)
+            if k is None:
+                continue
+            first = int(inputs.query_start_loc[row])
+            prompt = item.seq.prompt_token_ids
+            for j in range(item.num_new_tokens):
+                position = item.start + j + 1  # the prompt token this logprob is for
+                if position >= len(prompt):
+                    break
+                t = first + j
+                entry = {
+                    prompt[position]: Logprob(
+                        float(outputs["prompt_logprob"][t]),
+                        int(outputs["prompt_rank"][t]),
+                        self._decode_one(prompt[position]),
+                    )
+                }
+                top = zip(outputs["prompt_top_ids"][t, :k], outputs["prompt_top_logprobs"][t, :k])
+                for rank, (tid, value) in enumerate(top, 1):
+                    entry.setdefault(
+                        int(tid), Logprob(float(value), rank, self._decode_one(int(tid)))
+                    )
+                sample.prompt_logprobs[position] = entry
 
-    def _check_stop(self, seq: Sequence, request: _Request) -> bool:
+    def _top_count(self, requested: int | None) -> int | None:
+        return self.vocab_size if requested == -1 else requested
+
+    def _decode_one(self, token_id: int) -> str:
+        """A token's own text (Logprob.decoded_token), cached: logprobs=-1 asks for every one."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def _check_stop(self, seq: Sequence, request: _Sample) -> bool:
         params = request.params
         token = seq.output_token_ids[-1]
         if not params.ignore_eos and token in self.eos_token_ids:
@@ -397,30 +447,40 @@ class Engine:
             self.scheduler.finish(seq, "length")
         return seq.is_finished
 
-    def _request_output(self, request: _Request) -> RequestOutput:
-        seq, params = request.seq, request.params
-        if request.stop_matcher is not None and request.stop_matcher.matched is not None:
-            text = request.stop_matcher.text
+    def _request_output(self, samples: list[_Sample]) -> RequestOutput:
+        first = samples[0]
+        return RequestOutput(
+            request_id=first.request_id,
+            prompt=first.prompt,
+            prompt_token_ids=list(first.seq.prompt_token_ids),
+            prompt_logprobs=self._prompt_logprobs(first),
+            outputs=[self._completion(sample) for sample in samples],
+            finished=all(sample.seq.is_finished for sample in samples),
+        )
+
+    def _prompt_logprobs(self, sample: _Sample) -> list[dict[int, Logprob] | None] | None:
+        """vLLM's shape: one entry per prompt token, None for the first (nothing predicts it)."""
+        if sample.params.prompt_logprobs is None:
+            return None
+        count = sample.seq.num_prompt_tokens
+        return [None] + [sample.prompt_logprobs[p] for p in range(1, count)]
+
+    def _completion(self, sample: _Sample) -> CompletionOutput:
+        seq, params = sample.seq, sample.params
+        if sample.stop_matcher is not None and sample.stop_matcher.matched is not None:
+            text = sample.stop_matcher.text
         else:
             text = self.tokenizer.decode(
                 seq.output_token_ids, skip_special_tokens=params.skip_special_tokens
             )
-        completion = CompletionOutput(
-            index=0,
+        return CompletionOutput(
+            index=sample.index,
             text=text,
             token_ids=list(seq.output_token_ids),
-            cumulative_logprob=request.cumulative_logprob if params.logprobs is not None else None,
-            logprobs=request.logprobs if params.logprobs is not None else None,
+            cumulative_logprob=sample.cumulative_logprob if params.logprobs is not None else None,
+            logprobs=sample.logprobs if params.logprobs is not None else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
-        )
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=list(seq.prompt_token_ids),
-            prompt_logprobs=None,
-            outputs=[completion],
-            finished=seq.is_finished,
         )
 
 

@@ -10,6 +10,12 @@ Prefill has priority, so new requests join the batch as soon as a slot and block
 is preempted by recompute: its blocks are freed and it re-enters the front of the waiting queue to
 prefill prompt + outputs again, which puts every token back at the same position.
 
+Parallel samples (n > 1) prefill their prompt once. The first sample (the parent) prefills all but
+the last prompt token; then the others fork its block table (shared blocks, reference-counted) and
+each decodes the last prompt token itself, sampling its own first token with its own key. The block
+that token lands in is copied first if it is shared and partly filled (copy-on-write): the plan
+lists such copies in `block_copies`, and the device performs them before the step.
+
 The engine drives it as:
     plan = scheduler.schedule()
     sampled = device(plan)                    # {seq_id: token} for items with samples=True
@@ -44,6 +50,7 @@ class StepPlan:
     # Decode: admission order. Either way deterministic for the same inputs.
     scheduled: tuple[ScheduledSeq, ...]
     preempted: tuple[Sequence, ...]  # sequences preempted while building this plan
+    block_copies: tuple[tuple[int, int], ...] = ()  # (src, dst) KV blocks to copy before the step
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +91,9 @@ class Scheduler:
         # iterated, so the plan order stays deterministic.
         self._prefilling: set[int] = set()
         self._seqs: dict[int, Sequence] = {}  # every unfinished sequence, for abort()
+        # parent seq_id -> the samples that will fork its prompt blocks (n > 1), and the reverse
+        self._pending_forks: dict[int, list[Sequence]] = {}
+        self._fork_parent: dict[int, int] = {}
         self.num_preemptions = 0
 
     # ---- queue state -------------------------------------------------------------------------
@@ -100,8 +110,31 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a new sequence, rejecting now any that could never run (it would livelock)."""
+    def add(self, seq: Sequence, forks: list[Sequence] | tuple[Sequence, ...] = ()) -> None:
+        """Queue a new sequence, rejecting now any that could never run (it would livelock).
+
+        `forks`: further samples of the same prompt (n > 1), fresh sequences with the same prompt
+        and max_tokens; they share `seq`'s prompt blocks and run alongside it.
+        """
+        group = [seq, *forks]
+        if len(group) > self.max_num_seqs:
+            raise ValueError(
+                f"{len(group)} parallel samples exceed max_num_seqs ({self.max_num_seqs})"
+            )
+        for other in forks:
+            if other.prompt_token_ids != seq.prompt_token_ids:
+                raise ValueError(f"fork {other.seq_id} has a different prompt than {seq.seq_id}")
+            self._check_fresh(other)
+        self._check_fresh(seq)
+        for other in forks:
+            self._seqs[other.seq_id] = other
+            self._fork_parent[other.seq_id] = seq.seq_id
+        if forks:
+            self._pending_forks[seq.seq_id] = list(forks)
+        self._seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def _check_fresh(self, seq: Sequence) -> None:
         if seq.seq_id in self._seqs:
             raise ValueError(f"seq_id {seq.seq_id} is already scheduled")
         if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
@@ -128,8 +161,6 @@ class Scheduler:
                 f"{self.max_model_len}) need {blocks} KV blocks of {self.block_manager.block_size}"
                 f" tokens, but the cache has only {self.block_manager.num_usable_blocks}"
             )
-        self._seqs[seq.seq_id] = seq
-        self.waiting.append(seq)
 
     # ---- planning ----------------------------------------------------------------------------
 
@@ -139,10 +170,14 @@ class Scheduler:
         if scheduled:
             return StepPlan(is_prefill=True, scheduled=tuple(scheduled), preempted=())
         preempted: list[Sequence] = []
-        scheduled = self._schedule_decode(preempted)
+        copies: list[tuple[int, int]] = []
+        scheduled = self._schedule_decode(preempted, copies)
         if scheduled:
             return StepPlan(
-                is_prefill=False, scheduled=tuple(scheduled), preempted=tuple(preempted)
+                is_prefill=False,
+                scheduled=tuple(scheduled),
+                preempted=tuple(preempted),
+                block_copies=tuple(copies),
             )
         if self.has_unfinished:
             # Unreachable while add() rejects sequences that cannot fit alone: at most one running
@@ -176,9 +211,15 @@ class Scheduler:
             self.waiting
             and budget > 0
             and len(scheduled) < self.max_prefill_seqs
-            and len(self.running) < self.max_num_seqs
+            and len(self.running) + self._group_size(self.waiting[0]) <= self.max_num_seqs
         ):
             seq = self.waiting[0]
+            if self._tokens_to_prefill(seq) == 0:  # a 1-token prompt with forks: nothing to share
+                self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                self._fork(seq)
+                continue
             item = self._plan_chunk(seq, budget)
             if item is None:
                 break
@@ -190,15 +231,34 @@ class Scheduler:
             budget -= item.num_new_tokens
         return scheduled
 
+    def _group_size(self, seq: Sequence) -> int:
+        return 1 + len(self._pending_forks.get(seq.seq_id, ()))
+
+    def _tokens_to_prefill(self, seq: Sequence) -> int:
+        """Uncomputed tokens to feed by prefill; a parent of forks holds back its last one."""
+        return seq.num_uncomputed_tokens - (1 if self._pending_forks.get(seq.seq_id) else 0)
+
+    def _fork(self, parent: Sequence) -> None:
+        """Start the parent's samples on its prompt blocks; all of them decode from here."""
+        self._prefilling.discard(parent.seq_id)
+        for child in self._pending_forks.pop(parent.seq_id, []):
+            del self._fork_parent[child.seq_id]
+            child.block_table = self.block_manager.fork(parent.block_table)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+
     def _plan_chunk(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
         """The next prefill chunk of `seq` within `budget` tokens, with its blocks; None if no room."""
         start = seq.num_computed_tokens
-        num_new = min(seq.num_uncomputed_tokens, budget)
+        num_new = min(self._tokens_to_prefill(seq), budget)
         if not self.block_manager.ensure_capacity(seq, start + num_new):
             return None
         return ScheduledSeq(seq, num_new, start, samples=start + num_new == seq.num_tokens)
 
-    def _schedule_decode(self, preempted: list[Sequence]) -> list[ScheduledSeq]:
+    def _schedule_decode(
+        self, preempted: list[Sequence], copies: list[tuple[int, int]]
+    ) -> list[ScheduledSeq]:
         """One token for each running sequence past prefill, preempting the newest when full."""
         scheduled: list[ScheduledSeq] = []
         for seq in [s for s in self.running if s.seq_id not in self._prefilling]:
@@ -210,7 +270,7 @@ class Scheduler:
                     f"sequence {seq.seq_id} reached max_model_len ({self.max_model_len}); the "
                     "engine must finish it with reason 'length'"
                 )
-            while not self.block_manager.ensure_capacity(seq, seq.num_tokens):
+            while not self._make_room(seq, copies):
                 # Victims come from the back of `running`, which holds only sequences not yet
                 # scheduled in this step (or `seq` itself), so no planned item loses its blocks.
                 victim = self.running[-1]
@@ -221,6 +281,17 @@ class Scheduler:
             else:
                 scheduled.append(ScheduledSeq(seq, 1, seq.num_computed_tokens, samples=True))
         return scheduled
+
+    def _make_room(self, seq: Sequence, copies: list[tuple[int, int]]) -> bool:
+        """Blocks for `seq`'s next token, copying its shared partial last block first if needed."""
+        position = seq.num_computed_tokens
+        if position % self.block_manager.block_size:  # lands in an existing, partly filled block
+            copy = self.block_manager.copy_on_write(seq, position // self.block_manager.block_size)
+            if copy is None:
+                return False
+            if copy[0] != copy[1]:
+                copies.append(copy)
+        return self.block_manager.ensure_capacity(seq, seq.num_tokens)
 
     def _preempt(self, seq: Sequence) -> None:
         """Preempt by recompute: drop the KV, keep the outputs, requeue at the front."""
@@ -257,6 +328,8 @@ class Scheduler:
                 continue
             assert seq.num_computed_tokens == item.start, f"seq {seq.seq_id}: stale plan"
             seq.num_computed_tokens += item.num_new_tokens
+            if self._pending_forks.get(seq.seq_id) and self._tokens_to_prefill(seq) == 0:
+                self._fork(seq)
             if item.samples:
                 self._prefilling.discard(seq.seq_id)
                 seq.append_token(sampled[seq.seq_id])
@@ -274,6 +347,14 @@ class Scheduler:
             raise ValueError(f"sequence {seq.seq_id} is not finished: pass a finish reason")
         if self._seqs.pop(seq.seq_id, None) is None:
             return  # already finished or aborted
+        parent_id = self._fork_parent.pop(seq.seq_id, None)
+        if parent_id is not None:  # a sample still waiting for its parent's prompt
+            self._pending_forks[parent_id].remove(seq)
+            return
+        for child in self._pending_forks.pop(seq.seq_id, []):  # the parent goes: its forks too
+            del self._fork_parent[child.seq_id]
+            self._seqs.pop(child.seq_id, None)
+            child.finish(seq.finish_reason or "abort")
         if seq in self.running:
             self.running.remove(seq)
         else:

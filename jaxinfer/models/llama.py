@@ -168,16 +168,15 @@ def _attention_block(
     return out.reshape(num_tokens, -1) @ layer["o"], (k, v)
 
 
-def forward(
+def hidden_states(
     params: dict,
     cfg: DecoderConfig,
     kv_cache: tuple[tuple[jax.Array, jax.Array], ...],  # per layer (k, v): [K, N, P, D]
     token_ids: jax.Array,  # [T]
     positions: jax.Array,  # [T]
-    logits_indices: jax.Array,  # [S] which token's hidden state gives each sequence's logits
     attention: Callable,  # (q, k_new, v_new, (k_cache, v_cache)) -> out [T, H, D]
 ) -> tuple[jax.Array, tuple]:
-    """-> (float32 logits at `logits_indices` [S, V], per layer the new (k, v) [T, K, D]).
+    """-> (last layer's output for every token [T, E], per layer the new (k, v) [T, K, D]).
 
     The cache is only read here; the runner writes the new K/V into it in a separate donated call.
     """
@@ -193,7 +192,25 @@ def forward(
         h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
         x = x + gated_mlp(h, layer["gate"], layer["up"], layer["down"])
         new_kv.append(kv)
-    x = rms_norm(x[logits_indices], params["final_norm"], cfg.rms_norm_eps)  # [S, E]
+    return x, tuple(new_kv)
+
+
+def logits(params: dict, cfg: DecoderConfig, hidden: jax.Array) -> jax.Array:
+    """float32 logits [..., V] of last-layer hidden states [..., E] (final norm, then lm_head)."""
+    x = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
-    return logits, tuple(new_kv)
+    return jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+
+
+def forward(
+    params: dict,
+    cfg: DecoderConfig,
+    kv_cache: tuple[tuple[jax.Array, jax.Array], ...],
+    token_ids: jax.Array,  # [T]
+    positions: jax.Array,  # [T]
+    logits_indices: jax.Array,  # [S] which token's hidden state gives each sequence's logits
+    attention: Callable,
+) -> tuple[jax.Array, tuple]:
+    """-> (float32 logits at `logits_indices` [S, V], per layer the new (k, v) [T, K, D])."""
+    hidden, new_kv = hidden_states(params, cfg, kv_cache, token_ids, positions, attention)
+    return logits(params, cfg, hidden[logits_indices]), new_kv

@@ -20,7 +20,7 @@ from jaxinfer.engine.batching import MAX_BANNED_PER_STEP, SCALAR_DTYPES, Bucket,
 from jaxinfer.models.loader import LoadedModel
 from jaxinfer.runtime import kv_cache as kv
 from jaxinfer.runtime import slot_state as slots
-from jaxinfer.runtime.step import all_token_logits, jit_step, jit_write_cache
+from jaxinfer.runtime.step import all_token_logits, jit_copy_blocks, jit_step, jit_write_cache
 
 logger = logging.getLogger("jaxinfer")
 
@@ -41,6 +41,7 @@ def _abstract_inputs(bucket: Bucket, max_banned: int) -> dict:
         "sampled": ((S,), jnp.bool_),
         "want_logprobs": ((S,), jnp.bool_),
         "banned": ((S, max_banned), i32),
+        "prompt_next_ids": ((T,), i32),
     }
     abstract = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
     abstract["sampling"] = {
@@ -71,6 +72,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_logprobs = num_logprobs
+        self.max_block_copies = num_slots  # at most one copy-on-write per decoding sequence
+        self._block_copier: jax.stages.Compiled | None = None
         self.kv_cache = kv.allocate(model.model_config, num_blocks, block_size, model.dtype)
         self.slot_state = slots.allocate(num_slots, model.model_config.vocab_size)
         self._write_slot = jax.jit(slots.write_slot, donate_argnums=(0,))
@@ -125,6 +128,24 @@ class ModelRunner:
             self._writers[bucket.num_tokens] = writer
             self._count(started, f"cache writer for {bucket.num_tokens} tokens")
         return executable, writer
+
+    def compile_block_copier(self) -> jax.stages.Compiled:
+        if self._block_copier is None:
+            started = time.perf_counter()
+            pairs = jax.ShapeDtypeStruct((self.max_block_copies,), jnp.int32)
+            self._block_copier = jit_copy_blocks.lower(self.kv_cache, pairs, pairs).compile()
+            self._count(started, "block copier")
+        return self._block_copier
+
+    def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
+        """Copy KV blocks (src, dst) in order; copy-on-write of shared blocks before a step."""
+        if not copies:
+            return
+        if len(copies) > self.max_block_copies:
+            raise ValueError(f"{len(copies)} block copies exceed {self.max_block_copies}")
+        pairs = np.zeros((2, self.max_block_copies), np.int32)
+        pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
+        self.kv_cache = self.compile_block_copier()(self.kv_cache, pairs[0], pairs[1])
 
     def write_slot(self, slot: int, row: slots.SlotState) -> None:
         """Install one request's sampling row (host arrays [V]) in its slot."""

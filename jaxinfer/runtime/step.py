@@ -48,31 +48,38 @@ def make_attention(
     return attention
 
 
-def forward_logits(
+def forward_hidden(
     params: dict,
     kv_cache: tuple,
-    inputs: dict[str, jax.Array],
-    logits_indices: jax.Array,
+    inputs: dict,
     *,
     family: ModuleType,
     model_config,
     decode_only: bool,
 ) -> tuple[jax.Array, tuple]:
+    """-> (last hidden state of every token [T, E], per layer the new (k, v) [T, K, D])."""
     attention = make_attention(
         inputs,
         scale=model_config.head_dim**-0.5,
         decode_only=decode_only,
         sliding_window=model_config.sliding_window,
     )
-    return family.forward(
-        params,
-        model_config,
-        kv_cache,
-        inputs["token_ids"],
-        inputs["positions"],
-        logits_indices,
-        attention,
+    return family.hidden_states(
+        params, model_config, kv_cache, inputs["token_ids"], inputs["positions"], attention
     )
+
+
+def _logprob_outputs(raw_logprobs: jax.Array, tokens: jax.Array, k: int, wanted: jax.Array):
+    """(token logprob, rank, top-k ids, top-k logprobs) of each row; the top-k search and rank
+    only when `wanted` (a [] bool), zeros otherwise."""
+    rows = tokens.shape[0]
+
+    def without() -> tuple:
+        token_logprob = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+        zeros_k = jnp.zeros((rows, k), jnp.int32)
+        return token_logprob, jnp.zeros(rows, jnp.int32), zeros_k, zeros_k.astype(jnp.float32)
+
+    return jax.lax.cond(wanted, lambda: top_logprobs(raw_logprobs, tokens, k), without)
 
 
 def step(
@@ -87,64 +94,52 @@ def step(
     max_top_k: int,
     num_logprobs: int,
 ) -> tuple[dict[str, jax.Array], tuple, SlotState]:
-    """-> (sampled tokens and their logprobs, per layer the new (k, v) [T, K, D], new slot state).
+    """-> (sampled tokens and logprobs, per layer the new (k, v) [T, K, D], new slot state).
 
-    Outputs, each per row [S]: `tokens`, `token_logprob` (raw log-softmax, vLLM's default),
-    `token_rank`; and [S, num_logprobs]: `top_ids`, `top_logprobs`. The top-k search runs only
-    when some row asked for logprobs.
+    Outputs per row [S]: `tokens`, `token_logprob` (raw log-softmax, vLLM's default),
+    `token_rank`; [S, num_logprobs]: `top_ids`, `top_logprobs`. Per token [T] (prefill only;
+    zeros in decode): `prompt_logprob` of the next prompt token `prompt_next_ids[t]`, its
+    `prompt_rank`, and [T, num_logprobs] `prompt_top_ids` / `prompt_top_logprobs`. The top-k
+    searches, and the [T, V] logits behind prompt logprobs, run only when some row asked.
     """
-    logits, new_kv = forward_logits(
-        params,
-        kv_cache,
-        inputs,
-        inputs["logits_indices"],
-        family=family,
-        model_config=model_config,
-        decode_only=decode_only,
+    hidden, new_kv = forward_hidden(
+        params, kv_cache, inputs, family=family, model_config=model_config, decode_only=decode_only
     )
+    logits = family.logits(params, model_config, hidden[inputs["logits_indices"]])
     slots = inputs["slots"]
     tensors = batch_tensors(slot_state, slots, inputs["sampling"], inputs["banned"])
     tokens, raw_logprobs = sample(logits, tensors, max_top_k)
-    num_rows = tokens.shape[0]
+    names = ("token_logprob", "token_rank", "top_ids", "top_logprobs")
+    wanted = jnp.any(inputs["want_logprobs"])
+    outputs = dict(zip(names, _logprob_outputs(raw_logprobs, tokens, num_logprobs, wanted)))
+    outputs["tokens"] = tokens
 
-    def with_logprobs():
-        return top_logprobs(raw_logprobs, tokens, num_logprobs)
+    next_ids = inputs["prompt_next_ids"]  # [T]; vocab_size where no prompt logprob is wanted
+    vocab = model_config.vocab_size
+    wanted = jnp.any(next_ids < vocab) if not decode_only else jnp.bool_(False)
 
-    def without_logprobs():
-        token_logprob = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-        return (
-            token_logprob,
-            jnp.zeros(num_rows, jnp.int32),
-            jnp.zeros((num_rows, num_logprobs), jnp.int32),
-            jnp.zeros((num_rows, num_logprobs), jnp.float32),
-        )
+    def prompt_logprobs() -> tuple:
+        raw = jax.nn.log_softmax(family.logits(params, model_config, hidden), axis=-1)
+        return top_logprobs(raw, jnp.minimum(next_ids, vocab - 1), num_logprobs)
 
-    token_logprob, rank, top_ids, top_values = jax.lax.cond(
-        jnp.any(inputs["want_logprobs"]), with_logprobs, without_logprobs
-    )
-    outputs = {
-        "tokens": tokens,
-        "token_logprob": token_logprob,
-        "token_rank": rank,
-        "top_ids": top_ids,
-        "top_logprobs": top_values,
-    }
+    def no_prompt_logprobs() -> tuple:
+        count = next_ids.shape[0]
+        zeros_k = jnp.zeros((count, num_logprobs), jnp.int32)
+        zeros = jnp.zeros(count, jnp.int32)
+        return zeros.astype(jnp.float32), zeros, zeros_k, zeros_k.astype(jnp.float32)
+
+    prompt = jax.lax.cond(wanted, prompt_logprobs, no_prompt_logprobs)
+    prompt_names = ("prompt_logprob", "prompt_rank", "prompt_top_ids", "prompt_top_logprobs")
+    outputs.update(zip(prompt_names, prompt))
     return outputs, new_kv, count_sampled(slot_state, slots, tokens, inputs["sampled"])
 
 
 def all_token_logits(params, kv_cache, inputs, *, family: ModuleType, model_config):
     """Logits of every token of a prefill [T, V] (parity tests, prompt logprobs)."""
-    num_tokens = inputs["token_ids"].shape[0]
-    logits, _ = forward_logits(
-        params,
-        kv_cache,
-        inputs,
-        jnp.arange(num_tokens),
-        family=family,
-        model_config=model_config,
-        decode_only=False,
+    hidden, _ = forward_hidden(
+        params, kv_cache, inputs, family=family, model_config=model_config, decode_only=False
     )
-    return logits
+    return family.logits(params, model_config, hidden)
 
 
 def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array) -> tuple:
@@ -173,4 +168,22 @@ def jit_step(
     )
 
 
+def copy_blocks(kv_cache: tuple, src: jax.Array, dst: jax.Array) -> tuple:
+    """Copy whole KV blocks `src[i] -> dst[i]` in every layer, in order (copy-on-write, n > 1).
+
+    A loop of slice updates rather than one gather/scatter, so that XLA updates the donated cache
+    in place; unused entries are (0, 0), block 0 onto itself.
+    """
+
+    def copy_one(i: jax.Array, cache: tuple) -> tuple:
+        def copy(layer: jax.Array) -> jax.Array:
+            block = jax.lax.dynamic_slice_in_dim(layer, src[i], 1, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(layer, block, dst[i], axis=1)
+
+        return jax.tree.map(copy, cache)
+
+    return jax.lax.fori_loop(0, src.shape[0], copy_one, kv_cache)
+
+
 jit_write_cache = jax.jit(write_cache, donate_argnums=(0,))
+jit_copy_blocks = jax.jit(copy_blocks, donate_argnums=(0,))

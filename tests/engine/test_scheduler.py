@@ -464,3 +464,97 @@ def test_random_workloads_run_to_completion(workload) -> None:
         assert seq.output_token_ids == [1000 + seq.seq_id * 100 + i for i in range(seq.max_tokens)]
     # Deterministic: the same workload gives the same plans.
     assert simulate(limits, requests)[0] == summary
+
+
+# ---- parallel samples (n > 1): shared prompt blocks, copy-on-write ---------------------------
+
+
+def _forked_group(sched: Scheduler, prompt_len: int, n: int, max_tokens: int) -> list[Sequence]:
+    group = [
+        Sequence(seq_id=i, prompt_token_ids=list(range(5, 5 + prompt_len)), max_tokens=max_tokens)
+        for i in range(n)
+    ]
+    sched.add(group[0], group[1:])
+    return group
+
+
+def test_parallel_samples_share_prompt_blocks_and_copy_on_write():
+    limits = Limits(num_blocks=40, block_size=16, max_num_seqs=8, max_num_batched_tokens=64)
+    sched = make_scheduler(limits)
+    bm = sched.block_manager
+    group = _forked_group(sched, prompt_len=40, n=4, max_tokens=3)
+
+    plan = sched.schedule()  # the parent prefills all but the last prompt token, once
+    assert plan.is_prefill and [(i.seq.seq_id, i.num_new_tokens) for i in plan.scheduled] == [
+        (0, 39)
+    ]
+    assert not plan.scheduled[0].samples
+    sched.update(plan, fake_device(plan))
+    # forked: 4 sequences on the same 3 blocks (16 + 16 + 7 tokens)
+    assert all(s.status is SequenceStatus.RUNNING for s in group)
+    assert {tuple(s.block_table) for s in group} == {tuple(group[0].block_table)}
+    assert bm.num_usable_blocks - bm.num_free_blocks == 3
+    assert [bm.ref_count(b) for b in group[0].block_table] == [4, 4, 4]
+
+    plan = sched.schedule()  # each decodes the last prompt token into its own copy of block 3
+    assert not plan.is_prefill and len(plan.scheduled) == 4
+    assert all(i.samples and i.start == 39 for i in plan.scheduled)
+    assert len(plan.block_copies) == 3  # the fourth writer finds the block private
+    shared_partial = {src for src, _ in plan.block_copies}
+    assert len(shared_partial) == 1
+    assert bm.num_usable_blocks - bm.num_free_blocks == 6  # not 12: two full blocks stay shared
+    bm.check_invariants([s.block_table for s in group])
+    assert len({s.block_table[2] for s in group}) == 4
+    assert len({tuple(s.block_table[:2]) for s in group}) == 1
+
+    sampled = fake_device(plan)
+    for seq in sched.update(plan, sampled):
+        assert seq.output_token_ids == [fake_token_at(seq, 0)]
+    drain(sched)
+    assert bm.num_free_blocks == bm.num_usable_blocks
+
+
+def fake_token_at(seq: Sequence, position: int) -> int:
+    return 1000 + seq.seq_id * 100 + position
+
+
+def drain(sched: Scheduler) -> None:
+    while (plan := sched.schedule()) is not None:
+        check_plan(sched, plan)
+        for seq in sched.update(plan, fake_device(plan)):
+            if seq.num_output_tokens >= seq.max_tokens:
+                sched.finish(seq, "length")
+
+
+def test_parallel_samples_of_a_one_token_prompt_and_aborts():
+    sched = make_scheduler(Limits(max_num_seqs=4))
+    group = _forked_group(sched, prompt_len=1, n=3, max_tokens=2)
+    plan = sched.schedule()  # nothing to share: all three decode their only prompt token
+    assert not plan.is_prefill and sorted(i.seq.seq_id for i in plan.scheduled) == [0, 1, 2]
+    sched.update(plan, fake_device(plan))
+    drain(sched)
+    assert all(s.finish_reason == "length" and s.num_output_tokens == 2 for s in group)
+
+    # aborting samples still waiting for their parent, then the parent
+    sched = make_scheduler(Limits(max_num_seqs=4))
+    group = _forked_group(sched, prompt_len=9, n=3, max_tokens=2)
+    sched.abort(1)
+    plan = sched.schedule()
+    sched.update(plan, fake_device(plan))
+    assert group[2].status is SequenceStatus.RUNNING and group[1].finish_reason == "abort"
+    for seq in group:
+        sched.abort(seq.seq_id)
+    assert not sched.has_unfinished
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_usable_blocks
+
+
+def test_parallel_samples_wait_until_the_whole_group_fits():
+    sched = make_scheduler(Limits(max_num_seqs=4))
+    sched.add(make_seq(10, 5, 4))
+    sched.add(make_seq(11, 5, 4))
+    group = _forked_group(sched, prompt_len=6, n=3, max_tokens=2)
+    plan = sched.schedule()
+    assert [i.seq.seq_id for i in plan.scheduled] == [10, 11]  # 2 + 3 > max_num_seqs
+    assert group[0].status is SequenceStatus.WAITING
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        _forked_group(make_scheduler(Limits(max_num_seqs=2)), prompt_len=3, n=3, max_tokens=1)
