@@ -385,13 +385,23 @@ class Engine:
         k = self._top_count(request.params.logprobs)
         if k is None:
             return
-        token = int(outputs["tokens"][row])
-        entry = {token: Logprob(logprob, int(outputs["token_rank"][row]), self._decode_one(token))}
-        for rank, (tid, value) in enumerate(
-            zip(outputs["top_ids"][row, :k], outputs["top_logprobs"][row, :k], strict=True), 1
-        ):
-            entry.setdefault(int(tid), Logprob(float(value), rank, self._decode_one(int(tid))))
+        entry = self._logprob_entry(
+            int(outputs["tokens"][row]),
+            logprob,
+            int(outputs["token_rank"][row]),
+            outputs["top_ids"][row, :k],
+            outputs["top_logprobs"][row, :k],
+        )
         request.logprobs.append(entry)
+
+    def _logprob_entry(
+        self, token: int, logprob: float, rank: int, top_ids: np.ndarray, top_values: np.ndarray
+    ) -> dict[int, Logprob]:
+        """vLLM's per-position dict: the chosen token first, then the top ones ranked 1..k."""
+        entry = {token: Logprob(logprob, rank, self._decode_one(token))}
+        for top_rank, (tid, value) in enumerate(zip(top_ids, top_values, strict=True), 1):
+            entry.setdefault(int(tid), Logprob(float(value), top_rank, self._decode_one(int(tid))))
+        return entry
 
     def _record_prompt_logprobs(self, plan, inputs, outputs: dict, by_seq: dict) -> None:
         for row, item in enumerate(plan.scheduled):
@@ -406,19 +416,13 @@ class Engine:
                 if position >= len(prompt):
                     break
                 t = first + j
-                entry = {
-                    prompt[position]: Logprob(
-                        float(outputs["prompt_logprob"][t]),
-                        int(outputs["prompt_rank"][t]),
-                        self._decode_one(prompt[position]),
-                    )
-                }
-                top = zip(outputs["prompt_top_ids"][t, :k], outputs["prompt_top_logprobs"][t, :k])
-                for rank, (tid, value) in enumerate(top, 1):
-                    entry.setdefault(
-                        int(tid), Logprob(float(value), rank, self._decode_one(int(tid)))
-                    )
-                sample.prompt_logprobs[position] = entry
+                sample.prompt_logprobs[position] = self._logprob_entry(
+                    prompt[position],
+                    float(outputs["prompt_logprob"][t]),
+                    int(outputs["prompt_rank"][t]),
+                    outputs["prompt_top_ids"][t, :k],
+                    outputs["prompt_top_logprobs"][t, :k],
+                )
 
     def _top_count(self, requested: int | None) -> int | None:
         return self.vocab_size if requested == -1 else requested
