@@ -66,22 +66,12 @@ def _generate(args: argparse.Namespace) -> int:
             compilation_cache_dir=args.compilation_cache_dir,
         )
     )
-    prompts = args.prompt
     if args.chat:
-        tokenizer = engine.get_tokenizer()
-        prompts = [
-            {
-                "prompt": p,
-                "prompt_token_ids": tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=False,
-                ),
-            }
-            for p in prompts
-        ]
-    for output in engine.generate(prompts, params, use_tqdm=False):
+        conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+        outputs = engine.chat(conversations, params, use_tqdm=False)
+    else:
+        outputs = engine.generate(args.prompt, params, use_tqdm=False)
+    for output in outputs:
         completion = output.outputs[0]
         print(f"--- prompt: {output.prompt!r}")
         print(f"{output.prompt if not args.chat else ''}{completion.text}")

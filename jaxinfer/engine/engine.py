@@ -175,6 +175,44 @@ class Engine:
         self._run([sample for samples in requests for sample in samples], use_tqdm)
         return [self._request_output(samples) for samples in requests]
 
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: one conversation or a list of them, through the tokenizer's template.
+
+        The prompt ids are exactly what `tokenizer.apply_chat_template(..., tokenize=True)` gives
+        (the template places the special tokens itself); `RequestOutput.prompt` is the rendered
+        text.
+        """
+        conversations = _as_conversations(messages)
+        template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError(
+                "the tokenizer has no chat template: pass chat_template= (a Jinja template "
+                "string), or use generate() with plain prompts"
+            )
+        options = {
+            "chat_template": template,
+            "add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message,
+            **(chat_template_kwargs or {}),
+        }
+        prompts = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **options)
+            ids = self.tokenizer.apply_chat_template(
+                conversation, tokenize=True, return_dict=False, **options
+            )
+            prompts.append({"prompt": text, "prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def shutdown(self) -> None:
         """Drop the weights, the KV cache and compiled executables so the memory can be reused."""
         if getattr(self, "runner", None) is not None:
@@ -486,6 +524,21 @@ class Engine:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
+
+
+def _as_conversations(messages) -> list[list[dict]]:
+    """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+    if not isinstance(messages, list | tuple) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+    for i, conversation in enumerate(conversations):
+        if not conversation or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in conversation
+        ):
+            raise ValueError(
+                f"messages[{i}] must be a non-empty list of {{'role', 'content'}} dicts"
+            )
+    return conversations
 
 
 def _as_prompt_list(prompts) -> list:

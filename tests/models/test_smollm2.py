@@ -112,3 +112,15 @@ def test_greedy_chat_names_paris(engine):
     completion = out[0].outputs[0]
     assert completion.text.strip() == "The capital of France is Paris."
     assert completion.finish_reason == "stop"  # stopped at the model's end-of-turn token
+
+
+def test_chat_api_gives_the_template_ids_and_names_paris(engine):
+    conversation = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    out = engine.chat(conversation, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    assert out[0].prompt_token_ids == _chat_ids(
+        engine.get_tokenizer(), "What is the capital of France?", "You are a helpful assistant."
+    )
+    assert out[0].outputs[0].text.strip() == "The capital of France is Paris."
