@@ -163,6 +163,8 @@ class Engine:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order."""
+        if self.runner is None:
+            raise RuntimeError("this engine was shut down: build a new Engine")
         prompt_list = _as_prompt_list(prompts)
         params_list = self._params_for(prompt_list, sampling_params)
         encoded = [self._encode(prompt, i) for i, prompt in enumerate(prompt_list)]
