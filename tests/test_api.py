@@ -290,3 +290,12 @@ def test_compilation_cache_dir_persists_executables(tiny_llama, tmp_path):
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     assert len(list(cache.iterdir())) >= 2  # at least one step and one cache writer
+
+
+def test_progress_bar_reports_requests_and_token_rates(engine, capsys):
+    engine.generate(["one", "two three"], GREEDY, use_tqdm=True)
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "2/2" in err
+    assert "est. speed input:" in err and "toks/s, output:" in err
+    engine.generate(["one"], GREEDY, use_tqdm=False)
+    assert "Processed prompts" not in capsys.readouterr().err

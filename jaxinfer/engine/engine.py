@@ -316,7 +316,7 @@ class Engine:
     def _run(self, requests: list[_Sample], use_tqdm: bool) -> None:
         by_seq = {r.seq.seq_id: r for r in requests}
         progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
-        started, generated = time.perf_counter(), 0
+        started, generated, prefilled = time.perf_counter(), 0, 0
         try:
             while self.scheduler.has_unfinished:
                 plan = self.scheduler.schedule()
@@ -350,8 +350,13 @@ class Engine:
                     if self._check_stop(seq, by_seq[seq.seq_id]):
                         self._release_slot(seq.seq_id)
                         progress.update(1)
-                elapsed = time.perf_counter() - started
-                progress.set_postfix_str(f"output {generated / max(elapsed, 1e-9):.1f} tok/s")
+                if plan.is_prefill:
+                    prefilled += plan.num_tokens
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                progress.set_postfix_str(  # vLLM's wording
+                    f"est. speed input: {prefilled / elapsed:.2f} toks/s, "
+                    f"output: {generated / elapsed:.2f} toks/s"
+                )
         except BaseException:
             for request in requests:  # never leave blocks behind on an interrupted call
                 self.scheduler.abort(request.seq.seq_id)
