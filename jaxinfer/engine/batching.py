@@ -57,6 +57,7 @@ SCALAR_DTYPES = {
     "positions": np.int32,
 }
 _NEUTRAL = {"top_p": 1.0, "repetition_penalty": 1.0}
+_FROM_PARAMS = tuple(name for name in SCALAR_DTYPES if hasattr(SamplingParams, name))
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,7 @@ def build_step_inputs(
         sampled[row] = item.samples
         want_logprobs[row] = params.logprobs is not None
         banned[row, : len(row_sampling.banned)] = row_sampling.banned[:MAX_BANNED_PER_STEP]
-        for name in ("temperature", "top_k", "top_p", "min_p", "min_tokens"):
-            scalars[name][row] = getattr(params, name)
-        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in _FROM_PARAMS:
             scalars[name][row] = getattr(params, name)
         scalars["num_output_tokens"][row] = seq.num_output_tokens
         scalars["positions"][row] = seq.num_output_tokens

@@ -21,19 +21,6 @@ import numpy as np
 from jaxinfer.runtime.sampling_tensors import SamplingTensors
 
 DENSE_FIELDS = ("logit_bias", "allowed_mask", "stop_mask", "output_counts", "prompt_mask")
-SCALAR_FIELDS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "min_tokens",
-    "num_output_tokens",
-    "seeds",
-    "positions",
-)
 
 
 @jax.tree_util.register_dataclass
@@ -67,14 +54,14 @@ def write_slot(state: SlotState, slot: jax.Array, row: SlotState) -> SlotState:
 def batch_tensors(
     state: SlotState,
     slots: jax.Array,  # [S] int32
-    scalars: dict[str, jax.Array],  # SCALAR_FIELDS, each [S]
+    scalars: dict[str, jax.Array],  # engine.batching.SCALAR_DTYPES, each [S]
     banned: jax.Array,  # [S, NB] int32 extra tokens banned this step (bad words); V = none
 ) -> SamplingTensors:
     """The step's SamplingTensors: the batch's slot rows plus this step's scalars and bans."""
     rows = {name: getattr(state, name)[slots] for name in DENSE_FIELDS}
     row_ids = jnp.arange(slots.shape[0])[:, None]
     rows["allowed_mask"] = rows["allowed_mask"].at[row_ids, banned].set(False, mode="drop")
-    return SamplingTensors(**rows, **{name: scalars[name] for name in SCALAR_FIELDS})
+    return SamplingTensors(**rows, **scalars)
 
 
 def count_sampled(

@@ -72,14 +72,18 @@ def forward_hidden(
 def _logprob_outputs(raw_logprobs: jax.Array, tokens: jax.Array, k: int, wanted: jax.Array):
     """(token logprob, rank, top-k ids, top-k logprobs) of each row; the top-k search and rank
     only when `wanted` (a [] bool), zeros otherwise."""
-    rows = tokens.shape[0]
 
     def without() -> tuple:
         token_logprob = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-        zeros_k = jnp.zeros((rows, k), jnp.int32)
-        return token_logprob, jnp.zeros(rows, jnp.int32), zeros_k, zeros_k.astype(jnp.float32)
+        return (token_logprob, *_no_top_logprobs(tokens.shape[0], k)[1:])
 
     return jax.lax.cond(wanted, lambda: top_logprobs(raw_logprobs, tokens, k), without)
+
+
+def _no_top_logprobs(count: int, k: int) -> tuple:
+    """Zeros shaped like `top_logprobs`' results, for the branch where nobody asked."""
+    zeros_k = jnp.zeros((count, k), jnp.int32)
+    return jnp.zeros(count), jnp.zeros(count, jnp.int32), zeros_k, zeros_k.astype(jnp.float32)
 
 
 def step(
@@ -122,13 +126,8 @@ def step(
         raw = jax.nn.log_softmax(family.logits(params, model_config, hidden), axis=-1)
         return top_logprobs(raw, jnp.minimum(next_ids, vocab - 1), num_logprobs)
 
-    def no_prompt_logprobs() -> tuple:
-        count = next_ids.shape[0]
-        zeros_k = jnp.zeros((count, num_logprobs), jnp.int32)
-        zeros = jnp.zeros(count, jnp.int32)
-        return zeros.astype(jnp.float32), zeros, zeros_k, zeros_k.astype(jnp.float32)
-
-    prompt = jax.lax.cond(wanted, prompt_logprobs, no_prompt_logprobs)
+    empty = functools.partial(_no_top_logprobs, next_ids.shape[0], num_logprobs)
+    prompt = jax.lax.cond(wanted, prompt_logprobs, empty)
     prompt_names = ("prompt_logprob", "prompt_rank", "prompt_top_ids", "prompt_top_logprobs")
     outputs.update(zip(prompt_names, prompt))
     return outputs, new_kv, count_sampled(slot_state, slots, tokens, inputs["sampled"])
