@@ -25,11 +25,21 @@ def make_attention(
     scale: float,
     decode_only: bool,
     sliding_window: int | None,
+    soft_cap: float | None = None,
     paged_attention: Callable = reference.paged_attention,
 ) -> Callable:
-    """Bind the step's block tables and lengths into the per-layer attention call of the model."""
+    """Bind the step's block tables and lengths into the per-layer attention call of the model.
 
-    def attention(q, k_new, v_new, layer_cache):
+    The model calls `attention(q, k_new, v_new, layer_cache)`; a family whose layers differ (Gemma2
+    alternates sliding and global layers) passes `sliding_window=` / `soft_cap=` / `scale=` per
+    call to override the model-wide defaults bound here.
+    """
+    defaults = {"scale": scale, "sliding_window": sliding_window, "soft_cap": soft_cap}
+
+    def attention(q, k_new, v_new, layer_cache, **overrides):
+        unknown = set(overrides) - set(defaults)
+        if unknown:
+            raise TypeError(f"attention() got unexpected overrides {sorted(unknown)}")
         k_cache, v_cache = layer_cache
         return paged_attention(
             q,
@@ -40,9 +50,8 @@ def make_attention(
             inputs["block_tables"],
             inputs["context_lens"],
             inputs["query_start_loc"],
-            scale=scale,
             decode_only=decode_only,
-            sliding_window=sliding_window,
+            **(defaults | overrides),
         )
 
     return attention
