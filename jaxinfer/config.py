@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("auto", "reference")
+ATTENTION_BACKENDS = ("auto", "pallas", "pallas_interpret", "reference")  # see runtime/attention_backend.py
 
 
 def _check(condition: bool, field_name: str, allowed: str, value: object) -> None:
@@ -61,6 +62,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     # JAX's persistent compilation cache: a second engine with the same shapes skips XLA compiles.
     compilation_cache_dir: str | None = None
+    # Converted weights saved with orbax on first load, restored later (models/weight_cache.py).
+    weight_cache_dir: str | None = None
     # On CPU, keep freed host memory mapped (glibc mallopt): see runtime/host_allocator.py.
     cpu_keep_freed_memory: bool = True
     # Largest logprobs / prompt_logprobs a request may ask for (vLLM's). -1: no bound, and
@@ -78,7 +81,7 @@ class EngineConfig:
         _check(
             self.attention_backend in ATTENTION_BACKENDS,
             "attention_backend",
-            f"one of {ATTENTION_BACKENDS} (the Pallas backends arrive with the kernel)",
+            f"one of {ATTENTION_BACKENDS}",
             self.attention_backend,
         )
         _check(
@@ -109,6 +112,13 @@ class EngineConfig:
         )
         if self.max_model_len is not None:
             _check(self.max_model_len >= 1, "max_model_len", ">= 1", self.max_model_len)
+        if self.weight_cache_dir is not None:
+            _check(
+                isinstance(self.weight_cache_dir, str) and bool(self.weight_cache_dir),
+                "weight_cache_dir",
+                "None or a non-empty folder path",
+                self.weight_cache_dir,
+            )
         if self.num_kv_blocks is not None:
             _check(
                 self.num_kv_blocks >= 2,
@@ -170,3 +180,14 @@ class EngineConfig:
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> EngineConfig:
+        """An engine config from a YAML file (see `jaxinfer.config_file`); `overrides` win.
+
+        Unknown keys and bad values raise ValueError naming the key and the file; the file's
+        `sampling:` section is read by `jaxinfer.config_file.load_config_file`, not here.
+        """
+        from jaxinfer.config_file import engine_config_from_yaml  # it imports this module
+
+        return engine_config_from_yaml(path, **overrides)

@@ -19,10 +19,12 @@ from typing_extensions import Self
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs
 from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.embedding import Embedder
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.engine.sequence import Sequence, SequenceStatus
 from jaxinfer.engine.stop_strings import StopStringMatcher
-from jaxinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxinfer.outputs import CompletionOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from jaxinfer.pooling_params import PoolingParams
 from jaxinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger("jaxinfer")
@@ -80,8 +82,12 @@ class Engine:
             enable_compilation_cache(config.compilation_cache_dir)
         if config.cpu_keep_freed_memory and jax.default_backend() == "cpu":
             keep_freed_memory_mapped()
-        self.model = load_model(source, config.dtype)
+        self.model = load_model(source, config.dtype, config.weight_cache_dir)
         self.tokenizer = load_tokenizer(source, config.tokenizer)
+        self.embedder: Embedder | None = None  # set for encoder models (encode())
+        if self.model.is_encoder:
+            self._start_encoder(source, config)
+            return
         self.config = config = self._resolve_lengths(config)
         self.eos_token_ids = load_eos_token_ids(source, self.model.hf_config, self.tokenizer)
         self.default_sampling_params = SamplingParams(**load_generation_defaults(source))
@@ -94,6 +100,7 @@ class Engine:
             config.block_size,
             num_slots=config.max_num_seqs,
             num_logprobs=self._num_logprobs(config),
+            attention_backend=config.attention_backend,
         )
         self._free_slots = list(range(config.max_num_seqs))
         self._slot_of: dict[int, int] = {}  # seq_id -> sampling-state slot, while running
@@ -114,6 +121,40 @@ class Engine:
         self._num_requests = 0
         self._num_seqs = 0
         self._token_text: dict[int, str] = {}
+
+    def _start_encoder(self, source, config: EngineConfig) -> None:
+        """An encoder (BERT) needs no KV cache, scheduler or sampler: an EncoderRunner (device)
+        and an Embedder (host batching and pooling) replace them."""
+        from jaxinfer.engine.encoder_batching import EncoderBucketTable
+        from jaxinfer.models.pooling import load_pooling_config
+        from jaxinfer.runtime.encoder_runner import EncoderRunner
+
+        pooling = load_pooling_config(source.folder)
+        if config.max_model_len is None and pooling.max_seq_length:  # as vLLM: the trained length
+            model_max = self.model.model_config.max_position_embeddings
+            config = config.replace(max_model_len=min(pooling.max_seq_length, model_max))
+        self.config = config = self._resolve_lengths(config)
+        self.runner = EncoderRunner(self.model, pooling.mode)
+        buckets = EncoderBucketTable.build(
+            config.max_num_seqs, config.max_model_len, config.max_num_batched_tokens
+        )
+        pad_id = getattr(self.model.hf_config, "pad_token_id", None) or 0
+        self.embedder = Embedder(buckets, pooling, self.vocab_size, pad_id)
+        self._num_requests = 0
+
+    def _require_kind(self, method: str, encoder: bool) -> None:
+        """encode() is for encoders, generate()/chat() for decoders: say which model is which."""
+        if (self.embedder is not None) == encoder:
+            return
+        if encoder:
+            raise ValueError(
+                f"{method}() needs an embedding (encoder) model such as BertModel, but "
+                f"{self.config.model!r} is a generative model: use generate() or chat()"
+            )
+        raise ValueError(
+            f"{method}() needs a generative (decoder) model, but {self.config.model!r} is an "
+            "encoder (BertModel): use encode() for its embeddings"
+        )
 
     def _num_logprobs(self, config: EngineConfig) -> int:
         """Top logprobs each step can return: max_logprobs, or the whole vocabulary for -1."""
@@ -151,6 +192,9 @@ class Engine:
 
     def warmup(self) -> int:
         """Compile every bucket now, so that no request mix compiles later. Returns the count."""
+        if self.embedder is not None:
+            self.embedder.warmup(self.runner)
+            return self.num_compilations
         for bucket in self.buckets.all_buckets():
             self.runner.compile(bucket)
         self.runner.compile_block_copier()
@@ -163,6 +207,7 @@ class Engine:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order."""
+        self._require_kind("generate", encoder=False)
         if self.runner is None:
             raise RuntimeError("this engine was shut down: build a new Engine")
         prompt_list = _as_prompt_list(prompts)
@@ -193,6 +238,7 @@ class Engine:
         (the template places the special tokens itself); `RequestOutput.prompt` is the rendered
         text.
         """
+        self._require_kind("chat", encoder=False)
         conversations = _as_conversations(messages)
         template = chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
@@ -214,6 +260,47 @@ class Engine:
             )
             prompts.append({"prompt": text, "prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def encode(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """vLLM's `LLM.encode`/`LLM.embed` for encoder models: one pooled embedding per prompt,
+        in input order. Prompts are taken as `generate()` takes them (text is tokenized with the
+        tokenizer's special tokens, e.g. [CLS] ... [SEP]). Pooling (mean or CLS) and normalization
+        come from the folder's sentence-transformers files; without them mean pooling, not
+        normalized; `PoolingParams(normalize=...)` overrides the normalization.
+
+        A prompt longer than max_model_len raises ValueError before any device work (no silent
+        truncation).
+        """
+        self._require_kind("encode", encoder=True)
+        if self.runner is None:
+            raise RuntimeError("this engine was shut down: build a new Engine")
+        if pooling_params is None:
+            pooling_params = PoolingParams()
+        elif not isinstance(pooling_params, PoolingParams):
+            raise TypeError(f"pooling_params must be PoolingParams, got {type(pooling_params)}")
+        encoded = [self._encode(prompt, i) for i, prompt in enumerate(_as_prompt_list(prompts))]
+        for i, (_, token_ids) in enumerate(encoded):
+            self.embedder.validate(token_ids, i)
+        first = self._num_requests
+        self._num_requests += len(encoded)
+        requests = [
+            (str(first + i), text, token_ids) for i, (text, token_ids) in enumerate(encoded)
+        ]
+        return self.embedder.run(self.runner, requests, pooling_params, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """vLLM's `LLM.embed`: the same as `encode()` here."""
+        return self.encode(prompts, pooling_params, use_tqdm)
 
     def shutdown(self) -> None:
         """Drop the weights, the KV cache and compiled executables so the memory can be reused."""

@@ -20,6 +20,7 @@ from jaxinfer.engine.batching import MAX_BANNED_PER_STEP, SCALAR_DTYPES, Bucket,
 from jaxinfer.models.loader import LoadedModel
 from jaxinfer.runtime import kv_cache as kv
 from jaxinfer.runtime import slot_state as slots
+from jaxinfer.runtime.attention_backend import attention_fn, resolve_backend
 from jaxinfer.runtime.step import all_token_logits, jit_copy_blocks, jit_step, jit_write_cache
 
 logger = logging.getLogger("jaxinfer")
@@ -67,8 +68,11 @@ class ModelRunner:
         num_slots: int,
         num_logprobs: int,
         max_top_k: int = 256,
+        attention_backend: str = "auto",
     ) -> None:
         self.model = model
+        self.attention_backend = resolve_backend(attention_backend, model.model_config.head_dim)
+        paged_attention = attention_fn(self.attention_backend)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_logprobs = num_logprobs
@@ -79,12 +83,20 @@ class ModelRunner:
         self._write_slot = jax.jit(slots.write_slot, donate_argnums=(0,))
         self._all_logits = jax.jit(
             functools.partial(
-                all_token_logits, family=model.family, model_config=model.model_config
+                all_token_logits,
+                family=model.family,
+                model_config=model.model_config,
+                paged_attention=paged_attention,
             )
         )
         self._jitted = {
             decode_only: jit_step(
-                model.family, model.model_config, decode_only, max_top_k, num_logprobs
+                model.family,
+                model.model_config,
+                decode_only,
+                max_top_k,
+                num_logprobs,
+                paged_attention,
             )
             for decode_only in (False, True)
         }

@@ -65,13 +65,19 @@ def forward_hidden(
     family: ModuleType,
     model_config,
     decode_only: bool,
+    paged_attention: Callable = reference.paged_attention,
 ) -> tuple[jax.Array, tuple]:
-    """-> (last hidden state of every token [T, E], per layer the new (k, v) [T, K, D])."""
+    """-> (last hidden state of every token [T, E], per layer the new (k, v) [T, K, D]).
+
+    `paged_attention` is the attention backend: the jnp reference or the Pallas kernel
+    (`runtime/attention_backend.py` picks one), both with the reference's signature.
+    """
     attention = make_attention(
         inputs,
         scale=model_config.head_dim**-0.5,
         decode_only=decode_only,
         sliding_window=model_config.sliding_window,
+        paged_attention=paged_attention,
     )
     return family.hidden_states(
         params, model_config, kv_cache, inputs["token_ids"], inputs["positions"], attention
@@ -106,6 +112,7 @@ def step(
     decode_only: bool,
     max_top_k: int,
     num_logprobs: int,
+    paged_attention: Callable = reference.paged_attention,
 ) -> tuple[dict[str, jax.Array], tuple, SlotState]:
     """-> (sampled tokens and logprobs, per layer the new (k, v) [T, K, D], new slot state).
 
@@ -116,7 +123,13 @@ def step(
     searches, and the [T, V] logits behind prompt logprobs, run only when some row asked.
     """
     hidden, new_kv = forward_hidden(
-        params, kv_cache, inputs, family=family, model_config=model_config, decode_only=decode_only
+        params,
+        kv_cache,
+        inputs,
+        family=family,
+        model_config=model_config,
+        decode_only=decode_only,
+        paged_attention=paged_attention,
     )
     logits = family.logits(params, model_config, hidden[inputs["logits_indices"]])
     slots = inputs["slots"]
@@ -142,10 +155,24 @@ def step(
     return outputs, new_kv, count_sampled(slot_state, slots, tokens, inputs["sampled"])
 
 
-def all_token_logits(params, kv_cache, inputs, *, family: ModuleType, model_config):
+def all_token_logits(
+    params,
+    kv_cache,
+    inputs,
+    *,
+    family: ModuleType,
+    model_config,
+    paged_attention: Callable = reference.paged_attention,
+):
     """Logits of every token of a prefill [T, V] (parity tests, prompt logprobs)."""
     hidden, _ = forward_hidden(
-        params, kv_cache, inputs, family=family, model_config=model_config, decode_only=False
+        params,
+        kv_cache,
+        inputs,
+        family=family,
+        model_config=model_config,
+        decode_only=False,
+        paged_attention=paged_attention,
     )
     return family.logits(params, model_config, hidden)
 
@@ -159,7 +186,12 @@ def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array) -> tupl
 
 
 def jit_step(
-    family: ModuleType, model_config, decode_only: bool, max_top_k: int, num_logprobs: int
+    family: ModuleType,
+    model_config,
+    decode_only: bool,
+    max_top_k: int,
+    num_logprobs: int,
+    paged_attention: Callable = reference.paged_attention,
 ):
     """The step, compiled per bucket. Only the slot state is donated: the cache is read here and
     written by `write_cache` (see the module docstring)."""
@@ -171,6 +203,7 @@ def jit_step(
             decode_only=decode_only,
             max_top_k=max_top_k,
             num_logprobs=num_logprobs,
+            paged_attention=paged_attention,
         ),
         donate_argnums=(2,),
     )

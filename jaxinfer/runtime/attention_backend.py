@@ -1,0 +1,62 @@
+"""Which paged-attention implementation the compiled step calls.
+
+`EngineConfig.attention_backend`:
+  * "auto": the Pallas kernel on GPU when it supports the model's head dim, else the jnp reference
+    (XLA:CPU runs the reference far faster than interpreted Pallas).
+  * "pallas": the Pallas kernel, compiled for the GPU; an error anywhere it cannot run.
+  * "pallas_interpret": the same kernel in Pallas' interpret mode: slow, but it runs on CPU, so CI
+    checks the kernel end to end through the engine.
+  * "reference": `pallas_kernels.reference.paged_attention` under XLA.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import jax
+
+from jaxinfer.config import ATTENTION_BACKENDS as BACKENDS
+from pallas_kernels import paged_attention as kernel
+from pallas_kernels import reference
+
+logger = logging.getLogger("jaxinfer")
+
+
+def resolve_backend(requested: str, head_dim: int, platform: str | None = None) -> str:
+    """-> the concrete backend: "pallas", "pallas_interpret" or "reference"."""
+    if requested not in BACKENDS:
+        raise ValueError(
+            f"EngineConfig.attention_backend must be one of {BACKENDS}, got {requested!r}"
+        )
+    platform = platform or jax.default_backend()
+    supported = kernel.supported_head_dim(head_dim)
+    if requested == "auto":
+        chosen = "pallas" if platform == "gpu" and supported else "reference"
+        if platform == "gpu" and not supported:
+            logger.warning(
+                "head_dim %d is not supported by the Pallas kernel (powers of two 16..256): "
+                "using the jnp reference attention",
+                head_dim,
+            )
+        return chosen
+    if requested == "pallas":
+        if platform != "gpu":
+            raise ValueError(
+                "EngineConfig.attention_backend='pallas' needs a GPU (this is "
+                f"{platform!r}); use 'pallas_interpret' to run the kernel on CPU, or 'reference'"
+            )
+        if not supported:
+            raise ValueError(
+                f"EngineConfig.attention_backend='pallas' supports head_dim 16..256, a power of "
+                f"two; this model has head_dim {head_dim}"
+            )
+    return requested
+
+
+def attention_fn(backend: str) -> Callable:
+    """The paged-attention function of a resolved backend (same signature as the reference)."""
+    if backend == "reference":
+        return reference.paged_attention
+    return functools.partial(kernel.paged_attention, interpret=backend == "pallas_interpret")

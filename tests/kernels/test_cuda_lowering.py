@@ -1,0 +1,118 @@
+"""Lower the kernel for CUDA on this CPU-only machine, for every configuration the engine can pick.
+
+Lowering runs Pallas' Triton lowering of the kernel body, which rejects what the GPU cannot build:
+non-power-of-two blocks, primitives Triton has no lowering for, TPU-only features. So a shape the
+engine may choose but the GPU cannot compile fails here, in CI, rather than on a user's machine.
+It cannot catch failures inside Triton's own compiler or ptxas (shared memory, registers): those
+need a GPU (benchmarks/paged_attention.py runs the kernel there).
+
+The engine's choices: head dim (the model's: the engine only picks the kernel for the
+`supported_head_dim` ones), block size (EngineConfig allows 8..128), GQA group (1..8), dtype,
+decode or ragged prefill, sliding window / soft cap (model), and split-K (from the table width).
+Every head dim x block size x mode is lowered, with dtypes, groups and masks cycling through; then
+every group x dtype x mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxinfer.config import EngineConfig
+from pallas_kernels import paged_attention as kernel
+
+HEAD_DIMS = [d for d in range(1, 257) if kernel.supported_head_dim(d)]
+BLOCK_SIZES = [8, 16, 32, 64, 128]
+GROUPS = range(1, 9)
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MASKS = ((None, None), (4096, None), (None, 50.0), (512, 30.0))
+TRITON_CALL = "xla.gpu.triton"
+
+
+def lower_for_cuda(
+    *, head_dim, block_size, group, dtype, decode_only, window, cap, table_positions, kv_heads=2
+) -> str:
+    tokens, seqs = (32, 32) if decode_only else (256, 4)
+    blocks = table_positions // block_size
+    shape = jax.ShapeDtypeStruct
+    cache = shape((kv_heads, 64, block_size, head_dim), dtype)
+    args = (
+        shape((tokens, kv_heads * group, head_dim), dtype),
+        shape((tokens, kv_heads, head_dim), dtype),
+        shape((tokens, kv_heads, head_dim), dtype),
+        cache,
+        cache,
+        shape((seqs, blocks), jnp.int32),
+        shape((seqs,), jnp.int32),
+        shape((seqs + 1,), jnp.int32),
+    )
+    fn = functools.partial(
+        kernel.paged_attention,
+        scale=head_dim**-0.5,
+        decode_only=decode_only,
+        sliding_window=window,
+        soft_cap=cap,
+    )
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_engine_block_sizes_are_the_ones_lowered_here():
+    for block_size in BLOCK_SIZES:
+        EngineConfig(model="m", block_size=block_size)
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig(model="m", block_size=256)
+
+
+@pytest.mark.parametrize("decode_only", [True, False])
+def test_every_head_dim_and_block_size_lowers(decode_only):
+    cycle = itertools.cycle(itertools.product(DTYPES, GROUPS, MASKS))
+    for head_dim, block_size in itertools.product(HEAD_DIMS, BLOCK_SIZES):
+        dtype, group, (window, cap) = next(cycle)
+        text = lower_for_cuda(
+            head_dim=head_dim,
+            block_size=block_size,
+            group=group,
+            dtype=dtype,
+            decode_only=decode_only,
+            window=window,
+            cap=cap,
+            table_positions=32768 if block_size % 16 == 0 else 1024,  # split-K on and off
+        )
+        assert TRITON_CALL in text, (head_dim, block_size)
+
+
+@pytest.mark.parametrize("decode_only", [True, False])
+def test_every_group_and_dtype_lowers(decode_only):
+    for (group, dtype), (window, cap) in zip(
+        itertools.product(GROUPS, DTYPES), itertools.cycle(MASKS), strict=False
+    ):
+        text = lower_for_cuda(
+            head_dim=128,
+            block_size=16,
+            group=group,
+            dtype=dtype,
+            decode_only=decode_only,
+            window=window,
+            cap=cap,
+            table_positions=8192,
+        )
+        assert TRITON_CALL in text, (group, dtype)
+
+
+def test_unsupported_head_dim_is_rejected_by_the_lowering():
+    """The check is real: a 96-wide head (not a power of two) does not lower."""
+    with pytest.raises(ValueError, match="power of 2"):
+        lower_for_cuda(
+            head_dim=96,
+            block_size=16,
+            group=1,
+            dtype=jnp.bfloat16,
+            decode_only=True,
+            window=None,
+            cap=None,
+            table_positions=1024,
+        )
