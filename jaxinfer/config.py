@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("auto", "pallas", "pallas_interpret", "reference")  # see runtime/attention_backend.py
+# What each backend means: runtime/attention_backend.py.
+ATTENTION_BACKENDS = ("auto", "pallas", "pallas_interpret", "reference")
 
 
 def _check(condition: bool, field_name: str, allowed: str, value: object) -> None:

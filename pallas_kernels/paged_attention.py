@@ -193,6 +193,7 @@ def _kernel(
         return absorb(state, keys, values, key_pos, key_pos < end_pos)
 
     steps = (jnp.maximum(end - begin, 0) + pages_per_step - 1) // pages_per_step
+    steps = jnp.where(count > 0, steps, 0)  # a tile the sequence does not need reads nothing
     state = jax.lax.fori_loop(0, steps, cached_step, state)
 
     # 2. This step's own tokens (causal), folded in by the last split.
@@ -209,7 +210,7 @@ def _kernel(
         key_begin = key_begin // new_keys_per_step * new_keys_per_step
     key_end = local + count  # past the tile's last query: causal
     new_steps = (jnp.maximum(key_end - key_begin, 0) + new_keys_per_step - 1) // new_keys_per_step
-    new_steps = jnp.where(split == num_splits - 1, new_steps, 0)
+    new_steps = jnp.where((split == num_splits - 1) & (count > 0), new_steps, 0)
     top, total, acc = jax.lax.fori_loop(0, new_steps, new_step, state)
 
     out_ref[...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_ref.dtype)
