@@ -60,6 +60,11 @@ class EngineConfig:
     token_buckets: tuple[int, ...] | None = None
     block_buckets: tuple[int, ...] | None = None
 
+    # Parallelism (runtime/mesh.py): a (data, stage, model) mesh over jax.devices().
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+
     attention_backend: str = "auto"
     # JAX's persistent compilation cache: a second engine with the same shapes skips XLA compiles.
     compilation_cache_dir: str | None = None
@@ -91,6 +96,9 @@ class EngineConfig:
             "one of 8, 16, 32, 64, 128",
             self.block_size,
         )
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            size = getattr(self, name)
+            _check(isinstance(size, int) and size >= 1, name, "an int >= 1", size)
         _check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
         _check(
             self.max_num_batched_tokens >= 1,

@@ -82,7 +82,8 @@ class Engine:
             enable_compilation_cache(config.compilation_cache_dir)
         if config.cpu_keep_freed_memory and jax.default_backend() == "cpu":
             keep_freed_memory_mapped()
-        self.model = load_model(source, config.dtype, config.weight_cache_dir)
+        self.mesh = _build_mesh(config)
+        self.model = load_model(source, config.dtype, config.weight_cache_dir, self.mesh)
         self.tokenizer = load_tokenizer(source, config.tokenizer)
         self.embedder: Embedder | None = None  # set for encoder models (encode())
         if self.model.is_encoder:
@@ -101,6 +102,7 @@ class Engine:
             num_slots=config.max_num_seqs,
             num_logprobs=self._num_logprobs(config),
             attention_backend=config.attention_backend,
+            mesh=self.mesh,
         )
         self._free_slots = list(range(config.max_num_seqs))
         self._slot_of: dict[int, int] = {}  # seq_id -> sampling-state slot, while running
@@ -618,6 +620,20 @@ class Engine:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
+
+
+def _build_mesh(config: EngineConfig):
+    """The device mesh of a parallel config, or None for one device (runtime/mesh.py)."""
+    for name in ("pipeline_parallel_size", "data_parallel_size"):
+        if getattr(config, name) > 1:
+            raise ValueError(
+                f"EngineConfig.{name} > 1 is not supported yet; tensor_parallel_size is"
+            )
+    if config.tensor_parallel_size == 1:
+        return None
+    from jaxinfer.runtime.mesh import build_mesh
+
+    return build_mesh(config.tensor_parallel_size)
 
 
 def _as_conversations(messages) -> list[list[dict]]:

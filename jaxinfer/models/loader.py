@@ -7,6 +7,7 @@ partial loads are how an engine ends up generating fluent nonsense.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -17,9 +18,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxinfer.models import gguf_reader
+from jaxinfer.models.placement import ONE_DEVICE, WeightPlacement
 from jaxinfer.models.registry import model_family
+from jaxinfer.runtime.mesh import check_tensor_parallel, kv_head_replication
 
 # Buffers some checkpoints carry that are recomputed here rather than loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -164,15 +168,25 @@ def _set_path(tree: dict, path: str, value) -> None:
     node[parts[-1]] = value
 
 
-def build_params(specs: dict, tensors: Iterator[tuple[str, np.ndarray]], dtype: str) -> dict:
-    """Map named tensors through the declarations; fail naming anything unmapped, missing or misshapen."""
+def build_params(
+    specs: dict,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    dtype: str,
+    ignored: tuple[str, ...] = (),
+    placement: WeightPlacement = ONE_DEVICE,
+) -> dict:
+    """Map named tensors through the declarations; fail naming anything unmapped, missing or misshapen.
+
+    `ignored`: exact names the family knows its checkpoints carry and never reads (BERT's pooler).
+    `placement`: one device, or each tensor's shard of a mesh (models/placement.py).
+    """
     by_hf_name = {spec.hf_name: (path, spec) for path, spec in specs.items()}
     params: dict = {}
     loaded: set[str] = set()
     target = jnp.dtype(dtype)
     for hf_name, array in tensors:
         if hf_name not in by_hf_name:
-            if hf_name.endswith(_IGNORED_SUFFIXES):
+            if hf_name.endswith(_IGNORED_SUFFIXES) or hf_name in ignored:
                 continue
             raise ValueError(
                 f"checkpoint tensor {hf_name!r} {tuple(array.shape)} is not used by this model"
@@ -180,12 +194,13 @@ def build_params(specs: dict, tensors: Iterator[tuple[str, np.ndarray]], dtype: 
         path, spec = by_hf_name[hf_name]
         if spec.transpose:
             array = array.T
+        array = placement.layout(spec, array)
         if tuple(array.shape) != spec.shape:
             raise ValueError(
                 f"checkpoint tensor {hf_name!r} has shape {tuple(array.shape)} (after layout), "
                 f"expected {spec.shape}"
             )
-        _set_path(params, path, jax.device_put(np.ascontiguousarray(array.astype(target))))
+        _set_path(params, path, placement.put(spec, array.astype(target)))
         loaded.add(hf_name)
     missing = sorted(set(by_hf_name) - loaded)
     if missing:
@@ -207,18 +222,74 @@ class LoadedModel:
     def weight_bytes(self) -> int:
         return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self.params))
 
+    @property
+    def is_encoder(self) -> bool:
+        """An encoder (BERT) embeds with `Engine.encode()`; it has no KV cache and no logits."""
+        return getattr(self.family, "IS_ENCODER", False)
 
-def load_model(source: CheckpointSource, dtype: str = "auto") -> LoadedModel:
+
+def load_model(
+    source: CheckpointSource,
+    dtype: str = "auto",
+    weight_cache_dir: str | None = None,
+    mesh: Mesh | None = None,
+) -> LoadedModel:
+    """`weight_cache_dir`: restore converted weights from there, or save them (weight_cache.py).
+    `mesh`: place every weight straight into its tensor-parallel shard (runtime/mesh.py)."""
     hf_config = load_hf_config(source)
     family = model_family(hf_config)
-    model_config = family.DecoderConfig.from_hf(hf_config)
+    is_encoder = getattr(family, "IS_ENCODER", False)
+    model_config = (family.EncoderConfig if is_encoder else family.DecoderConfig).from_hf(hf_config)
     dtype = resolve_dtype(dtype, hf_config, source)
+    placement = ONE_DEVICE
+    if mesh is not None:
+        model_config, placement = _tensor_parallel_layout(model_config, mesh)
     specs = family.declare_weights(model_config)
+
+    def convert() -> dict:
+        return _convert_params(source, hf_config, family, model_config, specs, dtype, placement)
+
+    if weight_cache_dir is None:
+        params = convert()
+    else:
+        from jaxinfer.models import weight_cache  # orbax is imported only when caching
+
+        params = weight_cache.load_or_convert(
+            Path(weight_cache_dir).expanduser(), source, specs, dtype, family, convert, mesh
+        )
+    return LoadedModel(source, hf_config, model_config, family, params, dtype)
+
+
+def _tensor_parallel_layout(model_config, mesh: Mesh) -> tuple[object, WeightPlacement]:
+    """The model as the mesh stores it: kv heads repeated when fewer than the TP size."""
+    size = mesh.shape["model"]
+    check_tensor_parallel(model_config, size)
+    repeat = kv_head_replication(model_config, size)
+    placement = WeightPlacement(mesh, repeat, model_config.num_kv_heads)
+    if repeat > 1:
+        model_config = dataclasses.replace(
+            model_config, num_kv_heads=model_config.num_kv_heads * repeat
+        )
+    return model_config, placement
+
+
+def _convert_params(
+    source: CheckpointSource,
+    hf_config,
+    family,
+    model_config,
+    specs: dict,
+    dtype: str,
+    placement: WeightPlacement = ONE_DEVICE,
+) -> dict:
+    """Read every tensor of the checkpoint and lay it out for our model code (`build_params`)."""
     if source.gguf_file is not None:
         tensors = gguf_reader.read_gguf_tensors(source.gguf_file, hf_config).items()
         if model_config.tie_word_embeddings:
             tensors = ((k, v) for k, v in tensors if k != "lm_head.weight")
     else:
         tensors = _iter_safetensors(source.folder)
-    params = build_params(specs, iter(tensors), dtype)
-    return LoadedModel(source, hf_config, model_config, family, params, dtype)
+        if hasattr(family, "rename_tensors"):  # uploads named unlike transformers' (family.py)
+            tensors = family.rename_tensors(model_config, tensors)
+    ignored = getattr(family, "IGNORED_TENSORS", ())
+    return build_params(specs, iter(tensors), dtype, ignored=ignored, placement=placement)

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 
 import jax
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxinfer.config import ATTENTION_BACKENDS as BACKENDS
 from pallas_kernels import paged_attention as kernel
@@ -55,8 +56,30 @@ def resolve_backend(requested: str, head_dim: int, platform: str | None = None) 
     return requested
 
 
-def attention_fn(backend: str) -> Callable:
-    """The paged-attention function of a resolved backend (same signature as the reference)."""
+def attention_fn(backend: str, mesh: Mesh | None = None) -> Callable:
+    """The paged-attention function of a resolved backend (same signature as the reference).
+
+    On a mesh it runs under `shard_map`, each device on its own query and kv heads: attention
+    never mixes heads, so no collective is needed, and the kernel sees ordinary unsharded arrays.
+    This is the one place the model's sharding meets an explicit per-device program.
+    """
     if backend == "reference":
-        return reference.paged_attention
-    return functools.partial(kernel.paged_attention, interpret=backend == "pallas_interpret")
+        local = reference.paged_attention
+    else:
+        local = functools.partial(kernel.paged_attention, interpret=backend == "pallas_interpret")
+    if mesh is None:
+        return local
+    heads = PartitionSpec(None, "model", None)  # [T, H or K, D]
+    cache = PartitionSpec("model")  # [K, N, P, D]
+    batch = PartitionSpec()  # block tables and lengths: every device sees all of them
+
+    def sharded(q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, qsl, **static):
+        return jax.shard_map(
+            functools.partial(local, **static),
+            mesh=mesh,
+            in_specs=(heads, heads, heads, cache, cache, batch, batch, batch),
+            out_specs=heads,
+            check_vma=False,
+        )(q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, qsl)
+
+    return sharded

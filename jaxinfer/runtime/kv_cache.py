@@ -13,8 +13,10 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from jaxinfer.config import EngineConfig
+from jaxinfer.runtime.mesh import KV_CACHE_AXES, named_sharding
 
 logger = logging.getLogger("jaxinfer")
 
@@ -22,10 +24,11 @@ logger = logging.getLogger("jaxinfer")
 _ACTIVATION_HEADROOM_BYTES = 1 << 30
 
 
-def bytes_per_block(model_config, block_size: int, dtype: str) -> int:
+def bytes_per_block(model_config, block_size: int, dtype: str, shards: int = 1) -> int:
+    """Bytes one block takes on each device when the kv heads are split `shards` ways."""
     itemsize = jnp.dtype(dtype).itemsize
     per_layer = 2 * block_size * model_config.num_kv_heads * model_config.head_dim * itemsize
-    return per_layer * model_config.num_layers
+    return per_layer * model_config.num_layers // shards
 
 
 def _available_host_bytes() -> int:
@@ -65,7 +68,7 @@ def num_blocks_for(config: EngineConfig, model_config, dtype: str, weight_bytes:
     """Blocks the budget allows, capped at what max_num_seqs full-length sequences could use."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = bytes_per_block(model_config, config.block_size, dtype)
+    per_block = bytes_per_block(model_config, config.block_size, dtype, config.tensor_parallel_size)
     from_budget = kv_budget_bytes(config, weight_bytes) // per_block
     useful = config.max_num_seqs * config.max_blocks_per_seq + 1
     num_blocks = min(from_budget, useful)
@@ -82,11 +85,15 @@ def num_blocks_for(config: EngineConfig, model_config, dtype: str, weight_bytes:
     return num_blocks
 
 
-def allocate(model_config, num_blocks: int, block_size: int, dtype: str) -> tuple:
+def allocate(
+    model_config, num_blocks: int, block_size: int, dtype: str, mesh: Mesh | None = None
+) -> tuple:
+    """Per layer a zeroed (K, V) pair; on a mesh split over kv heads, each shard created on its
+    own device (never the whole cache on one device first)."""
     shape = (model_config.num_kv_heads, num_blocks, block_size, model_config.head_dim)
-    return tuple(
-        (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(model_config.num_layers)
-    )
+    sharding = None if mesh is None else named_sharding(mesh, KV_CACHE_AXES)
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return tuple((zeros(), zeros()) for _ in range(model_config.num_layers))
 
 
 def tokens_capacity(num_blocks: int, block_size: int) -> int:

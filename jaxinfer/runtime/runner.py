@@ -15,19 +15,23 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxinfer.engine.batching import MAX_BANNED_PER_STEP, SCALAR_DTYPES, Bucket, StepInputs
 from jaxinfer.models.loader import LoadedModel
 from jaxinfer.runtime import kv_cache as kv
 from jaxinfer.runtime import slot_state as slots
 from jaxinfer.runtime.attention_backend import attention_fn, resolve_backend
+from jaxinfer.runtime.mesh import replicated
 from jaxinfer.runtime.step import all_token_logits, jit_copy_blocks, jit_step, jit_write_cache
 
 logger = logging.getLogger("jaxinfer")
 
 
-def _abstract_inputs(bucket: Bucket, max_banned: int) -> dict:
-    """Shapes and dtypes of one bucket's StepInputs (`StepInputs.as_dict()` must match)."""
+def _abstract_inputs(bucket: Bucket, max_banned: int, mesh: Mesh | None = None) -> dict:
+    """Shapes and dtypes of one bucket's StepInputs (`StepInputs.as_dict()` must match);
+    replicated over the mesh, if any."""
+    sharding = None if mesh is None else replicated(mesh)
     T, S, B = bucket.num_tokens, bucket.num_seqs, bucket.num_blocks
     i32 = jnp.int32
     shapes = {
@@ -44,9 +48,13 @@ def _abstract_inputs(bucket: Bucket, max_banned: int) -> dict:
         "banned": ((S, max_banned), i32),
         "prompt_next_ids": ((T,), i32),
     }
-    abstract = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
+    abstract = {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        for name, (shape, dtype) in shapes.items()
+    }
     abstract["sampling"] = {
-        name: jax.ShapeDtypeStruct((S,), dtype) for name, dtype in SCALAR_DTYPES.items()
+        name: jax.ShapeDtypeStruct((S,), dtype, sharding=sharding)
+        for name, dtype in SCALAR_DTYPES.items()
     }
     return abstract
 
@@ -69,17 +77,21 @@ class ModelRunner:
         num_logprobs: int,
         max_top_k: int = 256,
         attention_backend: str = "auto",
+        mesh: Mesh | None = None,
     ) -> None:
         self.model = model
+        self.mesh = mesh
         self.attention_backend = resolve_backend(attention_backend, model.model_config.head_dim)
-        paged_attention = attention_fn(self.attention_backend)
+        paged_attention = attention_fn(self.attention_backend, mesh)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_logprobs = num_logprobs
         self.max_block_copies = num_slots  # at most one copy-on-write per decoding sequence
         self._block_copier: jax.stages.Compiled | None = None
-        self.kv_cache = kv.allocate(model.model_config, num_blocks, block_size, model.dtype)
+        self.kv_cache = kv.allocate(model.model_config, num_blocks, block_size, model.dtype, mesh)
         self.slot_state = slots.allocate(num_slots, model.model_config.vocab_size)
+        if mesh is not None:  # small [slots, V] arrays: every device keeps all of them
+            self.slot_state = jax.device_put(self.slot_state, replicated(mesh))
         self._write_slot = jax.jit(slots.write_slot, donate_argnums=(0,))
         self._all_logits = jax.jit(
             functools.partial(
@@ -97,6 +109,7 @@ class ModelRunner:
                 max_top_k,
                 num_logprobs,
                 paged_attention,
+                mesh,
             )
             for decode_only in (False, True)
         }
@@ -126,7 +139,7 @@ class ModelRunner:
                 self.model.params,
                 self.kv_cache,
                 self.slot_state,
-                _abstract_inputs(bucket, MAX_BANNED_PER_STEP),
+                _abstract_inputs(bucket, MAX_BANNED_PER_STEP, self.mesh),
             ).compile()
             self._executables[bucket] = executable
             self._count(started, bucket)

@@ -218,7 +218,9 @@ def top_p_threshold(weights: jax.Array, limit: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------- the random path
 
 
-def _sample_random(processed: jax.Array, t: SamplingTensors, max_top_k: int) -> jax.Array:
+def _sample_random(
+    processed: jax.Array, t: SamplingTensors, max_top_k: int, topk_barrier: bool = True
+) -> jax.Array:
     """[S] tokens drawn after temperature, min_p, top-k and top-p (greedy rows: meaningless)."""
     num_rows, vocab_size = processed.shape
     k_cap = min(max_top_k, vocab_size)
@@ -234,7 +236,11 @@ def _sample_random(processed: jax.Array, t: SamplingTensors, max_top_k: int) -> 
     num_probe = min(k_cap + 1, vocab_size)
     # The barrier keeps XLA:CPU's TopK kernel: without it the slices below are merged into the
     # top_k and the rewritten pattern falls back to a full sort of the vocabulary (40x slower).
-    values, ids = jax.lax.optimization_barrier(jax.lax.top_k(scaled, num_probe))  # [S, K + 1]
+    # On a multi-device mesh the barrier is left out: XLA (jax 0.10.2) then fails an HLO cast
+    # compiling it ("optimization_barrier ... cannot be downcasted"), and GPUs need no barrier.
+    values, ids = jax.lax.top_k(scaled, num_probe)  # [S, K + 1]
+    if topk_barrier:
+        values, ids = jax.lax.optimization_barrier((values, ids))
     probe = values[:, k_cap] if k_cap < vocab_size else jnp.full(num_rows, _NEG_INF)
     values, ids = values[:, :k_cap], ids[:, :k_cap]  # candidates [S, C]
 
@@ -318,6 +324,7 @@ def sample(
     logits: jax.Array,  # [S, V] any float dtype
     t: SamplingTensors,
     max_top_k: int = 256,  # static
+    topk_barrier: bool = True,  # static; see _sample_random
 ) -> tuple[jax.Array, jax.Array]:
     """-> (tokens [S] int32, raw_logprobs [S, V] f32: the model's log_softmax, before any
     processing, which is what vLLM reports by default). Unused logprobs cost nothing under jit.
@@ -336,7 +343,8 @@ def sample(
     def sampled() -> jax.Array:
         processed = process_logits(logits, t)
         greedy = argmax(processed)
-        return jnp.where(is_greedy, greedy, _sample_random(processed, t, max_top_k))
+        drawn = _sample_random(processed, t, max_top_k, topk_barrier)
+        return jnp.where(is_greedy, greedy, drawn)
 
     def greedy_processed() -> jax.Array:
         return argmax(process_logits(logits, t))

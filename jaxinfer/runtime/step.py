@@ -13,6 +13,7 @@ from types import ModuleType
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer.runtime.sampling import sample, top_logprobs
 from jaxinfer.runtime.slot_state import SlotState, batch_tensors, count_sampled
@@ -113,6 +114,7 @@ def step(
     max_top_k: int,
     num_logprobs: int,
     paged_attention: Callable = reference.paged_attention,
+    mesh: Mesh | None = None,
 ) -> tuple[dict[str, jax.Array], tuple, SlotState]:
     """-> (sampled tokens and logprobs, per layer the new (k, v) [T, K, D], new slot state).
 
@@ -131,10 +133,12 @@ def step(
         decode_only=decode_only,
         paged_attention=paged_attention,
     )
-    logits = family.logits(params, model_config, hidden[inputs["logits_indices"]])
+    logits = _whole_on_every_device(
+        family.logits(params, model_config, hidden[inputs["logits_indices"]]), mesh
+    )
     slots = inputs["slots"]
     tensors = batch_tensors(slot_state, slots, inputs["sampling"], inputs["banned"])
-    tokens, raw_logprobs = sample(logits, tensors, max_top_k)
+    tokens, raw_logprobs = sample(logits, tensors, max_top_k, topk_barrier=mesh is None)
     names = ("token_logprob", "token_rank", "top_ids", "top_logprobs")
     wanted = jnp.any(inputs["want_logprobs"])
     outputs = dict(zip(names, _logprob_outputs(raw_logprobs, tokens, num_logprobs, wanted)))
@@ -145,7 +149,8 @@ def step(
     wanted = jnp.any(next_ids < vocab) if not decode_only else jnp.bool_(False)
 
     def prompt_logprobs() -> tuple:
-        raw = jax.nn.log_softmax(family.logits(params, model_config, hidden), axis=-1)
+        all_logits = _whole_on_every_device(family.logits(params, model_config, hidden), mesh)
+        raw = jax.nn.log_softmax(all_logits, axis=-1)
         return top_logprobs(raw, jnp.minimum(next_ids, vocab - 1), num_logprobs)
 
     empty = functools.partial(_no_top_logprobs, next_ids.shape[0], num_logprobs)
@@ -153,6 +158,18 @@ def step(
     prompt_names = ("prompt_logprob", "prompt_rank", "prompt_top_ids", "prompt_top_logprobs")
     outputs.update(zip(prompt_names, prompt))
     return outputs, new_kv, count_sampled(slot_state, slots, tokens, inputs["sampled"])
+
+
+def _whole_on_every_device(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Gather vocab-parallel logits once, so the sampler's many reductions over the vocabulary
+    (softmax, top-k, penalties) run locally instead of each becoming a collective."""
+    if mesh is None:
+        return logits
+    # First pin the lm_head product itself vocab-parallel: told only "replicated", XLA gathers
+    # the whole lm_head weight instead of the (much smaller) logits.
+    vocab_parallel = NamedSharding(mesh, PartitionSpec(None, "model"))
+    logits = jax.lax.with_sharding_constraint(logits, vocab_parallel)
+    return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
 
 
 def all_token_logits(
@@ -192,6 +209,7 @@ def jit_step(
     max_top_k: int,
     num_logprobs: int,
     paged_attention: Callable = reference.paged_attention,
+    mesh: Mesh | None = None,
 ):
     """The step, compiled per bucket. Only the slot state is donated: the cache is read here and
     written by `write_cache` (see the module docstring)."""
@@ -204,6 +222,7 @@ def jit_step(
             max_top_k=max_top_k,
             num_logprobs=num_logprobs,
             paged_attention=paged_attention,
+            mesh=mesh,
         ),
         donate_argnums=(2,),
     )
