@@ -37,9 +37,14 @@ from tokenizers import (
 )
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
     GenerationConfig,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
+    OPTConfig,
+    Phi3Config,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -47,7 +52,11 @@ from transformers import (
     Qwen3Config,
 )
 
+# Llama-shaped families: the same config fields, and the `tiny_family` fixture runs over them.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# The other decoder families, each with its own config fields (`_shape_fields`); their parity
+# tests are tests/models/test_families.py.
+OTHER_FAMILIES = ("opt", "gpt2", "gemma", "gemma2", "phi3")
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -170,7 +179,64 @@ def _rope_parameters(rope_scaling: str) -> dict[str, Any]:
     raise ValueError(f"rope_scaling must be 'default' or 'llama3', got {rope_scaling!r}")
 
 
+def _shape_fields(family: str, num_kv_heads: int, rope_scaling: str) -> dict[str, Any]:
+    """Each family's tiny shape (hidden 64, 2 layers, 4 heads of 16, MLP 128) in its config's own
+    field names, with `initializer_range` (or OPT's `init_std`) raised to 0.2."""
+    if family == "opt":
+        return {
+            "hidden_size": 64,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 512,
+            "init_std": 0.2,
+        }
+    if family == "gpt2":
+        return {
+            "n_embd": 64,
+            "n_inner": 128,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 512,
+            "initializer_range": 0.2,
+        }
+    fields: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": 16,
+        "max_position_embeddings": 512,
+        "rope_parameters": _rope_parameters(rope_scaling),
+        "rms_norm_eps": 1e-6,
+        "initializer_range": 0.2,
+    }
+    if family == "gemma2":
+        # Small enough that the prompts outgrow the window, caps low enough to bind, and a query
+        # scale that differs from head_dim**-0.5.
+        fields.update(
+            sliding_window=12,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+            query_pre_attn_scalar=24,
+        )
+    if family == "phi3":
+        fields["original_max_position_embeddings"] = 512
+    return fields
+
+
 def _config(family: str, **fields: Any) -> PreTrainedConfig:
+    if family == "opt":
+        return OPTConfig(dropout=0.0, **fields)
+    if family == "gpt2":
+        return GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **fields)
+    if family == "gemma":
+        return GemmaConfig(**fields)
+    if family == "gemma2":
+        return Gemma2Config(**fields)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(**fields)
     if family == "llama":
         return LlamaConfig(**fields)
     if family == "mistral":
@@ -179,15 +245,16 @@ def _config(family: str, **fields: Any) -> PreTrainedConfig:
         return Qwen2Config(use_sliding_window=False, **fields)
     if family == "qwen3":  # RMSNorm on q and k per head
         return Qwen3Config(use_sliding_window=False, **fields)
-    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    raise ValueError(f"family must be one of {FAMILIES + OTHER_FAMILIES}, got {family!r}")
 
 
 @torch.no_grad()
 def _perturb(model: PreTrainedModel, seed: int) -> None:
-    """Norm weights start at 1 and biases at 0; move them so a loader that drops them shows."""
+    """Norm weights start at 1 (Gemma's at 0) and biases at 0; move them so a loader that drops
+    them shows."""
     gen = torch.Generator().manual_seed(seed + 1)
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
+        if name.endswith("norm.weight") or (".ln_" in name and name.endswith(".weight")):
             param.add_(0.1 * torch.randn(param.shape, generator=gen))
         elif name.endswith(".bias"):
             param.copy_(0.2 * torch.randn(param.shape, generator=gen))
@@ -211,16 +278,7 @@ def build_checkpoint(
     tokenizer = _tokenizer()
     fields: dict[str, Any] = {
         "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": num_kv_heads,
-        "head_dim": 16,
-        "max_position_embeddings": 512,
-        "rope_parameters": _rope_parameters(rope_scaling),
-        "rms_norm_eps": 1e-6,
-        "initializer_range": 0.2,
+        **_shape_fields(family, num_kv_heads, rope_scaling),
         "tie_word_embeddings": tie_word_embeddings,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,

@@ -1,4 +1,5 @@
-"""Llama, Mistral, Qwen2 and Qwen3: one decoder, four sets of switches.
+"""Llama, Mistral, Qwen2 and Qwen3: one decoder, four sets of switches (phi3.py and gemma.py
+build on it too).
 
 Weights are declared once (`declare_weights`): the loader maps Hugging Face tensors through these
 declarations, checks every shape, and a later sharding pass reads the logical axes from them.
@@ -16,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.models.layers import apply_rope, gated_mlp, rms_norm, rope_inverse_frequencies
+from jaxinfer.models.family import DecoderShape, WeightSpec
+from jaxinfer.models.layers import gated_mlp, rms_norm, rope_inverse_frequencies, self_attention
 
 ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -27,24 +29,17 @@ ARCHITECTURES = (
 
 
 @dataclass(frozen=True, kw_only=True)
-class DecoderConfig:
-    """The model's shape and switches, hashable so a compiled step can close over it."""
+class DecoderConfig(DecoderShape):
+    """The model's shape and switches, hashable so a compiled step can close over it.
 
-    architecture: str
-    vocab_size: int
-    hidden_size: int
+    `sliding_window` (from DecoderShape) is Mistral's.
+    """
+
     intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
     rms_norm_eps: float
     rope_parameters: tuple[tuple[str, object], ...]
-    max_position_embeddings: int
-    tie_word_embeddings: bool
     attention_bias: bool = False  # Qwen2: q/k/v projections carry a bias
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before rotary
-    sliding_window: int | None = None  # Mistral
 
     @classmethod
     def from_hf(cls, hf_config) -> DecoderConfig:
@@ -89,19 +84,6 @@ class DecoderConfig:
         return rope_inverse_frequencies(self.head_dim, dict(self.rope_parameters))
 
 
-@dataclass(frozen=True)
-class WeightSpec:
-    """One parameter: where it comes from in a Hugging Face checkpoint and the shape it has here.
-
-    Linear weights are stored [in, out] here (x @ W) while Hugging Face stores [out, in]: `transpose`.
-    """
-
-    hf_name: str
-    shape: tuple[int, ...]
-    logical_axes: tuple[str | None, ...]
-    transpose: bool = False
-
-
 def declare_weights(cfg: DecoderConfig) -> dict[str, WeightSpec]:
     """Every parameter of the model, keyed by its path in the parameter pytree ("layers.3.q")."""
     e, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
@@ -144,30 +126,6 @@ def declare_weights(cfg: DecoderConfig) -> dict[str, WeightSpec]:
     return specs
 
 
-def _attention_block(
-    cfg: DecoderConfig,
-    layer: dict,
-    x: jax.Array,  # [T, E] normed hidden
-    positions: jax.Array,  # [T]
-    inv_freq: jax.Array,
-    layer_cache: tuple[jax.Array, jax.Array],
-    attention: Callable,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    num_tokens = x.shape[0]
-    q, k, v = x @ layer["q"], x @ layer["k"], x @ layer["v"]
-    if cfg.attention_bias:
-        q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
-    q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-    v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    out = attention(q, k, v, layer_cache)  # [T, H, D]
-    return out.reshape(num_tokens, -1) @ layer["o"], (k, v)
-
-
 def hidden_states(
     params: dict,
     cfg: DecoderConfig,
@@ -183,14 +141,21 @@ def hidden_states(
     inv_freq = jnp.asarray(cfg.inv_freq)
     x = params["embed"][token_ids]  # [T, E]
     new_kv = []
+    qk_norm_eps = cfg.rms_norm_eps if cfg.qk_norm else None
     for layer, layer_cache in zip(params["layers"], kv_cache, strict=True):
         normed = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        attn_out, kv = _attention_block(
-            cfg, layer, normed, positions, inv_freq, layer_cache, attention
+        attn_out, kv = self_attention(
+            cfg,
+            layer,
+            normed,
+            layer_cache,
+            attention,
+            rotary=(positions, inv_freq),
+            qk_norm_eps=qk_norm_eps,
         )
         x = x + attn_out
         h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-        x = x + gated_mlp(h, layer["gate"], layer["up"], layer["down"])
+        x = x + gated_mlp(h, layer)
         new_kv.append(kv)
     return x, tuple(new_kv)
 

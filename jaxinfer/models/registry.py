@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from jaxinfer.models import llama
+from jaxinfer.models import bert, gemma, gpt2, llama, opt, phi3
 
-_FAMILIES: dict[str, ModuleType] = {name: llama for name in llama.ARCHITECTURES}
+_FAMILIES: dict[str, ModuleType] = {
+    name: family for family in (llama, gemma, gpt2, opt, phi3) for name in family.ARCHITECTURES
+}
+_FAMILIES.update({name: bert for name in bert.ARCHITECTURES})  # encoders: Engine.encode()
 
 
 def supported_architectures() -> tuple[str, ...]:
@@ -19,6 +22,7 @@ _MODEL_TYPES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "bert": "BertModel",
 }
 
 

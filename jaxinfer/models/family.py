@@ -1,0 +1,79 @@
+"""The contract between a model family module and the rest of the engine.
+
+A family module (llama.py, gemma.py, opt.py, ...) exports:
+
+    ARCHITECTURES     the Hugging Face `architectures` names it implements (see registry.py)
+    DecoderConfig     a frozen `DecoderShape` subclass with `from_hf(hf_config)`
+    declare_weights   cfg -> {param path: WeightSpec}; loading, shape checks and sharding derive from it
+    hidden_states     (params, cfg, kv_cache, token_ids, positions, attention) -> (hidden [T, E], new kv)
+    logits            (params, cfg, hidden [..., E]) -> float32 logits [..., V]
+    rename_tensors    optional: (cfg, (name, array) pairs) -> pairs, for exports that name tensors
+                      differently from what `transformers` saves today (older GPT-2 and OPT uploads)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One parameter: where it comes from in a Hugging Face checkpoint and the shape it has here.
+
+    Linear weights are stored [in, out] here (x @ W) while Hugging Face stores [out, in]: `transpose`.
+    """
+
+    hf_name: str
+    shape: tuple[int, ...]
+    logical_axes: tuple[str | None, ...]
+    transpose: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderShape:
+    """What the runtime reads from every family's config: the KV cache is sized and laid out from
+    `num_layers`, `num_kv_heads` and `head_dim`; the attention defaults to `head_dim**-0.5` and
+    `sliding_window` (a window every layer uses; per-layer windows are the family's business);
+    the engine bounds lengths by `max_position_embeddings` and sampling by `vocab_size`.
+
+    Hashable, so a compiled step can close over it.
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    sliding_window: int | None = None
+
+
+def linear_specs(
+    hf_prefix: str,
+    shape: tuple[int, int],
+    logical_axes: tuple[str | None, str | None],
+    *,
+    name: str,
+    bias: bool,
+    transpose: bool = True,
+) -> dict[str, WeightSpec]:
+    """A linear layer's weight (`name`) and, when the checkpoint has one, its bias (`name_bias`)."""
+    specs = {name: WeightSpec(f"{hf_prefix}.weight", shape, logical_axes, transpose)}
+    if bias:
+        specs[f"{name}_bias"] = WeightSpec(f"{hf_prefix}.bias", shape[1:], logical_axes[1:])
+    return specs
+
+
+def norm_specs(
+    hf_prefix: str, size: int, *, name: str, weight: bool = True, bias: bool = False
+) -> dict[str, WeightSpec]:
+    """A norm's scale (`name`) and shift (`name_bias`), each only when the checkpoint has it."""
+    specs = {}
+    if weight:
+        specs[name] = WeightSpec(f"{hf_prefix}.weight", (size,), ("embed",))
+    if bias:
+        specs[f"{name}_bias"] = WeightSpec(f"{hf_prefix}.bias", (size,), ("embed",))
+    return specs
