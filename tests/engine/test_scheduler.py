@@ -558,3 +558,20 @@ def test_parallel_samples_wait_until_the_whole_group_fits():
     assert group[0].status is SequenceStatus.WAITING
     with pytest.raises(ValueError, match="max_num_seqs"):
         _forked_group(make_scheduler(Limits(max_num_seqs=2)), prompt_len=3, n=3, max_tokens=1)
+
+
+def test_a_prefilling_parent_keeps_seats_for_its_forks():
+    """Seats for a group's samples stay taken while its parent prefills: a request admitted
+    into them would leave n + 1 > max_num_seqs sequences running once the parent forks."""
+    sched = make_scheduler(Limits(max_num_seqs=4, max_num_batched_tokens=64))
+    sched.add(make_seq(10, 5, 3))
+    group = _forked_group(sched, prompt_len=6, n=2, max_tokens=3)
+    sched.add(make_seq(11, 5, 3))
+    sched.add(make_seq(12, 5, 3))
+    plan = sched.schedule()
+    assert [i.seq.seq_id for i in plan.scheduled] == [10, 0, 11]  # 12 waits for a free seat
+    check_plan(sched, plan)
+    sched.update(plan, fake_device(plan))
+    assert group[1].status is SequenceStatus.RUNNING and len(sched.running) == 4
+    drain(sched)
+    assert all(s.num_output_tokens == 3 for s in group)
