@@ -48,7 +48,7 @@ class WeightPlacement:
         array = np.ascontiguousarray(array)
         if self.mesh is None:
             return jax.device_put(array)
-        return jax.device_put(array, named_sharding(self.mesh, spec.logical_axes))
+        return jax.device_put(array, named_sharding(self.mesh, spec.logical_axes, array.shape))
 
 
 ONE_DEVICE = WeightPlacement()

@@ -55,16 +55,32 @@ def build_mesh(
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def partition_spec(logical_axes: Sequence[str | None]) -> PartitionSpec:
-    """Logical axes of one array -> its PartitionSpec under LOGICAL_RULES."""
+def partition_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> PartitionSpec:
+    """Logical axes of one array -> its PartitionSpec under LOGICAL_RULES.
+
+    Given the array's shape and the mesh, an axis the mesh axis does not divide stays replicated
+    (a 49155-token vocabulary under TP 2, say): correct, only less memory-efficient for that one
+    array. Head and MLP axes always divide (`check_tensor_parallel`).
+    """
     unknown = [axis for axis in logical_axes if axis is not None and axis not in LOGICAL_RULES]
     if unknown:
         raise ValueError(f"no sharding rule for logical axes {unknown}; known: {LOGICAL_RULES}")
-    return PartitionSpec(*(None if axis is None else LOGICAL_RULES[axis] for axis in logical_axes))
+    spec = []
+    for i, axis in enumerate(logical_axes):
+        mesh_axis = None if axis is None else LOGICAL_RULES[axis]
+        divisible = shape is None or mesh is None or shape[i] % mesh.shape.get(mesh_axis, 1) == 0
+        spec.append(mesh_axis if divisible else None)
+    return PartitionSpec(*spec)
 
 
-def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
-    return NamedSharding(mesh, partition_spec(logical_axes))
+def named_sharding(
+    mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None
+) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(logical_axes, shape, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

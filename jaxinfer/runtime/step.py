@@ -138,7 +138,8 @@ def step(
     )
     slots = inputs["slots"]
     tensors = batch_tensors(slot_state, slots, inputs["sampling"], inputs["banned"])
-    tokens, raw_logprobs = sample(logits, tensors, max_top_k, topk_barrier=mesh is None)
+    one_device = mesh is None or mesh.size == 1  # a data-parallel replica may have a mesh of 1
+    tokens, raw_logprobs = sample(logits, tensors, max_top_k, topk_barrier=one_device)
     names = ("token_logprob", "token_rank", "top_ids", "top_logprobs")
     wanted = jnp.any(inputs["want_logprobs"])
     outputs = dict(zip(names, _logprob_outputs(raw_logprobs, tokens, num_logprobs, wanted)))
@@ -167,8 +168,9 @@ def _whole_on_every_device(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
         return logits
     # First pin the lm_head product itself vocab-parallel: told only "replicated", XLA gathers
     # the whole lm_head weight instead of the (much smaller) logits.
-    vocab_parallel = NamedSharding(mesh, PartitionSpec(None, "model"))
-    logits = jax.lax.with_sharding_constraint(logits, vocab_parallel)
+    if logits.shape[-1] % mesh.shape["model"] == 0:
+        vocab_parallel = NamedSharding(mesh, PartitionSpec(None, "model"))
+        logits = jax.lax.with_sharding_constraint(logits, vocab_parallel)
     return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
 
 
