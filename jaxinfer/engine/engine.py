@@ -56,9 +56,21 @@ def request_seed(engine_seed: int, request_index: int) -> int:
 
 
 class Engine:
-    """`Engine(EngineConfig(model=PATH))`, or vLLM-style `Engine(model=PATH, dtype=...)`."""
+    """`Engine(EngineConfig(model=PATH))`, or vLLM-style `Engine(model=PATH, dtype=...)`.
 
-    def __init__(self, config: EngineConfig | str | None = None, **kwargs) -> None:
+    `devices`: the devices to run on (default `jax.devices()`; the first T are used under tensor
+    parallelism). With `data_parallel_size=D > 1` this builds a `DataParallelEngine`: D replicas
+    over disjoint groups of `devices` (engine/data_parallel.py).
+    """
+
+    def __new__(cls, config: EngineConfig | str | None = None, *, devices=None, **kwargs):
+        if cls is Engine and _as_config(config, kwargs).data_parallel_size > 1:
+            from jaxinfer.engine.data_parallel import DataParallelEngine
+
+            return super().__new__(DataParallelEngine)
+        return super().__new__(cls)
+
+    def __init__(self, config: EngineConfig | str | None = None, *, devices=None, **kwargs) -> None:
         # Device-side imports live here so that `jaxinfer.engine` stays importable without JAX.
         import jax
 
@@ -73,16 +85,13 @@ class Engine:
         from jaxinfer.runtime.host_allocator import keep_freed_memory_mapped
         from jaxinfer.runtime.runner import ModelRunner, enable_compilation_cache
 
-        if config is None or isinstance(config, str):
-            config = EngineConfig(**({"model": config} if config else {}), **kwargs)
-        elif kwargs:
-            config = config.replace(**kwargs)
+        config = _as_config(config, kwargs)
         source = CheckpointSource.resolve(config.model, config.gguf_file)
         if config.compilation_cache_dir:
             enable_compilation_cache(config.compilation_cache_dir)
         if config.cpu_keep_freed_memory and jax.default_backend() == "cpu":
             keep_freed_memory_mapped()
-        self.mesh = _build_mesh(config)
+        self.mesh = _build_mesh(config, devices)
         self.model = load_model(source, config.dtype, config.weight_cache_dir, self.mesh)
         self.tokenizer = load_tokenizer(source, config.tokenizer)
         self.embedder: Embedder | None = None  # set for encoder models (encode())
@@ -622,18 +631,30 @@ class Engine:
         )
 
 
-def _build_mesh(config: EngineConfig):
-    """The device mesh of a parallel config, or None for one device (runtime/mesh.py)."""
-    for name in ("pipeline_parallel_size", "data_parallel_size"):
-        if getattr(config, name) > 1:
-            raise ValueError(
-                f"EngineConfig.{name} > 1 is not supported yet; tensor_parallel_size is"
-            )
-    if config.tensor_parallel_size == 1:
+def _as_config(config: EngineConfig | str | None, kwargs: dict) -> EngineConfig:
+    """`Engine(config)`, `Engine(PATH, **fields)` or `Engine(model=PATH, **fields)`."""
+    if config is None or isinstance(config, str):
+        return EngineConfig(**({"model": config} if config else {}), **kwargs)
+    return config.replace(**kwargs) if kwargs else config
+
+
+def _build_mesh(config: EngineConfig, devices=None):
+    """The device mesh of one replica (runtime/mesh.py), or None for the default device.
+
+    Given `devices` (a data-parallel replica's group), even T == 1 gets a one-device mesh, so the
+    replica's weights, KV cache and steps are committed to its own device."""
+    if config.pipeline_parallel_size > 1:
+        raise ValueError(
+            "EngineConfig.pipeline_parallel_size > 1 is not supported yet; tensor_parallel_size "
+            "and data_parallel_size are"
+        )
+    if config.data_parallel_size > 1:  # Engine(...) builds a DataParallelEngine instead
+        raise ValueError("one engine replica has data_parallel_size 1")
+    if config.tensor_parallel_size == 1 and devices is None:
         return None
     from jaxinfer.runtime.mesh import build_mesh
 
-    return build_mesh(config.tensor_parallel_size)
+    return build_mesh(config.tensor_parallel_size, devices=devices)
 
 
 def _as_conversations(messages) -> list[list[dict]]:
