@@ -7,34 +7,18 @@ mixed-length prompts twice (greedy, then sampling with seeded and unseeded reque
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from jaxinfer.engine.data_parallel import balance
+from tests.parallel.fake_devices import run_worker
 
-ROOT = Path(__file__).parents[2]
 CASES = {"dp2": 1, "dp2-tp2": 2}  # case -> tensor_parallel_size
 KINDS = ("greedy", "sampled")
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("dp") / "dp.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    subprocess.run(
-        [sys.executable, "-m", "tests.parallel.dp_worker", str(out)],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        timeout=900,
-    )
-    results = json.loads(out.read_text())
-    assert results["devices"] == 8
+    results = run_worker("tests.parallel.dp_worker", tmp_path_factory.mktemp("dp") / "dp.json")
     return results
 
 

@@ -9,31 +9,16 @@ heads read.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.parallel.fake_devices import run_worker
+
 CASES = [f"{kv}-tp{t}" for kv in ("kv8", "kv2") for t in (2, 4, 8)]
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("tp") / "tp.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    subprocess.run(
-        [sys.executable, "-m", "tests.parallel.tp_worker", str(out)],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        timeout=900,
-    )
-    results = json.loads(out.read_text())
-    assert results["devices"] == 8
+    results = run_worker("tests.parallel.tp_worker", tmp_path_factory.mktemp("tp") / "tp.json")
     return results["cases"]
 
 
