@@ -2,7 +2,14 @@
 
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import LLM, Engine
-from jaxinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxinfer.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestOutput,
+)
+from jaxinfer.pooling_params import PoolingParams
 from jaxinfer.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
@@ -10,9 +17,12 @@ __version__ = "0.1.0"
 __all__ = [
     "LLM",
     "CompletionOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
     "Engine",
     "EngineConfig",
     "Logprob",
+    "PoolingParams",
     "RequestOutput",
     "SamplingParams",
     "__version__",

@@ -36,3 +36,25 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+
+
+@dataclass
+class EmbeddingOutput:
+    """One pooled embedding (vLLM's `EmbeddingOutput`)."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What `Engine.encode()` returns per prompt (vLLM's `EmbeddingRequestOutput`, plus the prompt)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
