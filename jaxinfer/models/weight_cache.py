@@ -119,7 +119,7 @@ def target_sharding(spec, mesh: Mesh | None) -> jax.sharding.Sharding:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     from jaxinfer.runtime.mesh import named_sharding
 
-    return named_sharding(mesh, spec.logical_axes)
+    return named_sharding(mesh, spec.logical_axes, spec.shape)
 
 
 def abstract_params(specs: dict, dtype: str, mesh: Mesh | None = None) -> dict:
