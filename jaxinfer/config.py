@@ -64,6 +64,12 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    # Several processes (runtime/distributed.py): jax.distributed's coordinator "host:port", the
+    # process count and this process's id; None reads JAX_COORDINATOR_ADDRESS /
+    # JAX_NUM_PROCESSES / JAX_PROCESS_ID, and no coordinator anywhere means one process.
+    distributed_coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     attention_backend: str = "auto"
     # JAX's persistent compilation cache: a second engine with the same shapes skips XLA compiles.

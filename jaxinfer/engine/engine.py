@@ -86,6 +86,10 @@ class Engine:
         from jaxinfer.runtime.runner import ModelRunner, enable_compilation_cache
 
         config = _as_config(config, kwargs)
+        from jaxinfer.runtime import distributed
+
+        # Before any device is touched: joins jax.distributed when configured (several processes).
+        self._multi_process = distributed.initialize(config)
         source = CheckpointSource.resolve(config.model, config.gguf_file)
         if config.compilation_cache_dir:
             enable_compilation_cache(config.compilation_cache_dir)
@@ -221,6 +225,10 @@ class Engine:
         self._require_kind("generate", encoder=False)
         if self.runner is None:
             raise RuntimeError("this engine was shut down: build a new Engine")
+        if self._multi_process:  # every process runs the same steps: process 0's requests
+            from jaxinfer.runtime.distributed import from_process_zero
+
+            prompts, sampling_params = from_process_zero((prompts, sampling_params))
         prompt_list = _as_prompt_list(prompts)
         params_list = self._params_for(prompt_list, sampling_params)
         encoded = [self._encode(prompt, i) for i, prompt in enumerate(prompt_list)]

@@ -59,9 +59,13 @@ def collectives(engine: Engine) -> dict:
     }
 
 
-def main(out_path: str) -> None:
+def prompts_for(lengths: tuple[int, ...]) -> list[list[int]]:
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(5, 512, size=n).tolist() for n in PROMPT_LENGTHS]
+    return [rng.integers(5, 512, size=n).tolist() for n in lengths]
+
+
+def main(out_path: str) -> None:
+    prompts = prompts_for(PROMPT_LENGTHS)
     results: dict = {"devices": len(jax.devices()), "cases": {}}
     for name, (kv_heads, sizes) in CASES.items():
         path = tiny_checkpoint("llama", num_kv_heads=kv_heads, num_attention_heads=8, head_dim=8)
