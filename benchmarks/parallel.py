@@ -1,7 +1,7 @@
 """Tensor-parallel throughput and memory per device, on fake CPU devices or real accelerators.
 
-    python benchmarks/parallel.py                   # llama50m, TP 1 / 2 / 4 on 4 fake CPU devices
-    python benchmarks/parallel.py --quick --tp 1 2
+    python benchmarks/parallel.py                   # llama50m: TP 1/2/4 and DP 2 on 4 fake devices
+    python benchmarks/parallel.py --quick --layouts 1x1 2x1 1x2     # TPxDP
 
 On CPU the "devices" are slices of the same two cores (`--xla_force_host_platform_device_count`),
 so tokens/s shows the *overhead* of sharding (collectives, smaller matmuls), not a speed-up: the
@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def one_run(tp: int, quick: bool, cache_dir: str) -> dict:
+def one_run(tp: int, dp: int, quick: bool, cache_dir: str) -> dict:
     """Runs inside a child process whose XLA_FLAGS already give it enough devices."""
     import jax
 
@@ -40,6 +40,7 @@ def one_run(tp: int, quick: bool, cache_dir: str) -> dict:
         model=files.path,
         dtype="float32",
         tensor_parallel_size=tp,
+        data_parallel_size=dp,
         max_model_len=spec.max_model_len,
         max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens,
@@ -58,8 +59,12 @@ def one_run(tp: int, quick: bool, cache_dir: str) -> dict:
         seconds = time.perf_counter() - started
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
 
+        replicas = getattr(engine, "replicas", [engine])
+
         def bytes_on(device) -> int:
-            arrays = jax.tree_util.tree_leaves((engine.model.params, engine.runner.kv_cache))
+            arrays = jax.tree_util.tree_leaves(
+                [(r.model.params, r.runner.kv_cache) for r in replicas]
+            )
             return sum(
                 shard.data.nbytes
                 for array in arrays
@@ -67,11 +72,12 @@ def one_run(tp: int, quick: bool, cache_dir: str) -> dict:
                 if shard.device == device
             )
 
-        devices = jax.devices()[:tp]
+        devices = jax.devices()[: tp * dp]
         per_device = [bytes_on(d) for d in devices]
         first_tokens = [o.outputs[0].token_ids[:8] for o in outputs[:4]]
     return {
         "tp": tp,
+        "dp": dp,
         "device": devices[0].device_kind,
         "output_tok_s": generated / seconds,
         "seconds": seconds,
@@ -85,21 +91,25 @@ def one_run(tp: int, quick: bool, cache_dir: str) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument(
+        "--layouts", nargs="+", default=["1x1", "2x1", "4x1", "1x2"], help="TPxDP, e.g. 2x1"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "jaxinfer" / "bench"))
     parser.add_argument("--out", default=str(HERE / "parallel.json"))
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(one_run(args.child, args.quick, args.cache_dir)))
+        tp, dp = map(int, args.child.split("x"))
+        print(json.dumps(one_run(tp, dp, args.quick, args.cache_dir)))
         return []
 
     rows = []
-    for tp in args.tp:
+    sizes = [int(t) * int(d) for t, d in (layout.split("x") for layout in args.layouts)]
+    for layout in args.layouts:
         env = dict(os.environ)
-        env.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={max(args.tp)}")
-        command = [sys.executable, __file__, "--child", str(tp), "--cache-dir", args.cache_dir]
+        env.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={max(sizes)}")
+        command = [sys.executable, __file__, "--child", layout, "--cache-dir", args.cache_dir]
         done = subprocess.run(
             command + (["--quick"] if args.quick else []),
             env=env,
@@ -110,15 +120,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     same = all(row["first_tokens"] == rows[0]["first_tokens"] for row in rows)
     print(f"{rows[0]['device']}: llama50m f32, {'quick' if args.quick else 'full'} workload")
-    print("TP | output tok/s | compile s | programs | max MiB/device | total MiB")
-    print("---|---|---|---|---|---")
+    print("TP | DP | output tok/s | compile s | programs | max MiB/device | total MiB")
+    print("---|---|---|---|---|---|---")
     for row in rows:
         print(
-            f"{row['tp']} | {row['output_tok_s']:.1f} | {row['compile_s']:.0f} | "
+            f"{row['tp']} | {row['dp']} | {row['output_tok_s']:.1f} | {row['compile_s']:.0f} | "
             f"{row['programs']} | {row['bytes_per_device_max'] / 2**20:.1f} | "
             f"{row['bytes_total'] / 2**20:.1f}"
         )
-    print(f"greedy tokens identical across TP sizes: {same}")
+    print(f"greedy tokens identical across layouts: {same}")
     Path(args.out).write_text(json.dumps({"rows": rows, "tokens_identical": same}, indent=1))
     return rows
 
