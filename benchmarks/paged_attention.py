@@ -58,8 +58,11 @@ def copy_bandwidth(num_bytes: int, repeats: int) -> float:
     return 2 * num_bytes / timed(copy, x, repeats=repeats)
 
 
-def random_paged_batch(key, *, batch, context, q_len, heads, kv_heads, head_dim, block_size, dtype):
-    """A batch whose sequences each own `ceil(context / block_size)` shuffled blocks."""
+def random_paged_batch(key, args, *, batch: int, context: int, q_len: int):
+    """A batch whose sequences each own `ceil(context / block_size)` shuffled blocks (head counts,
+    head dim, block size and dtype from the command line's `args`)."""
+    heads, kv_heads, head_dim = args.heads, args.kv_heads, args.head_dim
+    block_size, dtype = args.block_size, args.dtype
     blocks_per_seq = -(-context // block_size)
     num_blocks = batch * blocks_per_seq + 1  # block 0: the padding sink
     keys = jax.random.split(key, 6)
@@ -116,15 +119,7 @@ def bench_decode(args, copy_rate: float) -> list[dict]:
             if kv_bytes > args.max_cache_gb * 1e9:
                 continue
             inputs = random_paged_batch(
-                jax.random.key(0),
-                batch=batch,
-                context=context,
-                q_len=1,
-                heads=args.heads,
-                kv_heads=args.kv_heads,
-                head_dim=args.head_dim,
-                block_size=args.block_size,
-                dtype=args.dtype,
+                jax.random.key(0), args, batch=batch, context=context, q_len=1
             )
             for name, fn in implementations(args, decode_only=True).items():
                 try:
@@ -161,15 +156,7 @@ def bench_prefill(args) -> list[dict]:
     for seq_len in args.prefill_lens:
         batch = max(1, args.prefill_tokens // seq_len)
         inputs = random_paged_batch(
-            jax.random.key(1),
-            batch=batch,
-            context=seq_len,
-            q_len=seq_len,
-            heads=args.heads,
-            kv_heads=args.kv_heads,
-            head_dim=args.head_dim,
-            block_size=args.block_size,
-            dtype=args.dtype,
+            jax.random.key(1), args, batch=batch, context=seq_len, q_len=seq_len
         )
         flops = 4 * batch * seq_len * seq_len / 2 * args.heads * args.head_dim
         for name, fn in implementations(args, decode_only=False).items():
@@ -212,15 +199,7 @@ def bench_kv_write(args) -> list[dict]:
     write = jax.jit(reference.write_kv, donate_argnums=(0, 1))
     for tokens in (args.batches[-1], args.prefill_tokens):
         inputs = random_paged_batch(
-            jax.random.key(2),
-            batch=tokens,
-            context=args.block_size,
-            q_len=1,
-            heads=args.heads,
-            kv_heads=args.kv_heads,
-            head_dim=args.head_dim,
-            block_size=args.block_size,
-            dtype=args.dtype,
+            jax.random.key(2), args, batch=tokens, context=args.block_size, q_len=1
         )
         _, k_new, v_new, k_cache, v_cache, tables, _, _ = inputs
         slots = tables[:, 0] * args.block_size
