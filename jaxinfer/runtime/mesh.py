@@ -95,7 +95,13 @@ def check_tensor_parallel(model_config, tensor_parallel_size: int) -> None:
     """Heads must divide evenly; kv heads must divide, or be fewer and divide the TP size (they are
     then replicated in groups, see `kv_head_replication`)."""
     t = tensor_parallel_size
-    heads, kv_heads = model_config.num_heads, model_config.num_kv_heads
+    kv_heads = getattr(model_config, "num_kv_heads", None)
+    if kv_heads is None:  # encoders (BERT) declare no kv heads and have no sharded path yet
+        raise ValueError(
+            f"tensor_parallel_size {t} is supported for decoder models only, not "
+            f"{type(model_config).__name__}"
+        )
+    heads = model_config.num_heads
     if heads % t:
         raise ValueError(
             f"tensor_parallel_size {t} must divide the number of attention heads ({heads})"
