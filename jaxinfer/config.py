@@ -64,6 +64,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    # Under pipeline parallelism each step's sequences are cut into this many micro-batches, so
+    # that stages work at the same time (None: one per stage; 1: stages take turns, no overlap).
+    pipeline_micro_batches: int | None = None
     # Several processes (runtime/distributed.py): jax.distributed's coordinator "host:port", the
     # process count and this process's id; None reads JAX_COORDINATOR_ADDRESS /
     # JAX_NUM_PROCESSES / JAX_PROCESS_ID, and no coordinator anywhere means one process.
@@ -105,6 +108,13 @@ class EngineConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             size = getattr(self, name)
             _check(isinstance(size, int) and size >= 1, name, "an int >= 1", size)
+        micro = self.pipeline_micro_batches
+        _check(
+            micro is None or (isinstance(micro, int) and micro >= 1),
+            "pipeline_micro_batches",
+            "None or an int >= 1",
+            micro,
+        )
         _check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
         _check(
             self.max_num_batched_tokens >= 1,
@@ -192,6 +202,12 @@ class EngineConfig:
         limit = self.max_blocks_per_seq
         kept = sorted(b for b in set(self.block_buckets or ()) if b < limit)
         return tuple(kept + [limit])  # the largest bucket always covers max_model_len
+
+    @property
+    def resolved_micro_batches(self) -> int:
+        if self.pipeline_micro_batches is None:
+            return self.pipeline_parallel_size
+        return self.pipeline_micro_batches
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from typing_extensions import Self
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs
+from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs, split_plan
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.embedding import Embedder
 from jaxinfer.engine.scheduler import Scheduler
@@ -442,24 +442,29 @@ class Engine:
                     item.seq.seq_id: self._row_sampling(by_seq[item.seq.seq_id])
                     for item in plan.scheduled
                 }
-                bucket = self.buckets.select(plan, self.config.block_size)
-                inputs = build_step_inputs(
-                    plan,
-                    bucket,
-                    self.config.block_size,
-                    sampling,
-                    padding_slot=self.runner.slot_state.padding_slot,
-                    vocab_size=self.vocab_size,
-                )
+                micro_plans = split_plan(plan, self.config.resolved_micro_batches)
+                batches = []
+                for micro in micro_plans:
+                    bucket = self.buckets.select(micro, self.config.block_size)
+                    inputs = build_step_inputs(
+                        micro,
+                        bucket,
+                        self.config.block_size,
+                        sampling,
+                        padding_slot=self.runner.slot_state.padding_slot,
+                        vocab_size=self.vocab_size,
+                    )
+                    batches.append((bucket, inputs))
                 self.runner.copy_blocks(plan.block_copies)
-                outputs = self.runner.execute(bucket, inputs)
-                if plan.is_prefill:
-                    self._record_prompt_logprobs(plan, inputs, outputs, by_seq)
+                results = self.runner.execute_many(batches)
                 sampled = {}
-                for row, item in enumerate(plan.scheduled):
-                    if item.samples:
-                        sampled[item.seq.seq_id] = int(outputs["tokens"][row])
-                        self._record_logprobs(by_seq[item.seq.seq_id], outputs, row)
+                for micro, (_, inputs), outputs in zip(micro_plans, batches, results, strict=True):
+                    if plan.is_prefill:
+                        self._record_prompt_logprobs(micro, inputs, outputs, by_seq)
+                    for row, item in enumerate(micro.scheduled):
+                        if item.samples:
+                            sampled[item.seq.seq_id] = int(outputs["tokens"][row])
+                            self._record_logprobs(by_seq[item.seq.seq_id], outputs, row)
                 for seq in self.scheduler.update(plan, sampled):
                     generated += 1
                     if self._check_stop(seq, by_seq[seq.seq_id]):
@@ -658,20 +663,24 @@ def _as_config(config: EngineConfig | str | None, kwargs: dict) -> EngineConfig:
 def _build_mesh(config: EngineConfig, devices=None):
     """The device mesh of one replica (runtime/mesh.py), or None for the default device.
 
-    Given `devices` (a data-parallel replica's group), even T == 1 gets a one-device mesh, so the
-    replica's weights, KV cache and steps are committed to its own device."""
-    if config.pipeline_parallel_size > 1:
-        raise ValueError(
-            "EngineConfig.pipeline_parallel_size > 1 is not supported yet; tensor_parallel_size "
-            "and data_parallel_size are"
-        )
+    Given `devices` (a data-parallel replica's group), even T == P == 1 gets a one-device mesh, so
+    the replica's weights, KV cache and steps are committed to its own device."""
     if config.data_parallel_size > 1:  # Engine(...) builds a DataParallelEngine instead
         raise ValueError("one engine replica has data_parallel_size 1")
-    if config.tensor_parallel_size == 1 and devices is None:
+    t, p = config.tensor_parallel_size, config.pipeline_parallel_size
+    if t == 1 and p == 1 and devices is None:
         return None
+    import jax
+
     from jaxinfer.runtime.mesh import build_mesh
 
-    return build_mesh(config.tensor_parallel_size, devices=devices)
+    if p > 1 and jax.process_count() > 1:
+        raise ValueError(
+            f"pipeline_parallel_size {p} across several processes is not supported: stages hand "
+            "hidden states from one device group to the next inside one process; use "
+            "tensor_parallel_size across processes instead"
+        )
+    return build_mesh(t, p, devices=devices)
 
 
 def _as_conversations(messages) -> list[list[dict]]:

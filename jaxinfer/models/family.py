@@ -5,15 +5,26 @@ A family module (llama.py, gemma.py, opt.py, ...) exports:
     ARCHITECTURES     the Hugging Face `architectures` names it implements (see registry.py)
     DecoderConfig     a frozen `DecoderShape` subclass with `from_hf(hf_config)`
     declare_weights   cfg -> {param path: WeightSpec}; loading, shape checks and sharding derive from it
-    hidden_states     (params, cfg, kv_cache, token_ids, positions, attention) -> (hidden [T, E], new kv)
+    EMBED_PARAMS      the top-level parameters `embed` reads (a pipeline's first stage holds them)
+    embed             (params, cfg, token_ids [T], positions [T]) -> x [T, E]
+    decoder_layer     (layer params, cfg, layer index, x, layer cache, positions, attention)
+                      -> (x [T, E], the layer's new (k, v) [T, K, D])
     logits            (params, cfg, hidden [..., E]) -> float32 logits [..., V]
     rename_tensors    optional: (cfg, (name, array) pairs) -> pairs, for exports that name tensors
                       differently from what `transformers` saves today (older GPT-2 and OPT uploads)
+
+Three pieces rather than one forward pass so that a pipeline stage can run any contiguous range of
+layers (`run_layers`): the first stage embeds, the last computes logits, the rest pass hidden
+states along. Every other top-level parameter belongs to `logits` (the last stage).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+
+import jax
 
 
 @dataclass(frozen=True)
@@ -77,3 +88,23 @@ def norm_specs(
     if bias:
         specs[f"{name}_bias"] = WeightSpec(f"{hf_prefix}.bias", (size,), ("embed",))
     return specs
+
+
+def run_layers(
+    family: ModuleType,
+    layers: tuple[dict, ...],  # the parameters of layers first_layer, first_layer + 1, ...
+    cfg,
+    kv_cache: tuple,  # the same layers' (k, v) caches
+    x: jax.Array,  # [T, E]: embeddings, or the previous layer range's output
+    positions: jax.Array,  # [T]
+    attention: Callable,
+    first_layer: int = 0,
+) -> tuple[jax.Array, tuple]:
+    """-> (the last layer's output [T, E], per layer the new (k, v) [T, K, D])."""
+    new_kv = []
+    for offset, (layer, layer_cache) in enumerate(zip(layers, kv_cache, strict=True)):
+        x, kv = family.decoder_layer(
+            layer, cfg, first_layer + offset, x, layer_cache, positions, attention
+        )
+        new_kv.append(kv)
+    return x, tuple(new_kv)

@@ -120,42 +120,44 @@ def declare_weights(cfg: GemmaConfig) -> dict[str, WeightSpec]:
     return specs
 
 
-def hidden_states(
-    params: dict,
+EMBED_PARAMS = ("embed",)
+
+
+def embed(params: dict, cfg: GemmaConfig, token_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token embeddings scaled by sqrt(hidden) [T, E]."""
+    table = params["embed"]
+    return table[token_ids] * jnp.asarray(cfg.hidden_size**0.5, table.dtype)
+
+
+def decoder_layer(
+    layer: dict,
     cfg: GemmaConfig,
-    kv_cache: tuple[tuple[jax.Array, jax.Array], ...],  # per layer (k, v): [K, N, P, D]
-    token_ids: jax.Array,  # [T]
+    index: int,
+    x: jax.Array,  # [T, E]
+    layer_cache: tuple[jax.Array, jax.Array],
     positions: jax.Array,  # [T]
     attention: Callable,
-) -> tuple[jax.Array, tuple]:
-    """-> (last layer's output for every token [T, E], per layer the new (k, v) [T, K, D])."""
-    inv_freq = jnp.asarray(cfg.inv_freq)
-    embed = params["embed"]
-    x = embed[token_ids] * jnp.asarray(cfg.hidden_size**0.5, embed.dtype)  # [T, E]
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """-> (the layer's output [T, E], its new (k, v) [T, K, D]); layer `index` picks the window."""
     eps = cfg.rms_norm_eps
-    new_kv = []
-    layers = zip(params["layers"], kv_cache, cfg.layer_windows, strict=True)
-    for layer, layer_cache, window in layers:
-        attn_out, kv = self_attention(
-            cfg,
-            layer,
-            rms_norm_plus_one(x, layer["attn_norm"], eps),
-            layer_cache,
-            attention,
-            rotary=(positions, inv_freq),
-            scale=cfg.attention_scale,
-            sliding_window=window,
-            soft_cap=cfg.attn_soft_cap,
-        )
-        if cfg.sandwich_norms:
-            attn_out = rms_norm_plus_one(attn_out, layer["post_attn_norm"], eps)
-        x = x + attn_out
-        mlp_out = gated_mlp(rms_norm_plus_one(x, layer["mlp_norm"], eps), layer, cfg.activation)
-        if cfg.sandwich_norms:
-            mlp_out = rms_norm_plus_one(mlp_out, layer["post_mlp_norm"], eps)
-        x = x + mlp_out
-        new_kv.append(kv)
-    return x, tuple(new_kv)
+    attn_out, kv = self_attention(
+        cfg,
+        layer,
+        rms_norm_plus_one(x, layer["attn_norm"], eps),
+        layer_cache,
+        attention,
+        rotary=(positions, jnp.asarray(cfg.inv_freq)),
+        scale=cfg.attention_scale,
+        sliding_window=cfg.layer_windows[index],
+        soft_cap=cfg.attn_soft_cap,
+    )
+    if cfg.sandwich_norms:
+        attn_out = rms_norm_plus_one(attn_out, layer["post_attn_norm"], eps)
+    x = x + attn_out
+    mlp_out = gated_mlp(rms_norm_plus_one(x, layer["mlp_norm"], eps), layer, cfg.activation)
+    if cfg.sandwich_norms:
+        mlp_out = rms_norm_plus_one(mlp_out, layer["post_mlp_norm"], eps)
+    return x + mlp_out, kv
 
 
 def logits(params: dict, cfg: GemmaConfig, hidden: jax.Array) -> jax.Array:

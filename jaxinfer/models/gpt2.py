@@ -114,25 +114,30 @@ def _norm(cfg: GPT2Config, tree: dict, name: str, x: jax.Array) -> jax.Array:
     return layer_norm(x, tree[name], tree[f"{name}_bias"], cfg.layer_norm_eps)
 
 
-def hidden_states(
-    params: dict,
+EMBED_PARAMS = ("embed", "positions")
+
+
+def embed(params: dict, cfg: GPT2Config, token_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """Word plus learned position embeddings [T, E]."""
+    return params["embed"][token_ids] + learned_positions(params["positions"], positions)
+
+
+def decoder_layer(
+    layer: dict,
     cfg: GPT2Config,
-    kv_cache: tuple[tuple[jax.Array, jax.Array], ...],
-    token_ids: jax.Array,  # [T]
-    positions: jax.Array,  # [T]
+    index: int,
+    x: jax.Array,  # [T, E]
+    layer_cache: tuple[jax.Array, jax.Array],
+    positions: jax.Array,
     attention: Callable,
-) -> tuple[jax.Array, tuple]:
-    """-> (last layer's output for every token [T, E], per layer the new (k, v) [T, H, D])."""
-    x = params["embed"][token_ids] + learned_positions(params["positions"], positions)  # [T, E]
-    new_kv = []
-    layers = zip(params["layers"], kv_cache, cfg.layer_scales, strict=True)
-    for layer, layer_cache, scale in layers:
-        h = _norm(cfg, layer, "attn_norm", x)
-        attn_out, kv = self_attention(cfg, layer, h, layer_cache, attention, scale=scale)
-        x = x + attn_out
-        x = x + dense_mlp(_norm(cfg, layer, "mlp_norm", x), layer, cfg.activation)
-        new_kv.append(kv)
-    return x, tuple(new_kv)
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """-> (the layer's output [T, E], its new (k, v) [T, H, D]); layer `index` picks the scale."""
+    h = _norm(cfg, layer, "attn_norm", x)
+    attn_out, kv = self_attention(
+        cfg, layer, h, layer_cache, attention, scale=cfg.layer_scales[index]
+    )
+    x = x + attn_out
+    return x + dense_mlp(_norm(cfg, layer, "mlp_norm", x), layer, cfg.activation), kv
 
 
 def logits(params: dict, cfg: GPT2Config, hidden: jax.Array) -> jax.Array:

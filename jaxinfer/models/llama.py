@@ -126,38 +126,42 @@ def declare_weights(cfg: DecoderConfig) -> dict[str, WeightSpec]:
     return specs
 
 
-def hidden_states(
-    params: dict,
+EMBED_PARAMS = ("embed",)  # what `embed` reads: a pipeline's first stage holds these
+
+
+def embed(
+    params: dict, cfg: DecoderConfig, token_ids: jax.Array, positions: jax.Array
+) -> jax.Array:
+    """Token embeddings [T, E] (positions enter through rotary, inside each layer)."""
+    return params["embed"][token_ids]
+
+
+def decoder_layer(
+    layer: dict,
     cfg: DecoderConfig,
-    kv_cache: tuple[tuple[jax.Array, jax.Array], ...],  # per layer (k, v): [K, N, P, D]
-    token_ids: jax.Array,  # [T]
+    index: int,  # the layer's index in the whole model
+    x: jax.Array,  # [T, E]
+    layer_cache: tuple[jax.Array, jax.Array],  # (k, v): [K, N, P, D]
     positions: jax.Array,  # [T]
     attention: Callable,  # (q, k_new, v_new, (k_cache, v_cache)) -> out [T, H, D]
-) -> tuple[jax.Array, tuple]:
-    """-> (last layer's output for every token [T, E], per layer the new (k, v) [T, K, D]).
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """-> (the layer's output [T, E], its new (k, v) [T, K, D]).
 
     The cache is only read here; the runner writes the new K/V into it in a separate donated call.
     """
-    inv_freq = jnp.asarray(cfg.inv_freq)
-    x = params["embed"][token_ids]  # [T, E]
-    new_kv = []
-    qk_norm_eps = cfg.rms_norm_eps if cfg.qk_norm else None
-    for layer, layer_cache in zip(params["layers"], kv_cache, strict=True):
-        normed = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        attn_out, kv = self_attention(
-            cfg,
-            layer,
-            normed,
-            layer_cache,
-            attention,
-            rotary=(positions, inv_freq),
-            qk_norm_eps=qk_norm_eps,
-        )
-        x = x + attn_out
-        h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-        x = x + gated_mlp(h, layer)
-        new_kv.append(kv)
-    return x, tuple(new_kv)
+    normed = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+    attn_out, kv = self_attention(
+        cfg,
+        layer,
+        normed,
+        layer_cache,
+        attention,
+        rotary=(positions, jnp.asarray(cfg.inv_freq)),
+        qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
+    )
+    x = x + attn_out
+    h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+    return x + gated_mlp(h, layer), kv
 
 
 def logits(params: dict, cfg: DecoderConfig, hidden: jax.Array) -> jax.Array:
@@ -165,17 +169,3 @@ def logits(params: dict, cfg: DecoderConfig, hidden: jax.Array) -> jax.Array:
     x = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     return jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
-
-
-def forward(
-    params: dict,
-    cfg: DecoderConfig,
-    kv_cache: tuple[tuple[jax.Array, jax.Array], ...],
-    token_ids: jax.Array,  # [T]
-    positions: jax.Array,  # [T]
-    logits_indices: jax.Array,  # [S] which token's hidden state gives each sequence's logits
-    attention: Callable,
-) -> tuple[jax.Array, tuple]:
-    """-> (float32 logits at `logits_indices` [S, V], per layer the new (k, v) [T, K, D])."""
-    hidden, new_kv = hidden_states(params, cfg, kv_cache, token_ids, positions, attention)
-    return logits(params, cfg, hidden[logits_indices]), new_kv

@@ -24,6 +24,7 @@ from jaxinfer.models import gguf_reader
 from jaxinfer.models.placement import ONE_DEVICE, WeightPlacement
 from jaxinfer.models.registry import model_family
 from jaxinfer.runtime.mesh import check_tensor_parallel, kv_head_replication
+from jaxinfer.runtime.pipeline import StageLayout
 
 # Buffers some checkpoints carry that are recomputed here rather than loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -200,7 +201,7 @@ def build_params(
                 f"checkpoint tensor {hf_name!r} has shape {tuple(array.shape)} (after layout), "
                 f"expected {spec.shape}"
             )
-        _set_path(params, path, placement.put(spec, array.astype(target)))
+        _set_path(params, path, placement.put(path, spec, array.astype(target)))
         loaded.add(hf_name)
     missing = sorted(set(by_hf_name) - loaded)
     if missing:
@@ -235,7 +236,8 @@ def load_model(
     mesh: Mesh | None = None,
 ) -> LoadedModel:
     """`weight_cache_dir`: restore converted weights from there, or save them (weight_cache.py).
-    `mesh`: place every weight straight into its tensor-parallel shard (runtime/mesh.py)."""
+    `mesh`: place every weight straight into its tensor-parallel shard (runtime/mesh.py), on its
+    pipeline stage's devices (runtime/pipeline.py)."""
     hf_config = load_hf_config(source)
     family = model_family(hf_config)
     is_encoder = getattr(family, "IS_ENCODER", False)
@@ -243,7 +245,7 @@ def load_model(
     dtype = resolve_dtype(dtype, hf_config, source)
     placement = ONE_DEVICE
     if mesh is not None:
-        model_config, placement = _tensor_parallel_layout(model_config, mesh)
+        model_config, placement = _mesh_layout(family, model_config, mesh)
     specs = family.declare_weights(model_config)
 
     def convert() -> dict:
@@ -255,17 +257,19 @@ def load_model(
         from jaxinfer.models import weight_cache  # orbax is imported only when caching
 
         params = weight_cache.load_or_convert(
-            Path(weight_cache_dir).expanduser(), source, specs, dtype, family, convert, mesh
+            Path(weight_cache_dir).expanduser(), source, specs, dtype, family, convert, placement
         )
     return LoadedModel(source, hf_config, model_config, family, params, dtype)
 
 
-def _tensor_parallel_layout(model_config, mesh: Mesh) -> tuple[object, WeightPlacement]:
-    """The model as the mesh stores it: kv heads repeated when fewer than the TP size."""
+def _mesh_layout(family, model_config, mesh: Mesh) -> tuple[object, WeightPlacement]:
+    """The model as the mesh stores it: layers split into pipeline stages, kv heads repeated
+    when fewer than the TP size. Raises before any weight is read when the mesh does not fit."""
     size = mesh.shape["model"]
     check_tensor_parallel(model_config, size)
+    stages = StageLayout.build(mesh, model_config.num_layers, family.EMBED_PARAMS)
     repeat = kv_head_replication(model_config, size)
-    placement = WeightPlacement(mesh, repeat, model_config.num_kv_heads)
+    placement = WeightPlacement(stages, repeat, model_config.num_kv_heads)
     if repeat > 1:
         model_config = dataclasses.replace(
             model_config, num_kv_heads=model_config.num_kv_heads * repeat

@@ -131,33 +131,38 @@ def _norm(cfg: OPTConfig, tree: dict, name: str, x: jax.Array) -> jax.Array:
     return layer_norm(x, tree.get(name), tree.get(f"{name}_bias"), cfg.layer_norm_eps)
 
 
-def hidden_states(
-    params: dict,
-    cfg: OPTConfig,
-    kv_cache: tuple[tuple[jax.Array, jax.Array], ...],
-    token_ids: jax.Array,  # [T]
-    positions: jax.Array,  # [T]
-    attention: Callable,
-) -> tuple[jax.Array, tuple]:
-    """-> (last layer's output for every token [T, E], per layer the new (k, v) [T, H, D])."""
+EMBED_PARAMS = ("embed", "project_in", "positions")
+
+
+def embed(params: dict, cfg: OPTConfig, token_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """Word embeddings (projected in, for opt-350m) plus learned positions [T, E]."""
     x = params["embed"][token_ids]  # [T, P]
     if "project_in" in params:
         x = x @ params["project_in"]
-    x = x + learned_positions(params["positions"], positions, POSITION_OFFSET)  # [T, E]
+    return x + learned_positions(params["positions"], positions, POSITION_OFFSET)
+
+
+def decoder_layer(
+    layer: dict,
+    cfg: OPTConfig,
+    index: int,
+    x: jax.Array,  # [T, E]
+    layer_cache: tuple[jax.Array, jax.Array],
+    positions: jax.Array,
+    attention: Callable,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """-> (the layer's output [T, E], its new (k, v) [T, H, D]); pre- or post-norm."""
     pre = cfg.layer_norm_before
-    new_kv = []
-    for layer, layer_cache in zip(params["layers"], kv_cache, strict=True):
-        h = _norm(cfg, layer, "attn_norm", x) if pre else x
-        attn_out, kv = self_attention(cfg, layer, h, layer_cache, attention)
-        x = x + attn_out
-        if not pre:
-            x = _norm(cfg, layer, "attn_norm", x)
-        h = _norm(cfg, layer, "mlp_norm", x) if pre else x
-        x = x + dense_mlp(h, layer, cfg.activation)
-        if not pre:
-            x = _norm(cfg, layer, "mlp_norm", x)
-        new_kv.append(kv)
-    return x, tuple(new_kv)
+    h = _norm(cfg, layer, "attn_norm", x) if pre else x
+    attn_out, kv = self_attention(cfg, layer, h, layer_cache, attention)
+    x = x + attn_out
+    if not pre:
+        x = _norm(cfg, layer, "attn_norm", x)
+    h = _norm(cfg, layer, "mlp_norm", x) if pre else x
+    x = x + dense_mlp(h, layer, cfg.activation)
+    if not pre:
+        x = _norm(cfg, layer, "mlp_norm", x)
+    return x, kv
 
 
 def logits(params: dict, cfg: OPTConfig, hidden: jax.Array) -> jax.Array:

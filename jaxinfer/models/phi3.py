@@ -62,5 +62,7 @@ def declare_weights(cfg: Phi3Config) -> dict[str, WeightSpec]:
     return specs
 
 
-hidden_states = llama.hidden_states
+EMBED_PARAMS = llama.EMBED_PARAMS
+embed = llama.embed
+decoder_layer = llama.decoder_layer
 logits = llama.logits

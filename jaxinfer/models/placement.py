@@ -1,4 +1,5 @@
-"""Where each converted weight goes: one device, or straight into its shard of a mesh.
+"""Where each converted weight goes: one device, or straight into its shard of a mesh (of its
+pipeline stage's mesh, under pipeline parallelism: runtime/pipeline.py).
 
 `jax.device_put(host_array, NamedSharding)` sends every device only its own slice, so a model that
 does not fit one device never has to be whole on one device first.
@@ -15,15 +16,14 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from jaxinfer.models.family import WeightSpec
-from jaxinfer.runtime.mesh import named_sharding
+from jaxinfer.runtime.pipeline import StageLayout, weight_sharding
 
 
 @dataclass(frozen=True)
 class WeightPlacement:
-    mesh: Mesh | None = None
+    stages: StageLayout | None = None  # None: everything on the default device
     kv_repeat: int = 1  # copies of each kv head (tensor parallel with kv heads < TP size)
     kv_heads: int = 0  # the checkpoint's kv heads (needed only when kv_repeat > 1)
 
@@ -44,11 +44,17 @@ class WeightPlacement:
                 array = repeated.reshape(*array.shape[:axis], -1, *array.shape[axis + 1 :])
         return array
 
-    def put(self, spec: WeightSpec, array: np.ndarray) -> jax.Array:
+    def sharding(self, path: str, spec: WeightSpec) -> jax.sharding.Sharding:
+        """Where parameter `path` lives (also the weight cache's restore target)."""
+        if self.stages is None:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return weight_sharding(self.stages, path, spec, spec.shape)
+
+    def put(self, path: str, spec: WeightSpec, array: np.ndarray) -> jax.Array:
         array = np.ascontiguousarray(array)
-        if self.mesh is None:
+        if self.stages is None:
             return jax.device_put(array)
-        return jax.device_put(array, named_sharding(self.mesh, spec.logical_axes, array.shape))
+        return jax.device_put(array, self.sharding(path, spec))
 
 
 ONE_DEVICE = WeightPlacement()

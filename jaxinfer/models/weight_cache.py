@@ -35,7 +35,6 @@ import inspect
 import json
 import logging
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -43,9 +42,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
 from jaxinfer.models import gguf_reader, loader
+from jaxinfer.models import placement as placement_module
+from jaxinfer.models.placement import ONE_DEVICE, WeightPlacement
 
 logger = logging.getLogger("jaxinfer")
 
@@ -83,10 +83,8 @@ def _stat_identity(path: Path) -> dict:
 
 def _code_digest(family) -> str:
     digest = hashlib.sha256()
-    placement = sys.modules.get("jaxinfer.models.placement")  # kv-head layout under a mesh
-    for module in (loader, gguf_reader, family, placement):
-        if module is not None:
-            digest.update(inspect.getsource(module).encode())
+    for module in (loader, gguf_reader, family, placement_module):  # placement: kv-head layout
+        digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()
 
 
@@ -111,24 +109,14 @@ def _entry_name(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40]
 
 
-def target_sharding(spec, mesh: Mesh | None) -> jax.sharding.Sharding:
-    """Where `placement.put` would place this weight: the first device, or its mesh shard.
-
-    orbax stores each array whole (global shape), so an entry restores onto any mesh."""
-    if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    from jaxinfer.runtime.mesh import named_sharding
-
-    return named_sharding(mesh, spec.logical_axes, spec.shape)
-
-
-def abstract_params(specs: dict, dtype: str, mesh: Mesh | None = None) -> dict:
-    """The parameter pytree `build_params` makes, as ShapeDtypeStructs carrying target shardings."""
+def abstract_params(specs: dict, dtype: str, placement: WeightPlacement = ONE_DEVICE) -> dict:
+    """The parameter pytree `build_params` makes, as ShapeDtypeStructs carrying the shardings
+    `placement` would give them (orbax stores each array whole, so an entry restores onto any
+    mesh)."""
     tree: dict = {}
     for path, spec in specs.items():
-        leaf = jax.ShapeDtypeStruct(
-            spec.shape, jnp.dtype(dtype), sharding=target_sharding(spec, mesh)
-        )
+        sharding = placement.sharding(path, spec)
+        leaf = jax.ShapeDtypeStruct(spec.shape, jnp.dtype(dtype), sharding=sharding)
         loader._set_path(tree, path, leaf)
     tree["layers"] = tuple(tree.get("layers", ()))
     return tree
@@ -231,7 +219,7 @@ def load_or_convert(
     dtype: str,
     family,
     convert: Callable[[], dict],
-    mesh: Mesh | None = None,
+    placement: WeightPlacement = ONE_DEVICE,
 ) -> dict:
     """The cached parameters of `source` when an entry matches, else `convert()` (and save it)."""
     cache_dir = Path(cache_dir)
@@ -239,7 +227,7 @@ def load_or_convert(
     entry = cache_dir / _entry_name(key)
     if entry.is_dir():
         started = time.perf_counter()
-        params = _restore(entry, key, abstract_params(specs, dtype, mesh))
+        params = _restore(entry, key, abstract_params(specs, dtype, placement))
         if params is not None:
             logger.info("weights restored from %s in %.2fs", entry, time.perf_counter() - started)
             return params

@@ -68,7 +68,9 @@ def num_blocks_for(config: EngineConfig, model_config, dtype: str, weight_bytes:
     """Blocks the budget allows, capped at what max_num_seqs full-length sequences could use."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    per_block = bytes_per_block(model_config, config.block_size, dtype, config.tensor_parallel_size)
+    # Each device holds its kv-head shard (TP) of its stage's layers (PP).
+    shards = config.tensor_parallel_size * config.pipeline_parallel_size
+    per_block = bytes_per_block(model_config, config.block_size, dtype, shards)
     from_budget = kv_budget_bytes(config, weight_bytes) // per_block
     useful = config.max_num_seqs * config.max_blocks_per_seq + 1
     num_blocks = min(from_budget, useful)

@@ -8,9 +8,11 @@ counted by `num_compilations`, which tests watch. Each step is two executables: 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,14 @@ from jaxinfer.runtime import kv_cache as kv
 from jaxinfer.runtime import slot_state as slots
 from jaxinfer.runtime.attention_backend import attention_fn, resolve_backend
 from jaxinfer.runtime.mesh import replicated
-from jaxinfer.runtime.step import all_token_logits, jit_copy_blocks, jit_step, jit_write_cache
+from jaxinfer.runtime.pipeline import StageLayout, hidden_sharding
+from jaxinfer.runtime.step import (
+    all_token_logits,
+    jit_copy_blocks,
+    jit_stage_forward,
+    jit_step,
+    jit_write_cache,
+)
 
 logger = logging.getLogger("jaxinfer")
 
@@ -66,6 +75,20 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+@dataclass
+class _Stage:
+    """One pipeline stage's device state and executables; the whole model when P == 1."""
+
+    mesh: Mesh | None
+    layers: range
+    params: dict
+    kv_cache: tuple
+    jitted: dict  # decode_only -> the jitted step (last stage) or stage forward (the others)
+    executables: dict = field(default_factory=dict)  # Bucket -> Compiled
+    writers: dict = field(default_factory=dict)  # token count -> Compiled cache writer
+    block_copier: jax.stages.Compiled | None = None
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -81,42 +104,63 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.mesh = mesh
-        self.attention_backend = resolve_backend(attention_backend, model.model_config.head_dim)
-        paged_attention = attention_fn(self.attention_backend, mesh)
+        cfg = model.model_config
+        self.attention_backend = resolve_backend(attention_backend, cfg.head_dim)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_logprobs = num_logprobs
         self.max_block_copies = num_slots  # at most one copy-on-write per decoding sequence
-        self._block_copier: jax.stages.Compiled | None = None
-        self.kv_cache = kv.allocate(model.model_config, num_blocks, block_size, model.dtype, mesh)
-        self.slot_state = slots.allocate(num_slots, model.model_config.vocab_size)
-        if mesh is not None:  # small [slots, V] arrays: every device keeps all of them
-            self.slot_state = jax.device_put(self.slot_state, replicated(mesh))
+        layout = StageLayout.build(mesh, cfg.num_layers, model.family.EMBED_PARAMS)
+        stage_params = layout.stage_params(model.params, cfg.tie_word_embeddings)
+        self.stages: list[_Stage] = []
+        for stage_mesh, layers, params in zip(layout.meshes, layout.ranges, stage_params):
+            last = layers.stop == cfg.num_layers
+            paged_attention = attention_fn(self.attention_backend, stage_mesh)
+            common = (model.family, cfg)
+            if last:
+                jitted = {
+                    decode_only: jit_step(
+                        *common,
+                        decode_only,
+                        max_top_k,
+                        num_logprobs,
+                        paged_attention,
+                        stage_mesh,
+                        first_layer=layers.start,
+                    )
+                    for decode_only in (False, True)
+                }
+            else:
+                jitted = {
+                    decode_only: jit_stage_forward(
+                        *common, decode_only, paged_attention, stage_mesh, layers.start
+                    )
+                    for decode_only in (False, True)
+                }
+            stage_cfg = dataclasses.replace(cfg, num_layers=len(layers))
+            cache = kv.allocate(stage_cfg, num_blocks, block_size, model.dtype, stage_mesh)
+            self.stages.append(_Stage(stage_mesh, layers, params, cache, jitted))
+        last = self.stages[-1]
+        self.slot_state = slots.allocate(num_slots, cfg.vocab_size)
+        if last.mesh is not None:  # small [slots, V] arrays: every device keeps all of them
+            self.slot_state = jax.device_put(self.slot_state, replicated(last.mesh))
         self._write_slot = jax.jit(slots.write_slot, donate_argnums=(0,))
         self._all_logits = jax.jit(
             functools.partial(
                 all_token_logits,
                 family=model.family,
-                model_config=model.model_config,
-                paged_attention=paged_attention,
+                model_config=cfg,
+                paged_attention=attention_fn(self.attention_backend, last.mesh),
+                first_layer=last.layers.start,
             )
         )
-        self._jitted = {
-            decode_only: jit_step(
-                model.family,
-                model.model_config,
-                decode_only,
-                max_top_k,
-                num_logprobs,
-                paged_attention,
-                mesh,
-            )
-            for decode_only in (False, True)
-        }
-        self._executables: dict[Bucket, jax.stages.Compiled] = {}
-        self._writers: dict[int, jax.stages.Compiled] = {}  # keyed by token count
         self.num_compilations = 0
         self.compile_seconds = 0.0
+
+    @property
+    def kv_cache(self) -> tuple:
+        """Every layer's (k, v) cache, in layer order, wherever its stage keeps it."""
+        return tuple(layer for stage in self.stages for layer in stage.kv_cache)
 
     def _count(self, started: float, what: object) -> None:
         elapsed = time.perf_counter() - started
@@ -124,43 +168,47 @@ class ModelRunner:
         self.num_compilations += 1
         logger.debug("compiled %s in %.2fs", what, elapsed)
 
-    def _new_kv_shapes(self, num_tokens: int) -> tuple:
+    def _new_kv_shapes(self, stage: _Stage, num_tokens: int) -> tuple:
         cfg = self.model.model_config
         new = jax.ShapeDtypeStruct((num_tokens, cfg.num_kv_heads, cfg.head_dim), self.model.dtype)
-        return tuple((new, new) for _ in range(cfg.num_layers))
+        return tuple((new, new) for _ in stage.layers)
 
-    def compile(self, bucket: Bucket) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
-        """The bucket's step and its cache writer, compiling whichever is new."""
-        executable = self._executables.get(bucket)
-        if executable is None:
-            started = time.perf_counter()
-            jitted = self._jitted[not bucket.is_prefill]
-            executable = jitted.lower(
-                self.model.params,
-                self.kv_cache,
-                self.slot_state,
-                _abstract_inputs(bucket, MAX_BANNED_PER_STEP, self.mesh),
-            ).compile()
-            self._executables[bucket] = executable
-            self._count(started, bucket)
-        writer = self._writers.get(bucket.num_tokens)
-        if writer is None:
-            started = time.perf_counter()
-            slots = jax.ShapeDtypeStruct((bucket.num_tokens,), jnp.int32)
-            writer = jit_write_cache.lower(
-                self.kv_cache, self._new_kv_shapes(bucket.num_tokens), slots
-            ).compile()
-            self._writers[bucket.num_tokens] = writer
-            self._count(started, f"cache writer for {bucket.num_tokens} tokens")
-        return executable, writer
+    def compile(self, bucket: Bucket) -> None:
+        """Every stage's executable for the bucket and its cache writer, compiling whichever is new."""
+        hidden = None  # the first stage embeds; the others take the previous stage's output
+        for stage in self.stages:
+            executable = stage.executables.get(bucket)
+            if executable is None:
+                started = time.perf_counter()
+                inputs = _abstract_inputs(bucket, MAX_BANNED_PER_STEP, stage.mesh)
+                arguments = (stage.params, stage.kv_cache)
+                if stage is self.stages[-1]:
+                    arguments += (self.slot_state,)
+                jitted = stage.jitted[not bucket.is_prefill]
+                executable = jitted.lower(*arguments, inputs, hidden).compile()
+                stage.executables[bucket] = executable
+                self._count(started, bucket)
+            if stage is not self.stages[-1]:
+                out = executable.out_info[0]
+                following = self.stages[self.stages.index(stage) + 1]
+                hidden = jax.ShapeDtypeStruct(
+                    out.shape, out.dtype, sharding=hidden_sharding(following.mesh)
+                )
+            if bucket.num_tokens not in stage.writers:
+                started = time.perf_counter()
+                slot_mapping = jax.ShapeDtypeStruct((bucket.num_tokens,), jnp.int32)
+                stage.writers[bucket.num_tokens] = jit_write_cache.lower(
+                    stage.kv_cache, self._new_kv_shapes(stage, bucket.num_tokens), slot_mapping
+                ).compile()
+                self._count(started, f"cache writer for {bucket.num_tokens} tokens")
 
-    def compile_block_copier(self) -> jax.stages.Compiled:
-        if self._block_copier is None:
-            started = time.perf_counter()
-            pairs = jax.ShapeDtypeStruct((self.max_block_copies,), jnp.int32)
-            self._block_copier = jit_copy_blocks.lower(self.kv_cache, pairs, pairs).compile()
-            self._count(started, "block copier")
-        return self._block_copier
+    def compile_block_copier(self) -> None:
+        for stage in self.stages:
+            if stage.block_copier is None:
+                started = time.perf_counter()
+                pairs = jax.ShapeDtypeStruct((self.max_block_copies,), jnp.int32)
+                stage.block_copier = jit_copy_blocks.lower(stage.kv_cache, pairs, pairs).compile()
+                self._count(started, "block copier")
 
     def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
         """Copy KV blocks (src, dst) in order; copy-on-write of shared blocks before a step."""
@@ -170,39 +218,70 @@ class ModelRunner:
             raise ValueError(f"{len(copies)} block copies exceed {self.max_block_copies}")
         pairs = np.zeros((2, self.max_block_copies), np.int32)
         pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
-        self.kv_cache = self.compile_block_copier()(self.kv_cache, pairs[0], pairs[1])
+        self.compile_block_copier()
+        for stage in self.stages:
+            stage.kv_cache = stage.block_copier(stage.kv_cache, pairs[0], pairs[1])
 
     def write_slot(self, slot: int, row: slots.SlotState) -> None:
         """Install one request's sampling row (host arrays [V]) in its slot."""
         self.slot_state = self._write_slot(self.slot_state, np.int32(slot), row)
 
+    def _through_stages(self, bucket: Bucket, arrays: dict) -> jax.Array | None:
+        """Run every stage but the last (writing their K/V); -> the hidden states the last stage
+        takes, already on its devices (None without pipelining)."""
+        self.compile(bucket)
+        hidden = None
+        for stage, following in zip(self.stages, self.stages[1:]):
+            hidden, new_kv = stage.executables[bucket](stage.params, stage.kv_cache, arrays, hidden)
+            stage.kv_cache = stage.writers[bucket.num_tokens](
+                stage.kv_cache, new_kv, arrays["slot_mapping"]
+            )
+            hidden = jax.device_put(hidden, hidden_sharding(following.mesh))
+        return hidden
+
+    def _last_stage(self, bucket: Bucket, arrays: dict, hidden: jax.Array | None) -> dict:
+        last = self.stages[-1]
+        outputs, new_kv, self.slot_state = last.executables[bucket](
+            last.params, last.kv_cache, self.slot_state, arrays, hidden
+        )
+        last.kv_cache = last.writers[bucket.num_tokens](
+            last.kv_cache, new_kv, arrays["slot_mapping"]
+        )
+        return outputs
+
     def execute(self, bucket: Bucket, inputs: StepInputs) -> dict[str, np.ndarray]:
         """Run one step; -> its outputs (see `step`) on the host. Cache and slots stay on device."""
-        executable, writer = self.compile(bucket)
-        arrays = inputs.as_dict()
-        outputs, new_kv, self.slot_state = executable(
-            self.model.params, self.kv_cache, self.slot_state, arrays
-        )
-        self.kv_cache = writer(self.kv_cache, new_kv, arrays["slot_mapping"])
-        return {name: np.asarray(value) for name, value in outputs.items()}
+        return self.execute_many([(bucket, inputs)])[0]
+
+    def execute_many(self, batches: list[tuple[Bucket, StepInputs]]) -> list[dict[str, np.ndarray]]:
+        """Run several micro-batches of one step (disjoint sequences); -> each one's outputs.
+
+        Everything is dispatched before any result is read back: JAX runs each stage's work
+        asynchronously on that stage's devices, so with a pipeline stage s works on micro-batch
+        m + 1 while stage s + 1 works on micro-batch m.
+        """
+        pending = []
+        for bucket, inputs in batches:
+            arrays = inputs.as_dict()
+            pending.append(self._last_stage(bucket, arrays, self._through_stages(bucket, arrays)))
+        return [{name: np.asarray(value) for name, value in out.items()} for out in pending]
 
     def all_logits(self, bucket: Bucket, inputs: StepInputs) -> np.ndarray:
         """Logits of every token of a prefill step [T, V], writing its K/V like `execute`.
 
         Outside the bucket contract (jitted on demand): for parity checks and diagnostics.
         """
-        _, writer = self.compile(bucket)
         arrays = inputs.as_dict()
         arrays["sampled"] = np.zeros_like(arrays["sampled"])  # leave the sampling state alone
-        logits = self._all_logits(self.model.params, self.kv_cache, arrays)
-        _, new_kv, self.slot_state = self._executables[bucket](
-            self.model.params, self.kv_cache, self.slot_state, arrays
-        )
-        self.kv_cache = writer(self.kv_cache, new_kv, arrays["slot_mapping"])
+        hidden = self._through_stages(bucket, arrays)
+        last = self.stages[-1]
+        logits = self._all_logits(last.params, last.kv_cache, arrays, hidden)
+        self._last_stage(bucket, arrays, hidden)
         return np.asarray(logits)
 
     def shutdown(self) -> None:
-        self._executables.clear()
-        self._writers.clear()
-        self.kv_cache = None
+        for stage in self.stages:
+            stage.executables.clear()
+            stage.writers.clear()
+            stage.kv_cache = None
         self.slot_state = None

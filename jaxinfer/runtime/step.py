@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxinfer.models.family import run_layers
 from jaxinfer.runtime.sampling import sample, top_logprobs
 from jaxinfer.runtime.slot_state import SlotState, batch_tensors, count_sampled
 from pallas_kernels import reference
@@ -62,14 +63,18 @@ def forward_hidden(
     params: dict,
     kv_cache: tuple,
     inputs: dict,
+    hidden_in: jax.Array | None = None,
     *,
     family: ModuleType,
     model_config,
     decode_only: bool,
     paged_attention: Callable = reference.paged_attention,
+    first_layer: int = 0,
 ) -> tuple[jax.Array, tuple]:
     """-> (last hidden state of every token [T, E], per layer the new (k, v) [T, K, D]).
 
+    Runs the layers in `params["layers"]` (all of them, or one pipeline stage's, the first being
+    layer `first_layer`) on the embedded tokens, or on `hidden_in` from the previous stage.
     `paged_attention` is the attention backend: the jnp reference or the Pallas kernel
     (`runtime/attention_backend.py` picks one), both with the reference's signature.
     """
@@ -80,8 +85,12 @@ def forward_hidden(
         sliding_window=model_config.sliding_window,
         paged_attention=paged_attention,
     )
-    return family.hidden_states(
-        params, model_config, kv_cache, inputs["token_ids"], inputs["positions"], attention
+    positions = inputs["positions"]
+    x = hidden_in
+    if x is None:
+        x = family.embed(params, model_config, inputs["token_ids"], positions)
+    return run_layers(
+        family, params["layers"], model_config, kv_cache, x, positions, attention, first_layer
     )
 
 
@@ -107,6 +116,7 @@ def step(
     kv_cache: tuple,
     slot_state: SlotState,
     inputs: dict,
+    hidden_in: jax.Array | None = None,
     *,
     family: ModuleType,
     model_config,
@@ -115,8 +125,12 @@ def step(
     num_logprobs: int,
     paged_attention: Callable = reference.paged_attention,
     mesh: Mesh | None = None,
+    first_layer: int = 0,
 ) -> tuple[dict[str, jax.Array], tuple, SlotState]:
     """-> (sampled tokens and logprobs, per layer the new (k, v) [T, K, D], new slot state).
+
+    The whole model, or a pipeline's last stage (`hidden_in` from the previous stage, layers from
+    `first_layer` on): the layers, the logits and the sampler.
 
     Outputs per row [S]: `tokens`, `token_logprob` (raw log-softmax, vLLM's default),
     `token_rank`; [S, num_logprobs]: `top_ids`, `top_logprobs`. Per token [T] (prefill only;
@@ -128,10 +142,12 @@ def step(
         params,
         kv_cache,
         inputs,
+        hidden_in,
         family=family,
         model_config=model_config,
         decode_only=decode_only,
         paged_attention=paged_attention,
+        first_layer=first_layer,
     )
     logits = _whole_on_every_device(
         family.logits(params, model_config, hidden[inputs["logits_indices"]]), mesh
@@ -178,22 +194,45 @@ def all_token_logits(
     params,
     kv_cache,
     inputs,
+    hidden_in: jax.Array | None = None,
     *,
     family: ModuleType,
     model_config,
     paged_attention: Callable = reference.paged_attention,
+    first_layer: int = 0,
 ):
-    """Logits of every token of a prefill [T, V] (parity tests, prompt logprobs)."""
+    """Logits of every token of a prefill [T, V] (parity tests, prompt logprobs); on a pipeline,
+    the last stage's, from `hidden_in`."""
     hidden, _ = forward_hidden(
         params,
         kv_cache,
         inputs,
+        hidden_in,
         family=family,
         model_config=model_config,
         decode_only=False,
         paged_attention=paged_attention,
+        first_layer=first_layer,
     )
     return family.logits(params, model_config, hidden)
+
+
+def stage_forward(
+    params: dict,
+    kv_cache: tuple,
+    inputs: dict,
+    hidden_in: jax.Array | None,
+    *,
+    mesh: Mesh | None,
+    **forward,
+) -> tuple[jax.Array, tuple]:
+    """A pipeline stage before the last: its layers -> (hidden [T, E], their new (k, v)).
+
+    The hidden states leave whole on every device of the stage, ready to be sent to the next."""
+    hidden, new_kv = forward_hidden(params, kv_cache, inputs, hidden_in, **forward)
+    if mesh is not None:
+        hidden = jax.lax.with_sharding_constraint(hidden, NamedSharding(mesh, PartitionSpec()))
+    return hidden, new_kv
 
 
 def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array) -> tuple:
@@ -212,6 +251,7 @@ def jit_step(
     num_logprobs: int,
     paged_attention: Callable = reference.paged_attention,
     mesh: Mesh | None = None,
+    first_layer: int = 0,
 ):
     """The step, compiled per bucket. Only the slot state is donated: the cache is read here and
     written by `write_cache` (see the module docstring)."""
@@ -225,8 +265,31 @@ def jit_step(
             num_logprobs=num_logprobs,
             paged_attention=paged_attention,
             mesh=mesh,
+            first_layer=first_layer,
         ),
         donate_argnums=(2,),
+    )
+
+
+def jit_stage_forward(
+    family: ModuleType,
+    model_config,
+    decode_only: bool,
+    paged_attention: Callable,
+    mesh: Mesh | None,
+    first_layer: int,
+):
+    """A pipeline stage before the last, compiled per bucket (nothing donated, as in `jit_step`)."""
+    return jax.jit(
+        functools.partial(
+            stage_forward,
+            family=family,
+            model_config=model_config,
+            decode_only=decode_only,
+            paged_attention=paged_attention,
+            mesh=mesh,
+            first_layer=first_layer,
+        )
     )
 
 

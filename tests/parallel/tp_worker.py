@@ -50,7 +50,8 @@ def shard_report(array: jax.Array) -> dict:
 def collectives(engine: Engine) -> dict:
     """Collective ops in the compiled prefill step's HLO, and the shapes all-gathers produce."""
     bucket = next(b for b in engine.buckets.all_buckets() if b.is_prefill)
-    text = engine.runner.compile(bucket)[0].as_text()
+    engine.runner.compile(bucket)
+    text = engine.runner.stages[-1].executables[bucket].as_text()
     gathers = re.findall(r"= (\w+\[[\d,]*\])[^=]*? all-gather(?:-start)?\(", text)
     return {
         "all_reduce": len(re.findall(r" all-reduce(?:-start)?\(", text)),

@@ -1,0 +1,106 @@
+"""Pipeline stages: which layers, weights and devices each stage owns.
+
+The mesh's `stage` axis cuts the model into P contiguous layer ranges. Stage s is its own
+`(data=1, stage=1, model=T)` sub-mesh: its layers' weights and KV cache live only there, and
+tensor parallelism inside a stage works exactly as without pipelining. The first stage also holds
+what the family's `embed` reads (`EMBED_PARAMS`), the last stage everything `logits` reads (final
+norm, lm_head; a copy of the embedding when the two are tied). Hidden states [T, E] move from one
+stage's devices to the next between stage executables (`runtime/runner.py`).
+
+Stages are separate executables rather than one SPMD program over the stage axis: each stage then
+runs only its own layers' work (an SPMD pipeline computes every stage in every tick, bubbles
+included), per-layer differences (Gemma 2's alternating windows) need no stacking, and XLA's async
+dispatch lets stage s work on micro-batch m + 1 while stage s + 1 works on micro-batch m.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxinfer.runtime.mesh import named_sharding
+
+
+def layer_ranges(num_layers: int, pipeline_parallel_size: int) -> tuple[range, ...]:
+    """P equal contiguous layer ranges; P must divide the layer count."""
+    p = pipeline_parallel_size
+    if p < 1 or num_layers % p:
+        raise ValueError(
+            f"pipeline_parallel_size {p} must divide the number of layers ({num_layers})"
+        )
+    size = num_layers // p
+    return tuple(range(s * size, (s + 1) * size) for s in range(p))
+
+
+def stage_meshes(mesh: Mesh) -> tuple[Mesh, ...]:
+    """One `(data, stage, model)` sub-mesh per stage, each with a stage axis of size 1."""
+    if mesh.shape["data"] != 1:
+        raise ValueError("a pipeline runs inside one data-parallel replica (data axis of size 1)")
+    return tuple(
+        Mesh(mesh.devices[:, s : s + 1, :], mesh.axis_names, axis_types=mesh.axis_types)
+        for s in range(mesh.shape["stage"])
+    )
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Per stage: its mesh (None: the default device, no mesh) and its layer range."""
+
+    meshes: tuple[Mesh | None, ...]
+    ranges: tuple[range, ...]
+    embed_params: tuple[str, ...]  # top-level parameters of the first stage
+
+    @classmethod
+    def build(cls, mesh: Mesh | None, num_layers: int, embed_params: tuple[str, ...]):
+        if mesh is None or mesh.shape["stage"] == 1:
+            return cls((mesh,), (range(num_layers),), embed_params)
+        ranges = layer_ranges(num_layers, mesh.shape["stage"])
+        return cls(stage_meshes(mesh), ranges, embed_params)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.ranges)
+
+    def stage_of(self, path: str) -> int:
+        """The stage that holds parameter `path` ("layers.7.q", "embed", "final_norm")."""
+        if path.startswith("layers."):
+            layer = int(path.split(".")[1])
+            return next(s for s, r in enumerate(self.ranges) if layer in r)
+        return 0 if path.split(".")[0] in self.embed_params else self.num_stages - 1
+
+    def mesh_of(self, path: str) -> Mesh | None:
+        return self.meshes[self.stage_of(path)]
+
+    def stage_params(self, params: dict, tied_embedding: bool) -> tuple[dict, ...]:
+        """Split the loaded parameter tree (each leaf already on its stage's devices) into one
+        tree per stage; a tied embedding is copied, shard by shard, to the last stage too."""
+        stages = []
+        last = self.num_stages - 1
+        for s, layers in enumerate(self.ranges):
+            tree = {"layers": params["layers"][layers.start : layers.stop]}
+            for name, value in params.items():
+                if name != "layers" and self.stage_of(name) == s:
+                    tree[name] = value
+            if s == last and s > 0 and tied_embedding:
+                embed = params["embed"]
+                tree["embed"] = jax.device_put(
+                    embed, NamedSharding(self.meshes[s], embed.sharding.spec)
+                )
+            stages.append(tree)
+        return tuple(stages)
+
+
+def hidden_sharding(mesh: Mesh | None) -> jax.sharding.Sharding | None:
+    """Hidden states [T, E] between stages: whole on every device of the receiving stage (they
+    are small, and every tensor-parallel shard of the next layer reads all of them)."""
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
+def weight_sharding(layout: StageLayout, path: str, spec, shape) -> jax.sharding.Sharding:
+    """Where parameter `path` lives: its stage's mesh, split by the logical-axis rules."""
+    mesh = layout.mesh_of(path)
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return named_sharding(mesh, spec.logical_axes, shape)
