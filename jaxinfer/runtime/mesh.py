@@ -29,6 +29,9 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": "model",
     "mlp": "model",
     "embed": None,
+    # A fused q/k/v projection (GPT-2, Phi-3) stays whole: split by columns, each device would
+    # get a mix of q, k and v heads that XLA has to reshuffle in every layer.
+    "qkv_heads": None,
 }
 
 

@@ -1,0 +1,154 @@
+"""Pipeline-parallel measurements on 8 fake CPU devices, run in a subprocess by
+test_pipeline_parallel.
+
+Like tp_worker: `python -m tests.parallel.pp_worker OUT.json` with XLA_FLAGS set by the test; it
+only measures and writes JSON, and the test asserts. The single-device engine is the reference for
+a 4-layer Llama (8 query heads, 2 kv heads) under PP 2 and 4 and TP 2 x PP 2, and for 2-layer
+Gemma 2 (tied embeddings, a sliding layer then a global one), GPT-2 and OPT under PP 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+import jax
+import numpy as np
+
+from jaxinfer import Engine, EngineConfig, SamplingParams
+from tests.checkpoints import tiny_checkpoint
+from tests.parallel.tp_worker import ENGINE, PROMPT_LENGTHS, prompts_for, shard_report
+from tests.parity import engine_prefill_logits
+
+PIPELINE_ENGINE = ENGINE | {"seq_buckets": (1, 2, 4), "token_buckets": (32, 128)}
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+SEEDED = [
+    SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, ignore_eos=True, seed=seed)
+    for seed in (1, 2, 3, 4)
+]
+LLAMA_CASES = {  # name -> (tensor_parallel_size, pipeline_parallel_size)
+    "llama-pp2": (1, 2),
+    "llama-pp4": (1, 4),
+    "llama-tp2-pp2": (2, 2),
+}
+FAMILY_CHECKPOINTS = {  # what `embed` and `logits` read differs from Llama's
+    "gemma2": {"tie_word_embeddings": True},  # the embedding on both ends; per-layer windows
+    "gpt2": {},  # learned positions on the first stage, a final norm with bias on the last
+}
+THOROUGH_CASE = "llama-pp2"  # also: no compilation after warm-up; stages taking turns
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in outputs]
+
+
+def reference(path: str, prompts: list) -> dict:
+    with Engine(EngineConfig(model=path, **PIPELINE_ENGINE)) as single:
+        return {
+            "logits": engine_prefill_logits(single, prompts, chunk_size=32),
+            "greedy": tokens(single.generate(prompts, GREEDY, use_tqdm=False)),
+            "seeded": tokens(single.generate(prompts, SEEDED, use_tqdm=False)),
+        }
+
+
+def device_ids(array: jax.Array) -> list[int]:
+    return sorted(d.id for d in array.devices())
+
+
+def placement(engine: Engine) -> dict:
+    """Where every stage's weights and KV cache live, and how many weight bytes each device
+    holds."""
+    stages = []
+    bytes_per_device: dict[int, int] = defaultdict(int)
+    for stage in engine.runner.stages:
+        leaves = jax.tree.leaves(stage.params)
+        first_layer = stage.params["layers"][0]
+        for leaf in leaves:
+            for shard in leaf.addressable_shards:
+                bytes_per_device[shard.device.id] += shard.data.nbytes
+        stages.append(
+            {
+                "layers": [stage.layers.start, stage.layers.stop],
+                "params": sorted(k for k in stage.params if k != "layers"),
+                "weight_devices": sorted({d for leaf in leaves for d in device_ids(leaf)}),
+                "kv_cache_devices": sorted(
+                    {d for leaf in jax.tree.leaves(stage.kv_cache) for d in device_ids(leaf)}
+                ),
+                "kv_cache_layers": len(stage.kv_cache),
+                "q": shard_report(first_layer.get("q", first_layer.get("qkv"))),
+                "kv_cache": shard_report(stage.kv_cache[0][0]),
+            }
+        )
+    whole = sum(leaf.nbytes for leaf in jax.tree.leaves(engine.model.params))
+    return {"stages": stages, "bytes_per_device": bytes_per_device, "model_bytes": whole}
+
+
+def measure(path: str, prompts: list, base: dict, tp: int, pp: int, thorough: bool) -> dict:
+    config = EngineConfig(
+        model=path, tensor_parallel_size=tp, pipeline_parallel_size=pp, **PIPELINE_ENGINE
+    )
+    with Engine(config) as engine:
+        logits = engine_prefill_logits(engine, prompts, chunk_size=32)
+        if thorough:
+            engine.warmup()
+        compiled = engine.num_compilations
+        greedy = tokens(engine.generate(prompts, GREEDY, use_tqdm=False))
+        seeded = tokens(engine.generate(prompts, SEEDED, use_tqdm=False))
+        report = {
+            "max_logit_diff": float(
+                max(np.abs(a - b).max() for a, b in zip(logits, base["logits"], strict=True))
+            ),
+            "greedy_equal": greedy == base["greedy"],
+            "seeded_equal": seeded == base["seeded"],
+            "greedy": greedy,
+            "new_compilations": engine.num_compilations - compiled if thorough else None,
+            **placement(engine),
+        }
+    if not thorough:
+        return report
+    # Stages taking turns (one micro-batch) must give the same tokens as overlapped micro-batches.
+    with Engine(config.replace(pipeline_micro_batches=1)) as turns:
+        report["one_micro_batch_equal"] = (
+            tokens(turns.generate(prompts, GREEDY, use_tqdm=False)) == base["greedy"]
+        )
+    return report
+
+
+def errors(path: str) -> dict:
+    found = {}
+    for name, changes in {
+        "pp3-of-4-layers": {"pipeline_parallel_size": 3},
+        "pp16": {"pipeline_parallel_size": 16},
+        "micro0": {"pipeline_parallel_size": 2, "pipeline_micro_batches": 0},
+    }.items():
+        try:
+            Engine(EngineConfig(model=path, **PIPELINE_ENGINE, **changes))
+        except ValueError as error:
+            found[name] = str(error)
+    return found
+
+
+def main(out_path: str) -> None:
+    prompts = prompts_for(PROMPT_LENGTHS)
+    results: dict = {"devices": len(jax.devices()), "cases": {}}
+    llama = str(
+        tiny_checkpoint(
+            "llama", num_kv_heads=2, num_attention_heads=8, head_dim=8, num_hidden_layers=4
+        )
+    )
+    base = reference(llama, prompts)
+    for name, (tp, pp) in LLAMA_CASES.items():
+        results["cases"][name] = measure(llama, prompts, base, tp, pp, name == THOROUGH_CASE)
+    for family, options in FAMILY_CHECKPOINTS.items():
+        path = str(tiny_checkpoint(family, **options))
+        results["cases"][f"{family}-pp2"] = measure(
+            path, prompts, reference(path, prompts), 1, 2, thorough=False
+        )
+    results["errors"] = errors(llama)
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,102 @@
+"""Pipeline parallelism on 8 fake CPU devices against the single-device engine.
+
+Measured once in a subprocess (tests/parallel/pp_worker.py, see test_tensor_parallel for why): a
+4-layer Llama under PP 2 and 4 and TP 2 x PP 2, and 2-layer Gemma 2 (tied embeddings) and GPT-2
+under PP 2, each with steps cut into one micro-batch per stage (the default).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.parallel.fake_devices import run_worker
+
+CASES = {  # name -> (tensor_parallel_size, pipeline_parallel_size, layers)
+    "llama-pp2": (1, 2, 4),
+    "llama-pp4": (1, 4, 4),
+    "llama-tp2-pp2": (2, 2, 4),
+    "gemma2-pp2": (1, 2, 2),
+    "gpt2-pp2": (1, 2, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict:
+    return run_worker("tests.parallel.pp_worker", tmp_path_factory.mktemp("pp") / "pp.json")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_tokens_match_one_device(measured, case):
+    """Prefill logits within 1e-4 of one device (pure PP runs the very same per-layer programs, so
+    it is exact); greedy and seeded-sampling tokens identical on mixed-length prompts."""
+    report = measured["cases"][case]
+    assert report["max_logit_diff"] < 1e-4
+    if CASES[case][0] == 1:
+        assert report["max_logit_diff"] == 0.0
+    assert report["greedy_equal"], report["greedy"]
+    assert report["seeded_equal"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_stage_holds_only_its_layers(measured, case):
+    tp, pp, layers = CASES[case]
+    report = measured["cases"][case]
+    stages = report["stages"]
+    assert len(stages) == pp
+    per_stage = layers // pp
+    seen_devices: set[int] = set()
+    for s, stage in enumerate(stages):
+        assert stage["layers"] == [s * per_stage, (s + 1) * per_stage]
+        assert stage["kv_cache_layers"] == per_stage
+        devices = list(range(s * tp, (s + 1) * tp))  # stage s: the s-th group of T devices
+        assert stage["weight_devices"] == devices
+        assert stage["kv_cache_devices"] == devices
+        assert not seen_devices & set(devices)
+        seen_devices |= set(devices)
+        for name in ("q", "kv_cache"):  # split T ways inside the stage, whole across it
+            shard = stage[name]
+            assert shard["devices"] == tp
+            assert sum(shard["shard_bytes"]) == shard["global_bytes"]
+    first, last = stages[0]["params"], stages[-1]["params"]
+    assert "embed" in first
+    assert "final_norm" in last
+    for middle in stages[1:-1]:
+        assert middle["params"] == []
+
+
+def test_no_device_holds_the_whole_model(measured):
+    for case, (tp, pp, _) in CASES.items():
+        report = measured["cases"][case]
+        held = report["bytes_per_device"]
+        assert len(held) == tp * pp
+        assert max(held.values()) < report["model_bytes"], case
+    # Llama, 4 layers in 2 stages of 2 devices: each device about a quarter of the weights.
+    llama = measured["cases"]["llama-tp2-pp2"]
+    assert max(llama["bytes_per_device"].values()) < 0.26 * llama["model_bytes"]
+
+
+def test_tied_embedding_is_on_the_first_and_last_stage(measured):
+    stages = measured["cases"]["gemma2-pp2"]["stages"]
+    assert "embed" in stages[0]["params"] and "embed" in stages[-1]["params"]
+    assert "lm_head" not in stages[-1]["params"]
+
+
+def test_family_specific_weights_follow_embed_and_logits(measured):
+    first, last = (stage["params"] for stage in measured["cases"]["gpt2-pp2"]["stages"])
+    assert first == ["embed", "positions"]
+    assert {"final_norm", "final_norm_bias"} <= set(last)
+
+
+def test_micro_batches_compile_nothing_after_warmup_and_turns_agree(measured):
+    """Micro-batches use the engine's own buckets, so warm-up covers them; one micro-batch (stages
+    taking turns) gives the same tokens as one per stage."""
+    report = measured["cases"]["llama-pp2"]
+    assert report["new_compilations"] == 0
+    assert report["one_micro_batch_equal"]
+
+
+def test_clear_errors(measured):
+    found = measured["errors"]
+    assert "pipeline_parallel_size 3 must divide the number of layers (4)" in found["pp3-of-4-layers"]
+    assert "16 devices, but only 8" in found["pp16"]
+    assert "pipeline_micro_batches" in found["micro0"]
