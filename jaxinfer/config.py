@@ -64,8 +64,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
-    # Under pipeline parallelism each step's sequences are cut into this many micro-batches, so
-    # that stages work at the same time (None: one per stage; 1: stages take turns, no overlap).
+    # Under pipeline parallelism each prefill step's sequences are cut into this many
+    # micro-batches, so that stages work at the same time (None: one per stage; 1: stages take
+    # turns). Decode steps are not cut: memory-bound, each stage would read its weights once per
+    # micro-batch instead of once per step, more than the overlap saves.
     pipeline_micro_batches: int | None = None
     # Several processes (runtime/distributed.py): jax.distributed's coordinator "host:port", the
     # process count and this process's id; None reads JAX_COORDINATOR_ADDRESS /

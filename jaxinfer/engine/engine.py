@@ -442,7 +442,8 @@ class Engine:
                     item.seq.seq_id: self._row_sampling(by_seq[item.seq.seq_id])
                     for item in plan.scheduled
                 }
-                micro_plans = split_plan(plan, self.config.resolved_micro_batches)
+                parts = self.config.resolved_micro_batches if plan.is_prefill else 1
+                micro_plans = split_plan(plan, parts)
                 batches = []
                 for micro in micro_plans:
                     bucket = self.buckets.select(micro, self.config.block_size)

@@ -101,8 +101,9 @@ def check_tensor_parallel(model_config, tensor_parallel_size: int) -> None:
     kv_heads = getattr(model_config, "num_kv_heads", None)
     if kv_heads is None:  # encoders (BERT) declare no kv heads and have no sharded path yet
         raise ValueError(
-            f"tensor_parallel_size {t} is supported for decoder models only, not "
-            f"{type(model_config).__name__}"
+            f"{type(model_config).__name__} (an encoder) runs on one device: "
+            "tensor_parallel_size, pipeline_parallel_size and data_parallel_size are supported "
+            "for decoder models only"
         )
     heads = model_config.num_heads
     if heads % t:

@@ -266,6 +266,33 @@ class ModelRunner:
             pending.append(self._last_stage(bucket, arrays, self._through_stages(bucket, arrays)))
         return [{name: np.asarray(value) for name, value in out.items()} for out in pending]
 
+    def stage_seconds(self, bucket: Bucket, inputs: StepInputs) -> list[float]:
+        """Each stage's share of one batch (its executable, its K/V write), run alone and waited
+        for: the work a pipeline has to overlap (benchmarks/parallel.py measures the bubble
+        with it). Leaves the sampling state alone, like `all_logits`."""
+        self.compile(bucket)
+        arrays = inputs.as_dict()
+        arrays["sampled"] = np.zeros_like(arrays["sampled"])
+        hidden, seconds = None, []
+        for index, stage in enumerate(self.stages):
+            started = time.perf_counter()
+            if stage is self.stages[-1]:
+                result, new_kv, self.slot_state = stage.executables[bucket](
+                    stage.params, stage.kv_cache, self.slot_state, arrays, hidden
+                )
+            else:
+                result, new_kv = stage.executables[bucket](
+                    stage.params, stage.kv_cache, arrays, hidden
+                )
+            stage.kv_cache = stage.writers[bucket.num_tokens](
+                stage.kv_cache, new_kv, arrays["slot_mapping"]
+            )
+            jax.block_until_ready((result, stage.kv_cache))
+            seconds.append(time.perf_counter() - started)
+            if stage is not self.stages[-1]:
+                hidden = jax.device_put(result, hidden_sharding(self.stages[index + 1].mesh))
+        return seconds
+
     def all_logits(self, bucket: Bucket, inputs: StepInputs) -> np.ndarray:
         """Logits of every token of a prefill step [T, V], writing its K/V like `execute`.
 

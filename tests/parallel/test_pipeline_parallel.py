@@ -2,7 +2,7 @@
 
 Measured once in a subprocess (tests/parallel/pp_worker.py, see test_tensor_parallel for why): a
 4-layer Llama under PP 2 and 4 and TP 2 x PP 2, and 2-layer Gemma 2 (tied embeddings) and GPT-2
-under PP 2, each with steps cut into one micro-batch per stage (the default).
+under PP 2, each with prefill steps cut into one micro-batch per stage (the default).
 """
 
 from __future__ import annotations
