@@ -97,6 +97,8 @@ def test_micro_batches_compile_nothing_after_warmup_and_turns_agree(measured):
 
 def test_clear_errors(measured):
     found = measured["errors"]
-    assert "pipeline_parallel_size 3 must divide the number of layers (4)" in found["pp3-of-4-layers"]
+    assert (
+        "pipeline_parallel_size 3 must divide the number of layers (4)" in found["pp3-of-4-layers"]
+    )
     assert "16 devices, but only 8" in found["pp16"]
     assert "pipeline_micro_batches" in found["micro0"]

@@ -9,8 +9,8 @@ from jaxinfer.runtime.pipeline import StageLayout, layer_ranges
 
 
 def test_layers_split_into_equal_contiguous_ranges():
-    assert layer_ranges(8, 4) == (range(0, 2), range(2, 4), range(4, 6), range(6, 8))
-    assert layer_ranges(8, 1) == (range(0, 8),)
+    assert layer_ranges(8, 4) == (range(2), range(2, 4), range(4, 6), range(6, 8))
+    assert layer_ranges(8, 1) == (range(8),)
     with pytest.raises(ValueError, match=r"pipeline_parallel_size 3 must divide .* \(8\)"):
         layer_ranges(8, 3)
 
