@@ -114,29 +114,19 @@ class ModelRunner:
         stage_params = layout.stage_params(model.params, cfg.tie_word_embeddings)
         self.stages: list[_Stage] = []
         for stage_mesh, layers, params in zip(layout.meshes, layout.ranges, stage_params):
-            last = layers.stop == cfg.num_layers
-            paged_attention = attention_fn(self.attention_backend, stage_mesh)
-            common = (model.family, cfg)
-            if last:
-                jitted = {
-                    decode_only: jit_step(
-                        *common,
-                        decode_only,
-                        max_top_k,
-                        num_logprobs,
-                        paged_attention,
-                        stage_mesh,
-                        first_layer=layers.start,
-                    )
-                    for decode_only in (False, True)
-                }
+            static = {
+                "family": model.family,
+                "model_config": cfg,
+                "paged_attention": attention_fn(self.attention_backend, stage_mesh),
+                "mesh": stage_mesh,
+                "first_layer": layers.start,
+            }
+            if layers.stop == cfg.num_layers:  # the last stage samples
+                static.update(max_top_k=max_top_k, num_logprobs=num_logprobs)
+                jit = jit_step
             else:
-                jitted = {
-                    decode_only: jit_stage_forward(
-                        *common, decode_only, paged_attention, stage_mesh, layers.start
-                    )
-                    for decode_only in (False, True)
-                }
+                jit = jit_stage_forward
+            jitted = {d: jit(decode_only=d, **static) for d in (False, True)}
             stage_cfg = dataclasses.replace(cfg, num_layers=len(layers))
             cache = kv.allocate(stage_cfg, num_blocks, block_size, model.dtype, stage_mesh)
             self.stages.append(_Stage(stage_mesh, layers, params, cache, jitted))

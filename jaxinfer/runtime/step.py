@@ -243,54 +243,17 @@ def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array) -> tupl
     )
 
 
-def jit_step(
-    family: ModuleType,
-    model_config,
-    decode_only: bool,
-    max_top_k: int,
-    num_logprobs: int,
-    paged_attention: Callable = reference.paged_attention,
-    mesh: Mesh | None = None,
-    first_layer: int = 0,
-):
-    """The step, compiled per bucket. Only the slot state is donated: the cache is read here and
-    written by `write_cache` (see the module docstring)."""
-    return jax.jit(
-        functools.partial(
-            step,
-            family=family,
-            model_config=model_config,
-            decode_only=decode_only,
-            max_top_k=max_top_k,
-            num_logprobs=num_logprobs,
-            paged_attention=paged_attention,
-            mesh=mesh,
-            first_layer=first_layer,
-        ),
-        donate_argnums=(2,),
-    )
+def jit_step(**static) -> Callable:
+    """The step with its static arguments bound (family, model_config, decode_only, max_top_k,
+    num_logprobs, paged_attention, mesh, first_layer), compiled per bucket. Only the slot state is
+    donated: the cache is read here and written by `write_cache` (see the module docstring)."""
+    return jax.jit(functools.partial(step, **static), donate_argnums=(2,))
 
 
-def jit_stage_forward(
-    family: ModuleType,
-    model_config,
-    decode_only: bool,
-    paged_attention: Callable,
-    mesh: Mesh | None,
-    first_layer: int,
-):
-    """A pipeline stage before the last, compiled per bucket (nothing donated, as in `jit_step`)."""
-    return jax.jit(
-        functools.partial(
-            stage_forward,
-            family=family,
-            model_config=model_config,
-            decode_only=decode_only,
-            paged_attention=paged_attention,
-            mesh=mesh,
-            first_layer=first_layer,
-        )
-    )
+def jit_stage_forward(**static) -> Callable:
+    """A pipeline stage before the last (`stage_forward`), its static arguments bound; nothing is
+    donated, as in `jit_step`."""
+    return jax.jit(functools.partial(stage_forward, **static))
 
 
 def copy_blocks(kv_cache: tuple, src: jax.Array, dst: jax.Array) -> tuple:
