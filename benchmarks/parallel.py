@@ -4,11 +4,11 @@ real accelerators.
     python benchmarks/parallel.py          # llama50m: TP 1/2/4, PP 2/4, TP 2 x PP 2, DP 2
     python benchmarks/parallel.py --quick --layouts 1x1x1 2x1x1 1x2x1     # TPxPPxDP
 
-Pipeline layouts run the workload twice on the same warmed-up engine: with prefill steps cut into
-one micro-batch per stage (the default: stage s works on micro-batch m + 1 while stage s + 1 works
-on m) and uncut (stages take turns). For both, the prefill steps are replayed to measure how busy
-the stages are: the time each stage's work takes alone, summed, over P x the step's wall time.
-The rest is the bubble; the ideal with M micro-batches of equal stages is busy M / (M + P - 1).
+Pipeline layouts run twice: with one micro-batch of sequences per stage in flight (the default:
+stage s works on micro-batch m + 1 while stage s + 1 works on m), and with the same sequences as
+one batch (stages take turns). For both, a pass of the workload is recorded and each step's stage
+work is then timed alone: stage busy = summed stage times / (P x the pass's wall time), the bubble
+is the rest. The ideal for M micro-batches of equal stages is min(1, M / P).
 
 On CPU the "devices" are slices of the same two cores (`--xla_force_host_platform_device_count`),
 so tokens/s shows the *overhead* of sharding (collectives, smaller matmuls), not a speed-up: the
@@ -41,36 +41,55 @@ def timed_generate(engine, prompts, params) -> tuple[list, float]:
     return outputs, time.perf_counter() - started
 
 
-def prefill_bubble(engine, prompts, params, pp: int) -> dict:
-    """Replays the prefill steps of one `generate` on the warmed-up engine: the wall time of each
-    step (stages overlapping where the step was cut into micro-batches) against the time its
-    stages take run alone. Stage busy = sum of stage times / (P x wall); the bubble is the rest."""
+def stage_utilization(engine, prompts, params, pp: int) -> dict:
+    """One more timed pass of the workload, recording every step; then each recorded step's
+    stage work is run alone and waited for (`ModelRunner.stage_seconds`). Stage busy = the summed
+    stage times / (P x the pass's wall time); the bubble is the rest (host time included)."""
     runner = engine.runner
     steps = []
-    execute_many = runner.execute_many
+    dispatch = runner.dispatch
 
-    def recording(batches):
-        if batches[0][0].is_prefill:
-            steps.append([(b, replace(i, sampled=np.zeros_like(i.sampled))) for b, i in batches])
-        return execute_many(batches)
+    def recording(bucket, inputs):
+        steps.append((bucket, replace(inputs, sampled=np.zeros_like(inputs.sampled))))
+        return dispatch(bucket, inputs)
 
-    runner.execute_many = recording
+    runner.dispatch = recording
     try:
-        engine.generate(prompts, params, use_tqdm=False)
+        outputs, wall = timed_generate(engine, prompts, params)
     finally:
-        del runner.execute_many
-    wall = work = 0.0
-    for batches in steps:
-        started = time.perf_counter()
-        runner.execute_many(batches)
-        wall += time.perf_counter() - started
-        work += sum(sum(runner.stage_seconds(b, i)) for b, i in batches)
-    micro = max(len(batches) for batches in steps)
+        del runner.dispatch
+    work = sum(sum(runner.stage_seconds(bucket, inputs)) for bucket, inputs in steps)
+    micro = engine.config.resolved_micro_batches
     return {
-        "prefill_steps": len(steps),
         "micro_batches": micro,
+        "steps": len(steps),
+        "output_tok_s": sum(len(o.outputs[0].token_ids) for o in outputs) / wall,
         "stage_busy": work / (pp * wall),
-        "ideal_busy": micro / (micro + pp - 1),
+        "ideal_busy": min(1.0, micro / pp),
+    }
+
+
+def measure(engine, spec, throughput) -> dict:
+    """Warm up (compile every bucket, then one untimed pass); -> the timed pass's numbers."""
+    from jaxinfer import SamplingParams
+
+    started = time.perf_counter()
+    programs = engine.warmup()
+    compile_s = time.perf_counter() - started
+    workload = throughput.make_workload(spec, 0, engine.vocab_size)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens
+    ]
+    timed_generate(engine, workload.prompts, params)  # first runs of each program: untimed
+    outputs, seconds = timed_generate(engine, workload.prompts, params)
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {
+        "workload": (workload.prompts, params),
+        "programs": programs,
+        "compile_s": compile_s,
+        "output_tok_s": generated / seconds,
+        "seconds": seconds,
+        "first_tokens": [o.outputs[0].token_ids[:8] for o in outputs[:4]],
     }
 
 
@@ -81,7 +100,7 @@ def one_run(tp: int, pp: int, dp: int, quick: bool, cache_dir: str) -> dict:
     sys.path.insert(0, str(HERE))
     import throughput
 
-    from jaxinfer import Engine, EngineConfig, SamplingParams
+    from jaxinfer import Engine, EngineConfig
 
     spec = throughput.QUICK if quick else throughput.FULL
     files = throughput.resolve_model("llama50m", Path(cache_dir))
@@ -96,30 +115,11 @@ def one_run(tp: int, pp: int, dp: int, quick: bool, cache_dir: str) -> dict:
         max_num_batched_tokens=spec.max_num_batched_tokens,
     )
     with Engine(config) as engine:
-        started = time.perf_counter()
-        programs = engine.warmup()
-        compile_s = time.perf_counter() - started
-        workload = throughput.make_workload(spec, 0, engine.vocab_size)
-        params = [
-            SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-            for n in workload.output_lens
-        ]
-        timed_generate(engine, workload.prompts, params)  # first runs of each program: untimed
-        outputs, seconds = timed_generate(engine, workload.prompts, params)
-        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+        run = measure(engine, spec, throughput)
+        prompts, params = run.pop("workload")
         pipeline = {}
         if pp > 1:
-            overlapped = prefill_bubble(engine, workload.prompts, params, pp)
-            # The same engine, its prefill steps no longer cut (every bucket is compiled already).
-            engine.config = engine.config.replace(pipeline_micro_batches=1)
-            _, turns_seconds = timed_generate(engine, workload.prompts, params)
-            turns = prefill_bubble(engine, workload.prompts, params, pp)
-            pipeline = {
-                "turns_output_tok_s": generated / turns_seconds,
-                "prefill_overlapped": overlapped,
-                "prefill_turns": turns,
-            }
-
+            pipeline["overlapped"] = stage_utilization(engine, prompts, params, pp)
         replicas = getattr(engine, "replicas", [engine])
 
         def bytes_on(device) -> int:
@@ -135,20 +135,20 @@ def one_run(tp: int, pp: int, dp: int, quick: bool, cache_dir: str) -> dict:
 
         devices = jax.devices()[: tp * pp * dp]
         per_device = [bytes_on(d) for d in devices]
-        first_tokens = [o.outputs[0].token_ids[:8] for o in outputs[:4]]
+    if pp > 1:  # the same sequences in flight as one batch: stages take turns
+        turns = config.replace(pipeline_micro_batches=1, max_num_seqs=spec.max_num_seqs * pp)
+        with Engine(turns) as engine:
+            measure(engine, spec, throughput)
+            pipeline["turns"] = stage_utilization(engine, prompts, params, pp)
     return {
         "tp": tp,
         "pp": pp,
         "dp": dp,
         **pipeline,
+        **run,
         "device": devices[0].device_kind,
-        "output_tok_s": generated / seconds,
-        "seconds": seconds,
-        "compile_s": compile_s,
-        "programs": programs,
         "bytes_per_device_max": max(per_device),
         "bytes_total": sum(per_device),
-        "first_tokens": first_tokens,
     }
 
 
@@ -188,16 +188,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{rows[0]['device']}: llama50m f32, {'quick' if args.quick else 'full'} workload")
     print(
         "TP | PP | DP | output tok/s | compile s | programs | max MiB/device | total MiB | "
-        "tok/s, prefill not cut | prefill stage busy: cut (ideal) | not cut (ideal)"
+        "stage busy (ideal) | one batch: tok/s | one batch: stage busy (ideal)"
     )
     print("---|---|---|---|---|---|---|---|---|---|---")
     for row in rows:
         pipeline = "- | - | -"
         if row["pp"] > 1:
-            cut, turns = row["prefill_overlapped"], row["prefill_turns"]
+            cut, turns = row["overlapped"], row["turns"]
             pipeline = (
-                f"{row['turns_output_tok_s']:.1f} | "
                 f"{cut['stage_busy']:.0%} ({cut['ideal_busy']:.0%}) | "
+                f"{turns['output_tok_s']:.1f} | "
                 f"{turns['stage_busy']:.0%} ({turns['ideal_busy']:.0%})"
             )
         print(

@@ -64,10 +64,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
-    # Under pipeline parallelism each prefill step's sequences are cut into this many
-    # micro-batches, so that stages work at the same time (None: one per stage; 1: stages take
-    # turns). Decode steps are not cut: memory-bound, each stage would read its weights once per
-    # micro-batch instead of once per step, more than the overlap saves.
+    # Under pipeline parallelism the running sequences form this many independent micro-batches,
+    # each with its own scheduler and up to max_num_seqs sequences, one step of each in flight at
+    # once, so that stages work at the same time (vLLM's virtual engines). None: one per stage;
+    # 1: a single batch, stages take turns.
     pipeline_micro_batches: int | None = None
     # Several processes (runtime/distributed.py): jax.distributed's coordinator "host:port", the
     # process count and this process's id; None reads JAX_COORDINATOR_ADDRESS /

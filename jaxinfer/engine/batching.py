@@ -11,7 +11,6 @@ sequences have no tokens and context length 0, and padded block-table entries po
 from __future__ import annotations
 
 import bisect
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -102,32 +101,6 @@ def _fit(buckets: tuple[int, ...], size: int, what: str) -> int:
     if index == len(buckets):
         raise ValueError(f"{size} {what} exceed the largest bucket {buckets[-1]}")
     return buckets[index]
-
-
-def split_plan(plan: StepPlan, parts: int) -> tuple[StepPlan, ...]:
-    """Cut a step into up to `parts` micro-batches of consecutive sequences, balanced by tokens.
-
-    Pipeline parallelism runs them one after another through the stages, so that the stages work
-    on different micro-batches at the same time. Never more micro-batches than sequences, none
-    empty; block copies and preemptions stay with the whole plan (the engine handles them once).
-    """
-    items = plan.scheduled
-    parts = max(1, min(parts, len(items)))
-    cuts: list[int] = []
-    done = 0
-    for i, item in enumerate(items[:-1]):
-        done += item.num_new_tokens
-        needed = parts - 1 - len(cuts)
-        if needed == 0:
-            break
-        positions_left = len(items) - 1 - i  # cut points after item i, i + 1, ..., n - 2
-        if positions_left == needed or done * parts >= plan.num_tokens * (len(cuts) + 1):
-            cuts.append(i + 1)
-    bounds = [0, *cuts, len(items)]
-    return tuple(
-        StepPlan(plan.is_prefill, items[start:stop], preempted=())
-        for start, stop in itertools.pairwise(bounds)
-    )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 
@@ -17,10 +18,10 @@ from tqdm.auto import tqdm
 from typing_extensions import Self
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs, split_plan
+from jaxinfer.engine.batching import BucketTable, RowSampling, StepInputs, build_step_inputs
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.embedding import Embedder
-from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.engine.scheduler import Scheduler, SchedulerGroup, StepPlan
 from jaxinfer.engine.sequence import Sequence, SequenceStatus
 from jaxinfer.engine.stop_strings import StopStringMatcher
 from jaxinfer.outputs import CompletionOutput, EmbeddingRequestOutput, Logprob, RequestOutput
@@ -30,6 +31,16 @@ from jaxinfer.sampling_params import SamplingParams
 logger = logging.getLogger("jaxinfer")
 
 PromptType = str | list[int] | dict
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A dispatched step whose outputs are not read back yet."""
+
+    group: int  # the micro-batch (scheduler) it belongs to
+    plan: StepPlan
+    inputs: StepInputs
+    outputs: dict  # device arrays (runner.dispatch)
 
 
 @dataclass
@@ -43,6 +54,7 @@ class _Sample:
     seed: int  # uint32 key seed: row_seed(request seed, index)
     seq: Sequence
     stop_matcher: StopStringMatcher | None = None
+    group: int = 0  # the micro-batch (scheduler of the engine's group) its sequence runs in
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences; see _bad_word_token_ids
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
@@ -108,24 +120,33 @@ class Engine:
         num_blocks = kv_cache.num_blocks_for(
             config, self.model.model_config, self.model.dtype, self.model.weight_bytes
         )
+        # One scheduler per micro-batch in flight (pipeline parallelism; otherwise just one),
+        # each running up to max_num_seqs sequences, all sharing the KV blocks.
+        micro_batches = config.resolved_micro_batches
+        num_slots = config.max_num_seqs * micro_batches
         self.runner = ModelRunner(
             self.model,
             num_blocks,
             config.block_size,
-            num_slots=config.max_num_seqs,
+            num_slots=num_slots,
             num_logprobs=self._num_logprobs(config),
             attention_backend=config.attention_backend,
             mesh=self.mesh,
         )
-        self._free_slots = list(range(config.max_num_seqs))
+        self._free_slots = list(range(num_slots))
         self._slot_of: dict[int, int] = {}  # seq_id -> sampling-state slot, while running
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(
-            self.block_manager,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_prefill_seqs=config.max_prefill_seqs,
-            max_model_len=config.max_model_len,
+        self.scheduler = SchedulerGroup(
+            [
+                Scheduler(
+                    self.block_manager,
+                    max_num_seqs=config.max_num_seqs,
+                    max_num_batched_tokens=config.max_num_batched_tokens,
+                    max_prefill_seqs=config.max_prefill_seqs,
+                    max_model_len=config.max_model_len,
+                )
+                for _ in range(micro_batches)
+            ]
         )
         self.buckets = BucketTable(
             seq_buckets=config.resolved_seq_buckets(),
@@ -423,56 +444,50 @@ class Engine:
             samples.append(
                 _Sample(str(index), text, params, i, row_seed(seed, i), seq, matcher, bad_words)
             )
-        self.scheduler.add(samples[0].seq, [sample.seq for sample in samples[1:]])
+        group = self.scheduler.add(samples[0].seq, [sample.seq for sample in samples[1:]])
+        for sample in samples:
+            sample.group = group
         return samples
 
     # ---- the step loop ------------------------------------------------------------------------
 
     def _run(self, requests: list[_Sample], use_tqdm: bool) -> None:
+        """Step until every request is done, one step in flight per scheduler of the group.
+
+        With one scheduler this is the plain loop: schedule, run, read back, update. Under
+        pipeline parallelism each micro-batch's scheduler dispatches its next step as soon as its
+        previous one is read back, while the other micro-batches are still in later stages.
+        """
         by_seq = {r.seq.seq_id: r for r in requests}
         progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
         started, generated, prefilled = time.perf_counter(), 0, 0
+        in_flight: deque[_InFlight] = deque()
         try:
-            while self.scheduler.has_unfinished:
-                plan = self.scheduler.schedule()
-                if plan is None:
+            while True:
+                busy = {step.group for step in in_flight}
+                for group, scheduler in enumerate(self.scheduler):
+                    if group not in busy and scheduler.has_unfinished:
+                        step = self._dispatch(group, by_seq)
+                        if step is not None:
+                            in_flight.append(step)
+                if not in_flight:
                     break
-                self._assign_slots(plan, by_seq)
-                sampling = {
-                    item.seq.seq_id: self._row_sampling(by_seq[item.seq.seq_id])
-                    for item in plan.scheduled
-                }
-                parts = self.config.resolved_micro_batches if plan.is_prefill else 1
-                micro_plans = split_plan(plan, parts)
-                batches = []
-                for micro in micro_plans:
-                    bucket = self.buckets.select(micro, self.config.block_size)
-                    inputs = build_step_inputs(
-                        micro,
-                        bucket,
-                        self.config.block_size,
-                        sampling,
-                        padding_slot=self.runner.slot_state.padding_slot,
-                        vocab_size=self.vocab_size,
-                    )
-                    batches.append((bucket, inputs))
-                self.runner.copy_blocks(plan.block_copies)
-                results = self.runner.execute_many(batches)
+                step = in_flight.popleft()
+                outputs = self.runner.collect(step.outputs)
+                plan = step.plan
+                if plan.is_prefill:
+                    self._record_prompt_logprobs(plan, step.inputs, outputs, by_seq)
+                    prefilled += plan.num_tokens
                 sampled = {}
-                for micro, (_, inputs), outputs in zip(micro_plans, batches, results, strict=True):
-                    if plan.is_prefill:
-                        self._record_prompt_logprobs(micro, inputs, outputs, by_seq)
-                    for row, item in enumerate(micro.scheduled):
-                        if item.samples:
-                            sampled[item.seq.seq_id] = int(outputs["tokens"][row])
-                            self._record_logprobs(by_seq[item.seq.seq_id], outputs, row)
-                for seq in self.scheduler.update(plan, sampled):
+                for row, item in enumerate(plan.scheduled):
+                    if item.samples:
+                        sampled[item.seq.seq_id] = int(outputs["tokens"][row])
+                        self._record_logprobs(by_seq[item.seq.seq_id], outputs, row)
+                for seq in self.scheduler[step.group].update(plan, sampled):
                     generated += 1
                     if self._check_stop(seq, by_seq[seq.seq_id]):
                         self._release_slot(seq.seq_id)
                         progress.update(1)
-                if plan.is_prefill:
-                    prefilled += plan.num_tokens
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 progress.set_postfix_str(  # vLLM's wording
                     f"est. speed input: {prefilled / elapsed:.2f} toks/s, "
@@ -485,6 +500,27 @@ class Engine:
             raise
         finally:
             progress.close()
+
+    def _dispatch(self, group: int, by_seq: dict[int, _Sample]) -> _InFlight | None:
+        """Schedule micro-batch `group`'s next step and start it on the device."""
+        plan = self.scheduler[group].schedule()
+        if plan is None:
+            return None
+        self._assign_slots(plan, by_seq)
+        sampling = {
+            item.seq.seq_id: self._row_sampling(by_seq[item.seq.seq_id]) for item in plan.scheduled
+        }
+        bucket = self.buckets.select(plan, self.config.block_size)
+        inputs = build_step_inputs(
+            plan,
+            bucket,
+            self.config.block_size,
+            sampling,
+            padding_slot=self.runner.slot_state.padding_slot,
+            vocab_size=self.vocab_size,
+        )
+        self.runner.copy_blocks(plan.block_copies)
+        return _InFlight(group, plan, inputs, self.runner.dispatch(bucket, inputs))
 
     # ---- sampling state -----------------------------------------------------------------------
 
@@ -604,17 +640,17 @@ class Engine:
         params = request.params
         token = seq.output_token_ids[-1]
         if not params.ignore_eos and token in self.eos_token_ids:
-            self.scheduler.finish(seq, "stop")
+            self.scheduler[request.group].finish(seq, "stop")
         elif token in params.stop_token_ids:
-            self.scheduler.finish(seq, "stop", stop_reason=token)
+            self.scheduler[request.group].finish(seq, "stop", stop_reason=token)
         elif (
             request.stop_matcher is not None
             and seq.num_output_tokens >= params.min_tokens
             and (stop := request.stop_matcher.update(seq.output_token_ids)) is not None
         ):
-            self.scheduler.finish(seq, "stop", stop_reason=stop)
+            self.scheduler[request.group].finish(seq, "stop", stop_reason=stop)
         elif seq.num_output_tokens >= seq.max_tokens:
-            self.scheduler.finish(seq, "length")
+            self.scheduler[request.group].finish(seq, "length")
         return seq.is_finished
 
     def _request_output(self, samples: list[_Sample]) -> RequestOutput:

@@ -65,14 +65,15 @@ def kv_budget_bytes(config: EngineConfig, weight_bytes: int) -> int:
 
 
 def num_blocks_for(config: EngineConfig, model_config, dtype: str, weight_bytes: int) -> int:
-    """Blocks the budget allows, capped at what max_num_seqs full-length sequences could use."""
+    """Blocks the budget allows, capped at what every micro-batch's max_num_seqs full-length
+    sequences could use."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     # Each device holds its kv-head shard (TP) of its stage's layers (PP).
     shards = config.tensor_parallel_size * config.pipeline_parallel_size
     per_block = bytes_per_block(model_config, config.block_size, dtype, shards)
     from_budget = kv_budget_bytes(config, weight_bytes) // per_block
-    useful = config.max_num_seqs * config.max_blocks_per_seq + 1
+    useful = config.max_num_seqs * config.resolved_micro_batches * config.max_blocks_per_seq + 1
     num_blocks = min(from_budget, useful)
     if num_blocks < 2:
         raise ValueError(

@@ -12,11 +12,9 @@ runs only its own layers' work (an SPMD pipeline computes every stage in every t
 included), per-layer differences (Gemma 2's alternating windows) need no stacking, and XLA's async
 dispatch lets stage s work on micro-batch m + 1 while stage s + 1 works on micro-batch m.
 
-What overlaps today: a prefill step cut into micro-batches (`EngineConfig.pipeline_micro_batches`),
-where compute dominates. A decode step runs through the stages in turn: cut, each stage would
-re-read its weights per micro-batch. Overlapping decode needs several independent batches in
-flight, each sampled and rescheduled on its own while the others are in later stages (vLLM's
-"virtual engines"), the next step for this module.
+The engine keeps one step in flight per micro-batch of sequences (`EngineConfig.
+pipeline_micro_batches`, one scheduler each: `engine.scheduler.SchedulerGroup`), so in steady
+state every stage has a micro-batch to work on, for prefill and decode alike.
 """
 
 from __future__ import annotations

@@ -241,20 +241,22 @@ class ModelRunner:
 
     def execute(self, bucket: Bucket, inputs: StepInputs) -> dict[str, np.ndarray]:
         """Run one step; -> its outputs (see `step`) on the host. Cache and slots stay on device."""
-        return self.execute_many([(bucket, inputs)])[0]
+        return self.collect(self.dispatch(bucket, inputs))
 
-    def execute_many(self, batches: list[tuple[Bucket, StepInputs]]) -> list[dict[str, np.ndarray]]:
-        """Run several micro-batches of one step (disjoint sequences); -> each one's outputs.
+    def dispatch(self, bucket: Bucket, inputs: StepInputs) -> dict[str, jax.Array]:
+        """Start one step through every stage; -> its outputs, still on the device.
 
-        Everything is dispatched before any result is read back: JAX runs each stage's work
-        asynchronously on that stage's devices, so with a pipeline stage s works on micro-batch
-        m + 1 while stage s + 1 works on micro-batch m.
+        Nothing waits here: JAX runs each stage's work asynchronously on that stage's devices, so
+        with several batches dispatched before any is collected, stage s works on batch b + 1
+        while stage s + 1 works on batch b (the engine keeps one batch in flight per scheduler).
         """
-        pending = []
-        for bucket, inputs in batches:
-            arrays = inputs.as_dict()
-            pending.append(self._last_stage(bucket, arrays, self._through_stages(bucket, arrays)))
-        return [{name: np.asarray(value) for name, value in out.items()} for out in pending]
+        arrays = inputs.as_dict()
+        return self._last_stage(bucket, arrays, self._through_stages(bucket, arrays))
+
+    @staticmethod
+    def collect(outputs: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+        """A dispatched step's outputs on the host (waits for that step only)."""
+        return {name: np.asarray(value) for name, value in outputs.items()}
 
     def stage_seconds(self, bucket: Bucket, inputs: StepInputs) -> list[float]:
         """Each stage's share of one batch (its executable, its K/V write), run alone and waited

@@ -2,7 +2,7 @@
 
 Measured once in a subprocess (tests/parallel/pp_worker.py, see test_tensor_parallel for why): a
 4-layer Llama under PP 2 and 4 and TP 2 x PP 2, and 2-layer Gemma 2 (tied embeddings) and GPT-2
-under PP 2, each with prefill steps cut into one micro-batch per stage (the default).
+under PP 2, each with one micro-batch of sequences per stage in flight (the default).
 """
 
 from __future__ import annotations
@@ -88,11 +88,19 @@ def test_family_specific_weights_follow_embed_and_logits(measured):
 
 
 def test_micro_batches_compile_nothing_after_warmup_and_turns_agree(measured):
-    """Micro-batches use the engine's own buckets, so warm-up covers them; one micro-batch (stages
-    taking turns) gives the same tokens as one per stage."""
+    """Micro-batches use the engine's own buckets, so warm-up covers them; one batch (stages
+    taking turns) gives the same tokens as one micro-batch per stage in flight."""
     report = measured["cases"]["llama-pp2"]
     assert report["new_compilations"] == 0
-    assert report["one_micro_batch_equal"]
+    assert report["one_batch_equal"] and report["in_flight_greedy_equal"]
+
+
+def test_one_step_per_micro_batch_is_in_flight(measured):
+    """With P = 2 micro-batches the engine dispatches one's step before reading the other's back,
+    so both stages have work; as one batch, each step is read back before the next starts."""
+    report = measured["cases"]["llama-pp2"]
+    assert report["steps_in_flight"] == 2
+    assert report["one_batch_steps_in_flight"] == 1
 
 
 def test_clear_errors(measured):
