@@ -54,12 +54,12 @@ class _Sample:
     seed: int  # uint32 key seed: row_seed(request seed, index)
     seq: Sequence
     stop_matcher: StopStringMatcher | None = None
-    group: int = 0  # the micro-batch (scheduler of the engine's group) its sequence runs in
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences; see _bad_word_token_ids
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     # prompt position -> its logprobs entry (filled chunk by chunk during prefill)
     prompt_logprobs: dict[int, dict[int, Logprob]] = field(default_factory=dict)
+    group: int = 0  # the micro-batch (scheduler of the engine's group) its sequence runs in
 
 
 def request_seed(engine_seed: int, request_index: int) -> int:

@@ -4,7 +4,7 @@ test_pipeline_parallel.
 Like tp_worker: `python -m tests.parallel.pp_worker OUT.json` with XLA_FLAGS set by the test; it
 only measures and writes JSON, and the test asserts. The single-device engine is the reference for
 a 4-layer Llama (8 query heads, 2 kv heads) under PP 2 and 4 and TP 2 x PP 2, and for 2-layer
-Gemma 2 (tied embeddings, a sliding layer then a global one), GPT-2 and OPT under PP 2.
+Gemma 2 (tied embeddings, a sliding layer then a global one) under PP 2.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ LLAMA_CASES = {  # name -> (tensor_parallel_size, pipeline_parallel_size)
 }
 FAMILY_CHECKPOINTS = {  # what `embed` and `logits` read differs from Llama's
     "gemma2": {"tie_word_embeddings": True},  # the embedding on both ends; per-layer windows
-    "gpt2": {},  # learned positions on the first stage, a final norm with bias on the last
 }
 THOROUGH_CASE = "llama-pp2"  # also: no compilation after warm-up; stages taking turns
 
