@@ -165,24 +165,26 @@ class ModelRunner:
 
     def compile(self, bucket: Bucket) -> None:
         """Every stage's executable for the bucket and its cache writer, compiling whichever is new."""
+        if all(bucket in s.executables and bucket.num_tokens in s.writers for s in self.stages):
+            return  # every step after warm-up
         hidden = None  # the first stage embeds; the others take the previous stage's output
-        for stage in self.stages:
+        for index, stage in enumerate(self.stages):
+            last = index == len(self.stages) - 1
             executable = stage.executables.get(bucket)
             if executable is None:
                 started = time.perf_counter()
                 inputs = _abstract_inputs(bucket, MAX_BANNED_PER_STEP, stage.mesh)
                 arguments = (stage.params, stage.kv_cache)
-                if stage is self.stages[-1]:
+                if last:
                     arguments += (self.slot_state,)
                 jitted = stage.jitted[not bucket.is_prefill]
                 executable = jitted.lower(*arguments, inputs, hidden).compile()
                 stage.executables[bucket] = executable
                 self._count(started, bucket)
-            if stage is not self.stages[-1]:
+            if not last:
                 out = executable.out_info[0]
-                following = self.stages[self.stages.index(stage) + 1]
                 hidden = jax.ShapeDtypeStruct(
-                    out.shape, out.dtype, sharding=hidden_sharding(following.mesh)
+                    out.shape, out.dtype, sharding=hidden_sharding(self.stages[index + 1].mesh)
                 )
             if bucket.num_tokens not in stage.writers:
                 started = time.perf_counter()
@@ -216,28 +218,33 @@ class ModelRunner:
         """Install one request's sampling row (host arrays [V]) in its slot."""
         self.slot_state = self._write_slot(self.slot_state, np.int32(slot), row)
 
+    def _run_stage(self, index: int, bucket: Bucket, arrays: dict, hidden: jax.Array | None):
+        """Stage `index`'s share of a step: its executable, then its K/V write. -> the last
+        stage's outputs, or this stage's hidden states already on the next stage's devices."""
+        stage = self.stages[index]
+        arguments = (stage.params, stage.kv_cache)
+        last = index == len(self.stages) - 1
+        if last:
+            result, new_kv, self.slot_state = stage.executables[bucket](
+                *arguments, self.slot_state, arrays, hidden
+            )
+        else:
+            result, new_kv = stage.executables[bucket](*arguments, arrays, hidden)
+        stage.kv_cache = stage.writers[bucket.num_tokens](
+            stage.kv_cache, new_kv, arrays["slot_mapping"]
+        )
+        if not last:
+            result = jax.device_put(result, hidden_sharding(self.stages[index + 1].mesh))
+        return result
+
     def _through_stages(self, bucket: Bucket, arrays: dict) -> jax.Array | None:
-        """Run every stage but the last (writing their K/V); -> the hidden states the last stage
-        takes, already on its devices (None without pipelining)."""
+        """Run every stage but the last; -> the hidden states the last stage takes, already on
+        its devices (None without pipelining)."""
         self.compile(bucket)
         hidden = None
-        for stage, following in zip(self.stages, self.stages[1:]):
-            hidden, new_kv = stage.executables[bucket](stage.params, stage.kv_cache, arrays, hidden)
-            stage.kv_cache = stage.writers[bucket.num_tokens](
-                stage.kv_cache, new_kv, arrays["slot_mapping"]
-            )
-            hidden = jax.device_put(hidden, hidden_sharding(following.mesh))
+        for index in range(len(self.stages) - 1):
+            hidden = self._run_stage(index, bucket, arrays, hidden)
         return hidden
-
-    def _last_stage(self, bucket: Bucket, arrays: dict, hidden: jax.Array | None) -> dict:
-        last = self.stages[-1]
-        outputs, new_kv, self.slot_state = last.executables[bucket](
-            last.params, last.kv_cache, self.slot_state, arrays, hidden
-        )
-        last.kv_cache = last.writers[bucket.num_tokens](
-            last.kv_cache, new_kv, arrays["slot_mapping"]
-        )
-        return outputs
 
     def execute(self, bucket: Bucket, inputs: StepInputs) -> dict[str, np.ndarray]:
         """Run one step; -> its outputs (see `step`) on the host. Cache and slots stay on device."""
@@ -251,7 +258,8 @@ class ModelRunner:
         while stage s + 1 works on batch b (the engine keeps one batch in flight per scheduler).
         """
         arrays = inputs.as_dict()
-        return self._last_stage(bucket, arrays, self._through_stages(bucket, arrays))
+        hidden = self._through_stages(bucket, arrays)
+        return self._run_stage(len(self.stages) - 1, bucket, arrays, hidden)
 
     @staticmethod
     def collect(outputs: dict[str, jax.Array]) -> dict[str, np.ndarray]:
@@ -268,21 +276,9 @@ class ModelRunner:
         hidden, seconds = None, []
         for index, stage in enumerate(self.stages):
             started = time.perf_counter()
-            if stage is self.stages[-1]:
-                result, new_kv, self.slot_state = stage.executables[bucket](
-                    stage.params, stage.kv_cache, self.slot_state, arrays, hidden
-                )
-            else:
-                result, new_kv = stage.executables[bucket](
-                    stage.params, stage.kv_cache, arrays, hidden
-                )
-            stage.kv_cache = stage.writers[bucket.num_tokens](
-                stage.kv_cache, new_kv, arrays["slot_mapping"]
-            )
-            jax.block_until_ready((result, stage.kv_cache))
+            hidden = self._run_stage(index, bucket, arrays, hidden)
+            jax.block_until_ready((hidden, stage.kv_cache))
             seconds.append(time.perf_counter() - started)
-            if stage is not self.stages[-1]:
-                hidden = jax.device_put(result, hidden_sharding(self.stages[index + 1].mesh))
         return seconds
 
     def all_logits(self, bucket: Bucket, inputs: StepInputs) -> np.ndarray:
@@ -295,7 +291,7 @@ class ModelRunner:
         hidden = self._through_stages(bucket, arrays)
         last = self.stages[-1]
         logits = self._all_logits(last.params, last.kv_cache, arrays, hidden)
-        self._last_stage(bucket, arrays, hidden)
+        self._run_stage(len(self.stages) - 1, bucket, arrays, hidden)
         return np.asarray(logits)
 
     def shutdown(self) -> None:
