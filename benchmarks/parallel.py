@@ -45,7 +45,7 @@ def stage_utilization(engine, prompts, params, pp: int) -> dict:
     """One more timed pass of the workload, recording every step; then each recorded step's
     stage work is run alone and waited for (`ModelRunner.stage_seconds`). Stage busy = the summed
     stage times / (P x the pass's wall time); the bubble is the rest (host time included)."""
-    runner = engine.runner
+    runner = engine.llm_engine.runner
     steps = []
     dispatch = runner.dispatch
 
@@ -120,7 +120,7 @@ def one_run(tp: int, pp: int, dp: int, quick: bool, cache_dir: str) -> dict:
         pipeline = {}
         if pp > 1:
             pipeline["overlapped"] = stage_utilization(engine, prompts, params, pp)
-        replicas = getattr(engine, "replicas", [engine])
+        replicas = getattr(engine.llm_engine, "replicas", None) or [engine.llm_engine]
 
         def bytes_on(device) -> int:
             arrays = jax.tree_util.tree_leaves(

@@ -196,7 +196,7 @@ def run_jaxinfer(files: ModelFiles, spec: WorkloadSpec, seed: int, ttft_repeats:
     engine, load_s = _timed(lambda: Engine(config))
     workload = make_workload(spec, seed, engine.vocab_size)
     num_compiled, warmup_s = _timed(engine.warmup)
-    compile_s = engine.runner.compile_seconds
+    compile_s = engine.llm_engine.runner.compile_seconds
 
     greedy = [
         SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens
@@ -220,14 +220,16 @@ def run_jaxinfer(files: ModelFiles, spec: WorkloadSpec, seed: int, ttft_repeats:
         "compile_s": compile_s,
         "compilations": num_compiled,
         "compilations_during_run": engine.num_compilations - num_compiled,
-        "num_kv_blocks": engine.runner.num_blocks,
+        "num_kv_blocks": engine.llm_engine.runner.num_blocks,
         "wall_s": wall_s,
         "output_tokens": generated,
         "output_tokens_per_s": generated / wall_s,
         "requests_per_s": len(outputs) / wall_s,
         "ttft_s": statistics.median(ttfts),
         "ttft_prompt_len": len(workload.median_prompt),
-        "shape": roofline.ModelShape.from_decoder_config(files.name, engine.model.model_config),
+        "shape": roofline.ModelShape.from_decoder_config(
+            files.name, engine.llm_engine.model.model_config
+        ),
         "tokens": tokens,
         "workload": workload,
     }

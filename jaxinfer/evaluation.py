@@ -35,7 +35,7 @@ from typing import Any
 
 from jaxinfer.config import EngineConfig
 from jaxinfer.config_file import ConfigFile, load_config_file
-from jaxinfer.engine.engine import Engine
+from jaxinfer.llm import Engine
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxinfer.sampling_params import SamplingParams
 

@@ -10,11 +10,25 @@ Deliberate differences from vLLM, each because silent coercion hides caller bugs
   vLLM turns `logprobs=True` into 1); numpy integers and floats are accepted and stored as Python
   numbers.
 - vLLM raises temperatures in (0, 1e-2) to 1e-2 with a warning; here anything below
-  `GREEDY_TEMPERATURE` is greedy and anything above is used as given.
+  `GREEDY_TEMPERATURE` is greedy (stored as 0.0, as every greedy request is in vLLM) and anything
+  above is used as given.
+- Every number must survive the trip to the device: counts (`n`, `max_tokens`, `min_tokens`,
+  `top_k`, `logprobs`, `prompt_logprobs`, `truncate_prompt_tokens`) fit int32, and floats that
+  would turn into 0 or inf in float32 and break the sampler (`top_p` 0 keeps nothing,
+  `repetition_penalty` 0 divides by zero) are rejected with the float32 range. vLLM accepts them
+  and its float32 tensors silently change their meaning. `min_p` below float32's smallest normal
+  number is stored as 0.0, which is what it means in float32 (no token is that improbable).
+- `seed` must be in [0, 2**64), the range vLLM's `torch.Generator.manual_seed` takes (vLLM itself
+  accepts any int and fails later). How a seed becomes a key: `row_seed` in
+  jaxinfer/runtime/sampling_tensors.py.
+- vLLM fields accepted for compatibility: `detokenize`, `output_kind`, `truncate_prompt_tokens`
+  are validated and stored; `logits_processors` must be None (a Python callback per step cannot
+  run inside the compiled sampler).
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from collections.abc import Sequence
@@ -22,6 +36,19 @@ from dataclasses import dataclass
 
 GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below this mean greedy
 LOGIT_BIAS_LIMIT = 100.0  # vLLM (like OpenAI) clamps each bias to [-100, 100]
+INT32_MAX = 2**31 - 1  # counts and token ids travel to the device as int32
+SEED_LIMIT = 2**64  # seeds are in [0, SEED_LIMIT)
+FLOAT32_MIN_NORMAL = 2.0**-126  # ~1.18e-38; smaller values are subnormal or 0 in float32
+FLOAT32_MAX = (2 - 2.0**-23) * 2.0**127  # ~3.40e38; larger values are inf in float32
+
+
+class RequestOutputKind(enum.IntEnum):
+    """vLLM's `RequestOutputKind`: what a streamed RequestOutput carries. An IntEnum (vLLM's is a
+    plain Enum) so that it is written to JSON as its number and read back from it."""
+
+    CUMULATIVE = 0  # the whole output so far in every RequestOutput
+    DELTA = 1  # only what is new since the previous RequestOutput
+    FINAL_ONLY = 2  # no intermediate RequestOutput
 
 
 def _require(condition: bool, name: str, allowed: str, value: object) -> None:
@@ -41,6 +68,11 @@ def _is_real(value: object) -> bool:
 
 def _is_finite_real(value: object) -> bool:
     return _is_real(value) and math.isfinite(value)
+
+
+def _is_int32(value: object, low: int) -> bool:
+    """An int (not a bool) in [low, INT32_MAX]."""
+    return _is_int(value) and low <= value <= INT32_MAX
 
 
 def _token_id_list(value: object, name: str, *, allow_empty: bool) -> list[int]:
@@ -67,8 +99,17 @@ class SamplingParams:
     """vLLM's `SamplingParams` for offline generation; see vLLM's docs for each field's meaning.
 
     Normalized at construction: `seed=-1` -> None, `top_k=-1` -> 0, `stop` as a list, None lists
-    as empty lists, `logit_bias` clamped to +-100, and (as vLLM does) a greedy request has
-    `top_p=1`, `top_k=0` and `min_p=0` because those cannot change an argmax.
+    as empty lists, `logit_bias` clamped to +-100, `output_kind` as a RequestOutputKind, and (as
+    vLLM does) a greedy request has `temperature=0`, `top_p=1`, `top_k=0` and `min_p=0` because
+    those cannot change an argmax. Normalizing twice changes nothing, so
+    `SamplingParams(**dataclasses.asdict(params))` equals `params`.
+
+    `seed`: any int in [0, 2**64). Seeds below 2**32 are the request's key seed as they are;
+    larger ones are mixed down to the 32-bit key seed (`row_seed`), so two of them collide with
+    probability 2**-32 -- the device key is built from 32 bits.
+
+    `truncate_prompt_tokens` (vLLM): keep only the last k prompt tokens; -1 keeps the most the
+    model takes. Applied where prompts are tokenized (jaxinfer/engine/intake.py).
     """
 
     n: int = 1
@@ -93,52 +134,64 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    truncate_prompt_tokens: int | None = None
+    logits_processors: None = None
 
     def __post_init__(self) -> None:
         # Frozen: normalized values are written through object.__setattr__.
         def set_(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
-        _require(_is_int(self.n) and self.n >= 1, "n", "an int >= 1", self.n)
+        _require(_is_int32(self.n, 1), "n", f"an int in [1, {INT32_MAX}]", self.n)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _require(_is_finite_real(value) and -2 <= value <= 2, name, "in [-2, 2]", value)
         _require(
-            _is_finite_real(self.repetition_penalty) and self.repetition_penalty > 0,
+            _is_real(self.repetition_penalty)
+            and FLOAT32_MIN_NORMAL <= self.repetition_penalty <= FLOAT32_MAX,
             "repetition_penalty",
-            "a finite number > 0",
+            "> 0 and a normal float32 number, in [1.2e-38, 3.4e38] (0 or inf in float32 would "
+            "divide logits by zero or by inf)",
             self.repetition_penalty,
         )
         _require(
-            _is_finite_real(self.temperature) and self.temperature >= 0,
+            _is_real(self.temperature) and 0 <= self.temperature <= FLOAT32_MAX,
             "temperature",
-            "a finite number >= 0",
+            "a number in [0, 3.4e38] (finite in float32)",
             self.temperature,
         )
-        _require(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
         _require(
-            _is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0),
+            _is_real(self.top_p) and FLOAT32_MIN_NORMAL <= self.top_p <= 1,
+            "top_p",
+            "in (0, 1] and at least 1.2e-38 (smaller values are 0 in float32, which keeps no "
+            "token)",
+            self.top_p,
+        )
+        _require(
+            _is_int(self.top_k) and (self.top_k == -1 or 0 <= self.top_k <= INT32_MAX),
             "top_k",
-            "0 or -1 (disabled) or an int >= 1",
+            f"0 or -1 (disabled) or an int in [1, {INT32_MAX}]",
             self.top_k,
         )
         _require(_is_real(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
         _require(
-            self.seed is None or (_is_int(self.seed) and self.seed >= -1),
+            self.seed is None or (_is_int(self.seed) and -1 <= self.seed < SEED_LIMIT),
             "seed",
-            "None, -1 or an int >= 0",
+            "None, -1 or an int in [0, 2**64)",
             self.seed,
         )
         _require(
-            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            self.max_tokens is None or _is_int32(self.max_tokens, 1),
             "max_tokens",
-            "None or an int >= 1",
+            f"None or an int in [1, {INT32_MAX}]",
             self.max_tokens,
         )
         _require(
-            _is_int(self.min_tokens) and self.min_tokens >= 0,
+            _is_int32(self.min_tokens, 0),
             "min_tokens",
-            "an int >= 0",
+            f"an int in [0, {INT32_MAX}]",
             self.min_tokens,
         )
         _require(
@@ -152,18 +205,48 @@ class SamplingParams:
             "ignore_eos",
             "skip_special_tokens",
             "spaces_between_special_tokens",
+            "detokenize",
         ):
             _require(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _require(
-                value is None or (_is_int(value) and value >= -1),
+                value is None or _is_int32(value, -1),
                 name,
-                "None, an int >= 0, or -1 (the whole vocabulary)",
+                f"None, an int in [0, {INT32_MAX}], or -1 (the whole vocabulary)",
                 value,
             )
+        _require(
+            self.truncate_prompt_tokens is None
+            or (_is_int32(self.truncate_prompt_tokens, -1) and self.truncate_prompt_tokens != 0),
+            "truncate_prompt_tokens",
+            f"None, -1 (the model's maximum) or an int in [1, {INT32_MAX}]",
+            self.truncate_prompt_tokens,
+        )
+        _require(
+            self.logits_processors is None,
+            "logits_processors",
+            "None (per-request logits processors are not supported: a Python callback per step "
+            "cannot run inside the compiled sampler; use logit_bias, allowed_token_ids or "
+            "bad_words)",
+            self.logits_processors,
+        )
+        kinds = ", ".join(f"{kind.name} ({kind.value})" for kind in RequestOutputKind)
+        _require(
+            isinstance(self.output_kind, RequestOutputKind)
+            or (_is_int(self.output_kind) and self.output_kind in set(RequestOutputKind)),
+            "output_kind",
+            f"a RequestOutputKind or its int value: {kinds}",
+            self.output_kind,
+        )
 
         set_("stop", _string_list([] if self.stop is None else self.stop, "stop"))
+        _require(
+            self.detokenize or not self.stop,
+            "stop",
+            "empty when detokenize=False (as vLLM: stop strings are matched on the text)",
+            self.stop,
+        )
         set_(
             "stop_token_ids",
             _token_id_list(
@@ -195,9 +278,10 @@ class SamplingParams:
         if self.max_tokens is not None:
             set_("max_tokens", int(self.max_tokens))
         set_("min_tokens", int(self.min_tokens))
-        for name in ("logprobs", "prompt_logprobs"):
+        for name in ("logprobs", "prompt_logprobs", "truncate_prompt_tokens"):
             if getattr(self, name) is not None:
                 set_(name, int(getattr(self, name)))
+        set_("output_kind", RequestOutputKind(int(self.output_kind)))
         for name in (
             "presence_penalty",
             "frequency_penalty",
@@ -207,11 +291,15 @@ class SamplingParams:
             "min_p",
         ):
             set_(name, float(getattr(self, name)))
+        if self.min_p < FLOAT32_MIN_NORMAL:
+            set_("min_p", 0.0)  # what it is in float32 (and in vLLM's tensors): off
 
         if self.is_greedy:
             # vLLM: a greedy request ignores the truncation parameters, and n > 1 greedy samples
-            # would be n copies of one answer.
+            # would be n copies of one answer. Temperature 0: a value just below 1e-5 could
+            # round up to float32(1e-5) on the device and stop being greedy there.
             _require(self.n == 1, "n", "1 when sampling greedily (temperature < 1e-5)", self.n)
+            set_("temperature", 0.0)
             set_("top_p", 1.0)
             set_("top_k", 0)
             set_("min_p", 0.0)

@@ -25,7 +25,7 @@ def engine_prefill_logits(
         for i, p in enumerate(prompts)
     ]
     greedy = SamplingParams(temperature=0.0)
-    padding_slot = engine.runner.slot_state.padding_slot
+    padding_slot = engine.llm_engine.runner.slot_state.padding_slot
     sampling = {seq.seq_id: RowSampling(greedy, seed=0, slot=padding_slot) for seq in seqs}
     pieces: list[list[np.ndarray]] = [[] for _ in prompts]
     try:
@@ -38,11 +38,11 @@ def engine_prefill_logits(
                 count = seq.num_tokens - start
                 if chunk_size is not None:
                     count = min(count, chunk_size)
-                assert engine.block_manager.ensure_capacity(seq, start + count)
+                assert engine.llm_engine.block_manager.ensure_capacity(seq, start + count)
                 scheduled.append(ScheduledSeq(seq, count, start, start + count == seq.num_tokens))
                 rows.append(row)
             plan = StepPlan(is_prefill=True, scheduled=tuple(scheduled), preempted=())
-            bucket = engine.buckets.select(plan, block_size)
+            bucket = engine.llm_engine.buckets.select(plan, block_size)
             inputs = build_step_inputs(
                 plan,
                 bucket,
@@ -51,7 +51,7 @@ def engine_prefill_logits(
                 padding_slot=padding_slot,
                 vocab_size=engine.vocab_size,
             )
-            logits = engine.runner.all_logits(bucket, inputs)
+            logits = engine.llm_engine.runner.all_logits(bucket, inputs)
             for row, item, begin, end in zip(
                 rows,
                 scheduled,
@@ -63,5 +63,5 @@ def engine_prefill_logits(
                 item.seq.num_computed_tokens += item.num_new_tokens
     finally:
         for seq in seqs:
-            engine.block_manager.free(seq)
+            engine.llm_engine.block_manager.free(seq)
     return [np.concatenate(p) for p in pieces]

@@ -24,7 +24,10 @@ def engine(tiny_llama) -> Engine:
 
 
 def _all_blocks_free(engine: Engine) -> bool:
-    return engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+    return (
+        engine.llm_engine.block_manager.num_free_blocks
+        == engine.llm_engine.block_manager.num_usable_blocks
+    )
 
 
 def test_prompt_forms_give_the_same_tokens(engine):
@@ -81,12 +84,12 @@ def test_stop_token_ids_and_eos(engine):
     assert stopped.token_ids == tokens[: first + 1]
     assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop_at)
     # The same token as the model's eos: generation stops there unless ignore_eos.
-    eos_before = engine.eos_token_ids
-    engine.eos_token_ids = (stop_at,)
+    eos_before = engine.llm_engine.eos_token_ids
+    engine.llm_engine.eos_token_ids = (stop_at,)
     try:
         as_eos = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
     finally:
-        engine.eos_token_ids = eos_before
+        engine.llm_engine.eos_token_ids = eos_before
     assert as_eos.token_ids == tokens[: first + 1]
     assert (as_eos.finish_reason, as_eos.stop_reason) == ("stop", None)
     assert _all_blocks_free(engine)
@@ -115,17 +118,17 @@ def test_max_tokens_none_runs_to_max_model_len(engine):
 @pytest.mark.parametrize(
     ("prompts", "message"),
     [
-        ([[5] * 128], "max_model_len"),
-        ([[]], "empty"),
-        ([[5, 600]], "vocabulary"),
-        ([3.5], "expected str"),
+        ([[5] * 128], r"prompts\[1\] has 128 tokens.*max_model_len=128"),
+        ([[]], r"prompts\[1\] is empty"),
+        ([[5, 600]], r"prompts\[1\]: token ids must be in \[0, vocab_size=512\)"),
+        ([3.5], r"prompts\[1\] must be a str.*got float"),
     ],
 )
 def test_bad_prompt_rejected_before_any_work(engine, prompts, message):
     steps_before = engine.num_compilations
     with pytest.raises((ValueError, TypeError), match=message):
         engine.generate(["a good prompt", *prompts], GREEDY, use_tqdm=False)
-    assert engine.scheduler.num_waiting == engine.scheduler.num_running == 0
+    assert engine.llm_engine.scheduler.num_waiting == engine.llm_engine.scheduler.num_running == 0
     assert _all_blocks_free(engine) and engine.num_compilations == steps_before
     # The engine is unharmed: the good prompt alone still runs.
     assert engine.generate("a good prompt", GREEDY, use_tqdm=False)[0].finished
@@ -164,10 +167,10 @@ def test_kv_cache_sized_from_memory_budget(tiny_llama):
             model=str(tiny_llama), dtype="float32", max_model_len=512, kv_cache_memory_bytes=budget
         )
     )
-    per_block = bytes_per_block(engine.model.model_config, 16, "float32")
+    per_block = bytes_per_block(engine.llm_engine.model.model_config, 16, "float32")
     assert per_block == 2 * 2 * 16 * 2 * 16 * 4  # layers * (k, v) * tokens * kv heads * dim * bytes
-    assert engine.runner.num_blocks == budget // per_block
-    k_cache, _ = engine.runner.kv_cache[0]
+    assert engine.llm_engine.runner.num_blocks == budget // per_block
+    k_cache, _ = engine.llm_engine.runner.kv_cache[0]
     assert k_cache.shape == (2, budget // per_block, 16, 16)  # [K, N, P, D]
 
 

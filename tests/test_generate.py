@@ -52,14 +52,14 @@ def test_greedy_matches_transformers(tiny_llama, prompts, expected, setting, cap
         assert output.outputs[0].token_ids == want
         assert output.outputs[0].finish_reason == "length"
         assert output.finished
-    manager = engine.block_manager
+    manager = engine.llm_engine.block_manager
     assert manager.num_free_blocks == manager.num_usable_blocks
     preemption_warnings = [r for r in caplog.records if "preempted" in r.getMessage()]
     if setting == "squeezed-cache":
-        assert engine.scheduler.num_preemptions > 0
+        assert engine.llm_engine.scheduler.num_preemptions > 0
         assert len(preemption_warnings) == 1
     else:
-        assert engine.scheduler.num_preemptions == 0 and not preemption_warnings
+        assert engine.llm_engine.scheduler.num_preemptions == 0 and not preemption_warnings
 
 
 def test_no_compilation_after_warmup(tiny_llama):
@@ -104,7 +104,7 @@ def test_no_compilation_after_warmup(tiny_llama):
     outputs = engine.generate(prompts, params, use_tqdm=False)
     assert len(outputs) == 200 and all(o.finished for o in outputs)
     assert engine.num_compilations == compiled
-    manager = engine.block_manager
+    manager = engine.llm_engine.block_manager
     assert manager.num_free_blocks == manager.num_usable_blocks
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from jaxinfer import Engine, EngineConfig, SamplingParams
+from jaxinfer.engine.intake import bad_word_token_ids
 from tests.checkpoints import hf_greedy, hf_model
 
 SEEDED = SamplingParams(
@@ -85,7 +86,7 @@ def test_seeded_request_is_reproducible_in_every_setting(tiny_llama, prompt, cap
     squeezed = _engine(tiny_llama, num_kv_blocks=13, max_num_seqs=8)
     with caplog.at_level(logging.WARNING, logger="jaxinfer"):
         out = squeezed.generate([prompt] + others[:7], [SEEDED] + other_params[:7], use_tqdm=False)
-    assert squeezed.scheduler.num_preemptions > 0
+    assert squeezed.llm_engine.scheduler.num_preemptions > 0
     assert out[0].outputs[0].token_ids == alone
 
     # (e) a second fresh engine, same request
@@ -194,7 +195,7 @@ def test_stop_string_spanning_tokens(tiny_llama, prompt):
 
 def test_min_tokens_holds_back_eos(tiny_llama, prompt):
     engine = _engine(tiny_llama)
-    eos = min(engine.eos_token_ids)
+    eos = min(engine.llm_engine.eos_token_ids)
     eager = {"temperature": 0, "max_tokens": 20, "logit_bias": {eos: 100.0}}
     out = engine.generate(
         [prompt, prompt],
@@ -224,7 +225,7 @@ def test_allowed_token_ids_logit_bias_and_bad_words(tiny_llama, prompt):
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     plain = engine.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
     word = engine.tokenizer.decode(plain[:2]).strip()
-    banned = engine._bad_word_token_ids([word])
+    banned = bad_word_token_ids(engine.tokenizer, [word], 0)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, bad_words=[word])
     out = engine.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     assert out != plain
@@ -246,9 +247,9 @@ def test_bad_sampling_input_fails_before_any_work(tiny_llama, prompt):
     for bad, field in cases:
         with pytest.raises(ValueError, match=field):
             engine.generate([prompt, prompt], [SamplingParams(max_tokens=2), bad], use_tqdm=False)
-        manager = engine.block_manager
+        manager = engine.llm_engine.block_manager
         assert manager.num_free_blocks == manager.num_usable_blocks
-        assert not engine.scheduler.has_unfinished
+        assert not engine.llm_engine.scheduler.has_unfinished
     ok = engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
     assert len(ok[0].outputs[0].token_ids) == 3
 
@@ -271,7 +272,7 @@ def test_parallel_samples_equal_single_requests_with_their_seeds(tiny_llama, pro
             single = engine.generate([request.prompt_token_ids], alone, use_tqdm=False)[0]
             assert single.outputs[0].token_ids == completion.token_ids
             assert len(completion.logprobs) == len(completion.token_ids)
-    manager = engine.block_manager
+    manager = engine.llm_engine.block_manager
     assert manager.num_free_blocks == manager.num_usable_blocks
     # sample 0 is the request's own seed: n = 1 with the same seed gives the same tokens
     assert (

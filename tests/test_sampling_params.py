@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from jaxinfer.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from jaxinfer.sampling_params import (
+    FLOAT32_MAX,
+    FLOAT32_MIN_NORMAL,
+    GREEDY_TEMPERATURE,
+    RequestOutputKind,
+    SamplingParams,
+)
 
 # vLLM's SamplingParams() after its __post_init__ (stop/stop_token_ids/bad_words become lists).
 VLLM_DEFAULTS = {
@@ -34,6 +40,10 @@ VLLM_DEFAULTS = {
     "spaces_between_special_tokens": True,
     "logit_bias": None,
     "allowed_token_ids": None,
+    "detokenize": True,
+    "output_kind": RequestOutputKind.CUMULATIVE,
+    "truncate_prompt_tokens": None,
+    "logits_processors": None,
 }
 
 
@@ -115,6 +125,38 @@ INVALID = [
     ("allowed_token_ids", [-1]),
     ("allowed_token_ids", [0.5]),
     ("allowed_token_ids", 3),
+    # Counts travel to the device as int32 (once an OverflowError deep in the engine).
+    ("n", 2**31),
+    ("max_tokens", 2**31),
+    ("min_tokens", 2**31, {"max_tokens": None}),
+    ("logprobs", 2**31),
+    ("prompt_logprobs", 2**31),
+    ("top_k", 2**31),
+    # Seeds are in [0, 2**64): 2**64 and 2**65 once gave the same key.
+    ("seed", 2**64),
+    ("seed", 2**65),
+    # Values that would be 0 or inf in float32.
+    ("top_p", 1e-300),
+    ("top_p", 1e-39),  # subnormal in float32
+    ("repetition_penalty", 1e-300),
+    ("repetition_penalty", 1e-39),
+    ("repetition_penalty", 1e39),
+    ("temperature", 1e39),
+    # vLLM's extra fields.
+    ("detokenize", 1),
+    ("detokenize", None),
+    ("stop", "END", {"detokenize": False}),
+    ("output_kind", 3),
+    ("output_kind", "DELTA"),
+    ("output_kind", True),
+    ("output_kind", 1.0),
+    ("truncate_prompt_tokens", 0),
+    ("truncate_prompt_tokens", -2),
+    ("truncate_prompt_tokens", 1.5),
+    ("truncate_prompt_tokens", True),
+    ("truncate_prompt_tokens", 2**31),
+    ("logits_processors", []),
+    ("logits_processors", [abs]),
 ]
 
 
@@ -168,6 +210,30 @@ def test_valid_edges_are_accepted():
     SamplingParams(presence_penalty=-2, frequency_penalty=2, top_p=1, min_p=1, top_k=1)
     SamplingParams(max_tokens=None, min_tokens=1000, n=4, seed=0, logprobs=-1, prompt_logprobs=0)
     SamplingParams(max_tokens=4, min_tokens=4, repetition_penalty=1e-3)
+    int32_max = 2**31 - 1
+    SamplingParams(n=int32_max, max_tokens=int32_max, min_tokens=int32_max, top_k=int32_max)
+    SamplingParams(logprobs=int32_max, prompt_logprobs=int32_max, truncate_prompt_tokens=int32_max)
+    SamplingParams(seed=2**64 - 1, top_p=FLOAT32_MIN_NORMAL, temperature=FLOAT32_MAX)
+    SamplingParams(repetition_penalty=FLOAT32_MIN_NORMAL)
+    SamplingParams(repetition_penalty=FLOAT32_MAX)
+    SamplingParams(truncate_prompt_tokens=-1, detokenize=False, logits_processors=None)
+
+
+def test_float32_and_vllm_field_normalizations():
+    assert np.float32(FLOAT32_MIN_NORMAL) > 0 and np.isfinite(np.float32(FLOAT32_MAX))
+    assert SamplingParams(min_p=1e-300).min_p == 0.0  # what it is in float32: off
+    assert SamplingParams(min_p=FLOAT32_MIN_NORMAL).min_p == FLOAT32_MIN_NORMAL
+    # Greedy is temperature 0, so no float32 rounding can make the device see it otherwise.
+    just_below = np.nextafter(GREEDY_TEMPERATURE, 0.0)
+    assert np.float32(just_below) == np.float32(GREEDY_TEMPERATURE)  # the hazard
+    assert SamplingParams(temperature=just_below).temperature == 0.0
+    kind = SamplingParams(output_kind=np.int64(2)).output_kind
+    assert kind is RequestOutputKind.FINAL_ONLY
+    assert SamplingParams(output_kind=RequestOutputKind.DELTA).output_kind == 1
+    params = SamplingParams(truncate_prompt_tokens=np.int32(5), output_kind=1, temperature=1e-6)
+    assert type(params.truncate_prompt_tokens) is int
+    # Normalizing is idempotent: fields round-trip (evaluation.py and config files rely on it).
+    assert SamplingParams(**dataclasses.asdict(params)) == params
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ def test_shutdown_frees_weights_cache_and_sampling_state(tiny_llama):
             out = engine.generate(["hello"], SamplingParams(max_tokens=3, temperature=0), False)
             assert len(out[0].outputs[0].token_ids) == 3
             held = _live_bytes() - baseline
-            assert held >= engine.model.weight_bytes  # weights + cache + sampling state
+            assert held >= engine.llm_engine.model.weight_bytes  # weights + cache + sampling state
         gc.collect()
         assert _live_bytes() == baseline
     with pytest.raises(RuntimeError, match="shut down"):

@@ -11,6 +11,7 @@ sequences have no tokens and context length 0, and padded block-table entries po
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,16 +19,11 @@ import numpy as np
 
 from jaxinfer.engine.scheduler import StepPlan
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.seam import MAX_BANNED_PER_STEP, Bucket, SamplingScalars, StepInputs
+
+__all__ = ["Bucket", "BucketTable", "RowSampling", "StepInputs", "build_step_inputs"]
 
 PAD_BLOCK = 0
-
-
-@dataclass(frozen=True, order=True)
-class Bucket:
-    is_prefill: bool
-    num_tokens: int  # T
-    num_seqs: int  # S
-    num_blocks: int  # B: block-table width
 
 
 @dataclass(frozen=True)
@@ -40,24 +36,10 @@ class RowSampling:
     banned: tuple[int, ...] = ()  # bad-word tokens banned at this step only
 
 
-MAX_BANNED_PER_STEP = 8  # bad-word bans of one row in one step (multi-token bad words)
-
-# Per-row sampling scalars, each [S], with the neutral value that padding rows carry.
-SCALAR_DTYPES = {
-    "temperature": np.float32,
-    "top_k": np.int32,
-    "top_p": np.float32,
-    "min_p": np.float32,
-    "presence_penalty": np.float32,
-    "frequency_penalty": np.float32,
-    "repetition_penalty": np.float32,
-    "min_tokens": np.int32,
-    "num_output_tokens": np.int32,
-    "seeds": np.uint32,
-    "positions": np.int32,
-}
-_NEUTRAL = {"top_p": 1.0, "repetition_penalty": 1.0}
-_FROM_PARAMS = tuple(name for name in SCALAR_DTYPES if hasattr(SamplingParams, name))
+# SamplingScalars fields that come straight from SamplingParams (the others are per sequence).
+_FROM_PARAMS = tuple(
+    f.name for f in dataclasses.fields(SamplingScalars) if hasattr(SamplingParams, f.name)
+)
 
 
 @dataclass(frozen=True)
@@ -103,29 +85,6 @@ def _fit(buckets: tuple[int, ...], size: int, what: str) -> int:
     return buckets[index]
 
 
-@dataclass(frozen=True)
-class StepInputs:
-    """Host arrays of one bucket's exact shape; the runner ships them to the device as they are."""
-
-    token_ids: np.ndarray  # [T] int32
-    positions: np.ndarray  # [T] int32
-    slot_mapping: np.ndarray  # [T] int32: block * block_size + offset
-    block_tables: np.ndarray  # [S, B] int32
-    context_lens: np.ndarray  # [S] int32: tokens in the cache after this step
-    query_start_loc: np.ndarray  # [S + 1] int32
-    logits_indices: np.ndarray  # [S] int32: last token of each sequence
-    slots: np.ndarray  # [S] int32: sampling-state row (padding rows: the padding slot)
-    sampled: np.ndarray  # [S] bool: the row samples a token (not a mid-prompt chunk, not padding)
-    want_logprobs: np.ndarray  # [S] bool
-    banned: np.ndarray  # [S, MAX_BANNED_PER_STEP] int32; `vocab_size` = no ban
-    sampling: dict[str, np.ndarray]  # SCALAR_DTYPES, each [S]
-    prompt_next_ids: np.ndarray  # [T] int32: the prompt token after token t, when its prompt
-    # logprob is wanted; `vocab_size` otherwise
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
 def build_step_inputs(
     plan: StepPlan,
     bucket: Bucket,
@@ -148,9 +107,7 @@ def build_step_inputs(
     want_logprobs = np.zeros(S, bool)
     banned = np.full((S, MAX_BANNED_PER_STEP), vocab_size, np.int32)
     prompt_next_ids = np.full(T, vocab_size, np.int32)
-    scalars = {
-        name: np.full(S, _NEUTRAL.get(name, 0), dtype) for name, dtype in SCALAR_DTYPES.items()
-    }
+    scalars = SamplingScalars.neutral(bucket)
 
     cursor = 0
     for row, item in enumerate(plan.scheduled):
@@ -182,10 +139,10 @@ def build_step_inputs(
         want_logprobs[row] = params.logprobs is not None
         banned[row, : len(row_sampling.banned)] = row_sampling.banned[:MAX_BANNED_PER_STEP]
         for name in _FROM_PARAMS:
-            scalars[name][row] = getattr(params, name)
-        scalars["num_output_tokens"][row] = seq.num_output_tokens
-        scalars["positions"][row] = seq.num_output_tokens
-        scalars["seeds"][row] = row_sampling.seed
+            getattr(scalars, name)[row] = getattr(params, name)
+        scalars.num_output_tokens[row] = seq.num_output_tokens
+        scalars.positions[row] = seq.num_output_tokens
+        scalars.seeds[row] = row_sampling.seed
     query_start_loc[len(plan.scheduled) + 1 :] = cursor
     return StepInputs(
         token_ids=token_ids,

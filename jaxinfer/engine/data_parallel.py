@@ -1,63 +1,48 @@
 """Data parallelism: D independent engine replicas over disjoint device groups.
 
-`Engine(EngineConfig(data_parallel_size=D, tensor_parallel_size=T))` builds a `DataParallelEngine`:
-replica r is an ordinary `Engine` on devices[r*T:(r+1)*T] (its own weights, KV cache, scheduler and
-compiled steps; with T == 1 a one-device mesh commits everything to its device). A `generate()`
-call is one shared queue: requests are tokenized and validated here, each gets the seed one engine
-would give it (its own, or `request_seed(engine seed, request index)`), they are split across the
-replicas balancing their token counts, and the replicas run concurrently in threads (JAX releases
-the GIL while a step executes). A request's tokens depend only on its prompt, parameters and seed,
-so the outputs, in input order and with one engine's request ids, are those of a single replica.
+`LLM(..., data_parallel_size=D, tensor_parallel_size=T)` gets a `DataParallelEngine` composed of D
+`EngineCore`s, replica r on devices[r*T:(r+1)*T] (its own weights, KV cache, scheduler and compiled
+steps), built by `jaxinfer.llm.build_engine`. A `generate()` call is one shared queue: requests are
+validated once, each gets the seed one engine would give it (its own, or `request_seed(engine
+seed, request index)`), they are split across the replicas balancing their token counts, and the
+replicas run concurrently in threads (JAX releases the GIL while a step executes). A request's
+tokens depend only on its prompt, parameters and seed, so the outputs, in input order and with one
+engine's request ids, are those of a single replica.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence as SequenceABC
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm.auto import tqdm
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.engine.engine import Engine, PromptType, _as_config, request_seed
+from jaxinfer.engine.intake import PreparedRequest
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.seeds import request_seed
 
 
-class DataParallelEngine(Engine):
-    """D `Engine` replicas behind one `generate()`/`chat()`; built by `Engine(...)` when
-    `data_parallel_size > 1`. `replicas[r].mesh` spans the r-th device group."""
+class DataParallelEngine:
+    """D replicas behind one `generate()`; `replicas[r].mesh` spans the r-th device group."""
 
-    def __init__(self, config: EngineConfig | str | None = None, *, devices=None, **kwargs) -> None:
-        from jaxinfer.runtime.mesh import build_mesh  # device side: imported late
+    def __init__(self, config: EngineConfig, replicas: list) -> None:
+        from jaxinfer.engine.core import EngineCore
 
-        config = _as_config(config, kwargs)
-        size = config.data_parallel_size
-        grid = build_mesh(  # the first D x P x T devices, as [D, P, T]; raises if too few
-            config.tensor_parallel_size, config.pipeline_parallel_size, size, devices
-        ).devices
-        replica_config = config.replace(data_parallel_size=1)
-        self.replicas: list[Engine] | None = []
-        try:
-            for group in grid.reshape(size, -1):
-                self.replicas.append(Engine(replica_config, devices=list(group)))
-        except BaseException:
-            self.shutdown()
-            raise
-        first = self.replicas[0]
-        if first.embedder is not None:
-            self.shutdown()
+        if not all(isinstance(replica, EngineCore) for replica in replicas):
+            for replica in replicas:
+                replica.shutdown()
             raise ValueError(
                 "data_parallel_size > 1 serves generative models; for an encoder model run one "
-                "Engine per device group"
+                "LLM per device group"
             )
-        self.config = first.config.replace(data_parallel_size=size)
-        self.mesh = None  # each replica has its own
-        self._multi_process = False  # replicas of one process
+        self.replicas = replicas
+        first = replicas[0]
+        self.config = first.config.replace(data_parallel_size=config.data_parallel_size)
         self.model = first.model  # shared description (model_config, hf_config); weights differ
         self.tokenizer = first.tokenizer
-        self.embedder = None
-        self.eos_token_ids = first.eos_token_ids
+        self.limits = first.limits
+        self.vocab_size = first.vocab_size
         self.default_sampling_params = first.default_sampling_params
         self._num_requests = 0
 
@@ -69,39 +54,35 @@ class DataParallelEngine(Engine):
         """Compile every bucket on every replica (concurrently). Returns the total count."""
         replicas = self._live_replicas()
         with ThreadPoolExecutor(len(replicas)) as pool:
-            list(pool.map(Engine.warmup, replicas))
+            list(pool.map(lambda replica: replica.warmup(), replicas))
         return self.num_compilations
 
-    def generate(
-        self,
-        prompts: PromptType | SequenceABC[PromptType],
-        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+    def generate_prepared(
+        self, prepared: list[PreparedRequest], use_tqdm: bool = True
     ) -> list[RequestOutput]:
-        """Run every prompt to completion on the replicas; outputs come back in input order."""
+        """Run validated requests to completion on the replicas; outputs in input order."""
         replicas = self._live_replicas()
-        encoded, params_list = self._prepare(prompts, sampling_params)
         first = self._num_requests
-        self._num_requests += len(encoded)
-        prompts_in = [{"prompt": text, "prompt_token_ids": ids} for text, ids in encoded]
-        params_in = [
-            params
-            if params.seed is not None
-            else dataclasses.replace(params, seed=request_seed(self.config.seed, first + i))
-            for i, params in enumerate(params_list)
+        self._num_requests += len(prepared)
+        seeded = [
+            request
+            if request.params.seed is not None
+            else dataclasses.replace(
+                request,
+                params=dataclasses.replace(
+                    request.params, seed=request_seed(self.config.seed, first + i)
+                ),
+            )
+            for i, request in enumerate(prepared)
         ]
-        costs = [self._cost(ids, params) for (_, ids), params in zip(encoded, params_in)]
-        shares = balance(costs, len(replicas))
-        outputs: list[RequestOutput | None] = [None] * len(encoded)
-        progress = tqdm(total=len(encoded), desc="Processed prompts", disable=not use_tqdm)
+        shares = balance([self._cost(request) for request in seeded], len(replicas))
+        outputs: list[RequestOutput | None] = [None] * len(seeded)
+        progress = tqdm(total=len(seeded), desc="Processed prompts", disable=not use_tqdm)
         try:
             with ThreadPoolExecutor(len(replicas)) as pool:
                 futures = {
                     pool.submit(
-                        replica.generate,
-                        [prompts_in[i] for i in share],
-                        [params_in[i] for i in share],
-                        use_tqdm=False,
+                        replica.generate_prepared, [seeded[i] for i in share], use_tqdm=False
                     ): share
                     for replica, share in zip(replicas, shares, strict=True)
                     if share
@@ -123,16 +104,18 @@ class DataParallelEngine(Engine):
         self.replicas = None
         self.model = None
 
-    def _live_replicas(self) -> list[Engine]:
+    def _live_replicas(self) -> list:
         if not self.replicas:
-            raise RuntimeError("this engine was shut down: build a new Engine")
+            raise RuntimeError("this engine was shut down: build a new LLM")
         return self.replicas
 
-    def _cost(self, token_ids: list[int], params: SamplingParams) -> int:
+    def _cost(self, request: PreparedRequest) -> int:
         """A request's work in tokens: its prompt and, per sample, what it may generate."""
-        room = self.config.max_model_len - len(token_ids)
+        prompt = len(request.prompt_token_ids)
+        room = self.config.max_model_len - prompt
+        params = request.params
         new = room if params.max_tokens is None else min(params.max_tokens, room)
-        return len(token_ids) + params.n * new
+        return prompt + params.n * new
 
 
 def balance(costs: list[int], num_replicas: int) -> list[list[int]]:

@@ -13,11 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass(frozen=True, order=True)
-class EncoderBucket:
-    num_seqs: int
-    seq_len: int
+from jaxinfer.seam import EncoderBucket
 
 
 def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:

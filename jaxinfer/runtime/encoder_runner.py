@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.engine.encoder_batching import EncoderBucket
+from jaxinfer.seam import EncoderBucket
 from jaxinfer.models.loader import LoadedModel
 
 logger = logging.getLogger("jaxinfer")

@@ -19,13 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxinfer.engine.batching import MAX_BANNED_PER_STEP, SCALAR_DTYPES, Bucket, StepInputs
 from jaxinfer.models.loader import LoadedModel
 from jaxinfer.runtime import kv_cache as kv
 from jaxinfer.runtime import slot_state as slots
 from jaxinfer.runtime.attention_backend import attention_fn, resolve_backend
+from jaxinfer.runtime.interrupts import deferred_interrupts
 from jaxinfer.runtime.mesh import replicated
 from jaxinfer.runtime.pipeline import StageLayout, hidden_sharding
+from jaxinfer.runtime.sampling_tensors import SamplingRow, build_sampling_tensors
+from jaxinfer.runtime.seam_pytrees import abstract_inputs
 from jaxinfer.runtime.step import (
     all_token_logits,
     jit_copy_blocks,
@@ -33,39 +35,9 @@ from jaxinfer.runtime.step import (
     jit_step,
     jit_write_cache,
 )
+from jaxinfer.seam import Bucket, StepInputs, StepOutputs
 
 logger = logging.getLogger("jaxinfer")
-
-
-def _abstract_inputs(bucket: Bucket, max_banned: int, mesh: Mesh | None = None) -> dict:
-    """Shapes and dtypes of one bucket's StepInputs (`StepInputs.as_dict()` must match);
-    replicated over the mesh, if any."""
-    sharding = None if mesh is None else replicated(mesh)
-    T, S, B = bucket.num_tokens, bucket.num_seqs, bucket.num_blocks
-    i32 = jnp.int32
-    shapes = {
-        "token_ids": ((T,), i32),
-        "positions": ((T,), i32),
-        "slot_mapping": ((T,), i32),
-        "block_tables": ((S, B), i32),
-        "context_lens": ((S,), i32),
-        "query_start_loc": ((S + 1,), i32),
-        "logits_indices": ((S,), i32),
-        "slots": ((S,), i32),
-        "sampled": ((S,), jnp.bool_),
-        "want_logprobs": ((S,), jnp.bool_),
-        "banned": ((S, max_banned), i32),
-        "prompt_next_ids": ((T,), i32),
-    }
-    abstract = {
-        name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        for name, (shape, dtype) in shapes.items()
-    }
-    abstract["sampling"] = {
-        name: jax.ShapeDtypeStruct((S,), dtype, sharding=sharding)
-        for name, dtype in SCALAR_DTYPES.items()
-    }
-    return abstract
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -173,7 +145,8 @@ class ModelRunner:
             executable = stage.executables.get(bucket)
             if executable is None:
                 started = time.perf_counter()
-                inputs = _abstract_inputs(bucket, MAX_BANNED_PER_STEP, stage.mesh)
+                sharding = None if stage.mesh is None else replicated(stage.mesh)
+                inputs = abstract_inputs(bucket, sharding)
                 arguments = (stage.params, stage.kv_cache)
                 if last:
                     arguments += (self.slot_state,)
@@ -211,33 +184,62 @@ class ModelRunner:
         pairs = np.zeros((2, self.max_block_copies), np.int32)
         pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
         self.compile_block_copier()
-        for stage in self.stages:
-            stage.kv_cache = stage.block_copier(stage.kv_cache, pairs[0], pairs[1])
+        with deferred_interrupts():  # donates the cache: see runtime/interrupts.py
+            for stage in self.stages:
+                stage.kv_cache = stage.block_copier(stage.kv_cache, pairs[0], pairs[1])
 
     def write_slot(self, slot: int, row: slots.SlotState) -> None:
         """Install one request's sampling row (host arrays [V]) in its slot."""
-        self.slot_state = self._write_slot(self.slot_state, np.int32(slot), row)
+        with deferred_interrupts():  # donates the slot state: see runtime/interrupts.py
+            self.slot_state = self._write_slot(self.slot_state, np.int32(slot), row)
 
-    def _run_stage(self, index: int, bucket: Bucket, arrays: dict, hidden: jax.Array | None):
+    def install_sampling_row(
+        self,
+        slot: int,
+        *,
+        params,
+        seed: int,
+        prompt_token_ids: list[int],
+        output_token_ids: list[int],
+        eos_token_ids: list[int],
+        banned_token_ids: list[int],
+    ) -> None:
+        """Build one request's [V]-wide sampling row on the host and install it in `slot`; on
+        re-admission after preemption the output so far rebuilds its penalty counts."""
+        row = SamplingRow(
+            params=params,
+            seed=seed,
+            prompt_token_ids=prompt_token_ids,
+            output_token_ids=output_token_ids,
+            eos_token_ids=eos_token_ids,
+            banned_token_ids=banned_token_ids,
+        )
+        vocab_size = self.model.model_config.vocab_size
+        self.write_slot(slot, slots.row_of(build_sampling_tensors([row], vocab_size)))
+
+    def _run_stage(self, index: int, bucket: Bucket, arrays: StepInputs, hidden: jax.Array | None):
         """Stage `index`'s share of a step: its executable, then its K/V write. -> the last
         stage's outputs, or this stage's hidden states already on the next stage's devices."""
         stage = self.stages[index]
         arguments = (stage.params, stage.kv_cache)
         last = index == len(self.stages) - 1
-        if last:
-            result, new_kv, self.slot_state = stage.executables[bucket](
-                *arguments, self.slot_state, arrays, hidden
+        # The step donates the slot state and the writer the cache: each call and the store of
+        # what it returns must not be split by a KeyboardInterrupt (runtime/interrupts.py).
+        with deferred_interrupts():
+            if last:
+                result, new_kv, self.slot_state = stage.executables[bucket](
+                    *arguments, self.slot_state, arrays, hidden
+                )
+            else:
+                result, new_kv = stage.executables[bucket](*arguments, arrays, hidden)
+            stage.kv_cache = stage.writers[bucket.num_tokens](
+                stage.kv_cache, new_kv, arrays.slot_mapping
             )
-        else:
-            result, new_kv = stage.executables[bucket](*arguments, arrays, hidden)
-        stage.kv_cache = stage.writers[bucket.num_tokens](
-            stage.kv_cache, new_kv, arrays["slot_mapping"]
-        )
         if not last:
             result = jax.device_put(result, hidden_sharding(self.stages[index + 1].mesh))
         return result
 
-    def _through_stages(self, bucket: Bucket, arrays: dict) -> jax.Array | None:
+    def _through_stages(self, bucket: Bucket, arrays: StepInputs) -> jax.Array | None:
         """Run every stage but the last; -> the hidden states the last stage takes, already on
         its devices (None without pipelining)."""
         self.compile(bucket)
@@ -246,33 +248,31 @@ class ModelRunner:
             hidden = self._run_stage(index, bucket, arrays, hidden)
         return hidden
 
-    def execute(self, bucket: Bucket, inputs: StepInputs) -> dict[str, np.ndarray]:
+    def execute(self, bucket: Bucket, inputs: StepInputs) -> StepOutputs:
         """Run one step; -> its outputs (see `step`) on the host. Cache and slots stay on device."""
         return self.collect(self.dispatch(bucket, inputs))
 
-    def dispatch(self, bucket: Bucket, inputs: StepInputs) -> dict[str, jax.Array]:
+    def dispatch(self, bucket: Bucket, inputs: StepInputs) -> StepOutputs:
         """Start one step through every stage; -> its outputs, still on the device.
 
         Nothing waits here: JAX runs each stage's work asynchronously on that stage's devices, so
         with several batches dispatched before any is collected, stage s works on batch b + 1
         while stage s + 1 works on batch b (the engine keeps one batch in flight per scheduler).
         """
-        arrays = inputs.as_dict()
-        hidden = self._through_stages(bucket, arrays)
-        return self._run_stage(len(self.stages) - 1, bucket, arrays, hidden)
+        hidden = self._through_stages(bucket, inputs)
+        return self._run_stage(len(self.stages) - 1, bucket, inputs, hidden)
 
     @staticmethod
-    def collect(outputs: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    def collect(outputs: StepOutputs) -> StepOutputs:
         """A dispatched step's outputs on the host (waits for that step only)."""
-        return {name: np.asarray(value) for name, value in outputs.items()}
+        return jax.tree.map(np.asarray, outputs)
 
     def stage_seconds(self, bucket: Bucket, inputs: StepInputs) -> list[float]:
         """Each stage's share of one batch (its executable, its K/V write), run alone and waited
         for: the work a pipeline has to overlap (benchmarks/parallel.py measures the bubble
         with it). Leaves the sampling state alone, like `all_logits`."""
         self.compile(bucket)
-        arrays = inputs.as_dict()
-        arrays["sampled"] = np.zeros_like(arrays["sampled"])
+        arrays = inputs.replace(sampled=np.zeros_like(inputs.sampled))
         hidden, seconds = None, []
         for index, stage in enumerate(self.stages):
             started = time.perf_counter()
@@ -286,8 +286,7 @@ class ModelRunner:
 
         Outside the bucket contract (jitted on demand): for parity checks and diagnostics.
         """
-        arrays = inputs.as_dict()
-        arrays["sampled"] = np.zeros_like(arrays["sampled"])  # leave the sampling state alone
+        arrays = inputs.replace(sampled=np.zeros_like(inputs.sampled))  # leave the slots alone
         hidden = self._through_stages(bucket, arrays)
         last = self.stages[-1]
         logits = self._all_logits(last.params, last.kv_cache, arrays, hidden)

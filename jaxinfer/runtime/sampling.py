@@ -5,6 +5,14 @@ allowed_token_ids / bad words -> min_tokens (eos and stop ids banned) and logit_
 penalties (repetition over prompt and output; frequency and presence over the output) -> greedy
 rows take the argmax -> temperature -> min_p -> top-k -> top-p -> sample.
 
+A row whose processed logits are all -inf (min_tokens banning the only allowed tokens left, or
+penalties pushing every logit to -inf) would emit token 0, the argmax of all -inf, as vLLM's does.
+Here it falls back instead, first to the best raw logit within `allowed_mask` (allowed_token_ids
+less the bad words): min_tokens' ban, logit_bias and penalties give way before allowed_token_ids
+and bad words do. Only if `allowed_mask` is empty too does it take the raw argmax over the whole
+vocabulary, and the host keeps that from happening: intake rejects allowed_token_ids that are all
+bad words, and the engine must not ban, for one step, the last allowed token.
+
 Legend: S rows, V vocabulary, K = max_top_k (static), C = candidate tokens per row (K).
 
 Top-k / top-p without sorting the vocabulary, exactly:
@@ -56,6 +64,7 @@ from jaxinfer.sampling_params import GREEDY_TEMPERATURE
 
 _NEG_INF = float("-inf")
 _TINY = float(jnp.finfo(jnp.float32).tiny)
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 # ---------------------------------------------------------------- logits processing (vLLM order)
@@ -226,7 +235,13 @@ def _sample_random(
     k_cap = min(max_top_k, vocab_size)
     is_greedy = t.temperature < GREEDY_TEMPERATURE
     temperature = jnp.where(is_greedy, 1.0, t.temperature)
-    scaled = processed / temperature[:, None]
+    # Finite logits stay finite (a tiny repetition_penalty or temperature can push them past
+    # float32's range): an inf in the arithmetic below would make NaNs and an arbitrary token.
+    scaled = jnp.where(
+        processed == _NEG_INF,
+        _NEG_INF,
+        jnp.clip(processed / temperature[:, None], -_FLOAT32_MAX, _FLOAT32_MAX),
+    )
     row_max = jnp.max(scaled, axis=-1)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # all-masked rows stay all -inf
     # min_p: p < min_p * p_max  <=>  scaled - max < log(min_p); log(0) = -inf keeps everything.
@@ -311,6 +326,36 @@ def argmax(x: jax.Array) -> jax.Array:
     return jax.lax.top_k(x, 1)[1][:, 0]
 
 
+def _argmax_and_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[S] int32 index of each row's maximum (the first on ties) and [S] the maximum itself."""
+    values, ids = jax.lax.top_k(x, 1)
+    return ids[:, 0], values[:, 0]
+
+
+def _unless_all_masked(
+    tokens: jax.Array,  # [S] int32, from the processed logits
+    row_max: jax.Array,  # [S] f32, each row's largest processed logit
+    logits: jax.Array,  # [S, V] f32, raw
+    t: SamplingTensors,
+) -> jax.Array:
+    """`tokens`, except in rows whose processed logits are all -inf (see the module docstring):
+    there the best raw logit within `allowed_mask`, or over everything if that is empty too.
+
+    A batch-level `lax.cond` keeps the extra pass over [S, V] off the usual path; each row's
+    token is a function of its own row only.
+    """
+    empty = row_max == _NEG_INF  # [S]
+
+    def fallback() -> jax.Array:
+        # A -inf raw logit must still beat a masked token, so raw logits are floored first.
+        floored = jnp.maximum(logits, -_FLOAT32_MAX)
+        in_allowed, best_allowed = _argmax_and_max(jnp.where(t.allowed_mask, floored, _NEG_INF))
+        choice = jnp.where(best_allowed > _NEG_INF, in_allowed, argmax(logits))
+        return jnp.where(empty, choice, tokens)
+
+    return jax.lax.cond(jnp.any(empty), fallback, lambda: tokens)
+
+
 def _gumbel_argmax(scores: jax.Array, ids: jax.Array) -> jax.Array:
     """[S] the id with the best score; ties go to the smallest id, as argmax over the vocabulary."""
     best = jnp.max(scores, axis=-1, keepdims=True)
@@ -342,12 +387,13 @@ def sample(
 
     def sampled() -> jax.Array:
         processed = process_logits(logits, t)
-        greedy = argmax(processed)
+        greedy, row_max = _argmax_and_max(processed)
         drawn = _sample_random(processed, t, max_top_k, topk_barrier)
-        return jnp.where(is_greedy, greedy, drawn)
+        return _unless_all_masked(jnp.where(is_greedy, greedy, drawn), row_max, logits, t)
 
     def greedy_processed() -> jax.Array:
-        return argmax(process_logits(logits, t))
+        greedy, row_max = _argmax_and_max(process_logits(logits, t))
+        return _unless_all_masked(greedy, row_max, logits, t)
 
     def greedy_raw() -> jax.Array:
         return argmax(logits)

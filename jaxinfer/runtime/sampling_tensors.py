@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.seeds import row_seed  # noqa: F401  (the device side documents keys by it)
 
 _UINT32 = 1 << 32
 
@@ -87,24 +88,6 @@ class SamplingTensors:
             output_counts=np.zeros((s, v), np.int32),
             prompt_mask=np.zeros((s, v), bool),
         )
-
-
-def row_seed(seed: int, sample_index: int = 0) -> int:
-    """The uint32 seed of one sample of a request: `seed` itself for sample 0 when it fits.
-
-    Other samples (and seeds >= 2**32) go through the splitmix64 finalizer, a fixed bijective
-    mix, so the n samples of a request draw independent streams and the mapping never changes
-    between runs or versions. A request without a seed gets one from the engine first.
-    """
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    if sample_index == 0 and seed < _UINT32:
-        return seed
-    mask = (1 << 64) - 1
-    x = (seed * 0x9E3779B97F4A7C15 + sample_index + 1) & mask
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
-    return (x ^ (x >> 31)) % _UINT32
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.runtime.sampling_tensors import SamplingTensors
+from jaxinfer.seam import SamplingScalars
 
 DENSE_FIELDS = ("logit_bias", "allowed_mask", "stop_mask", "output_counts", "prompt_mask")
 
@@ -54,14 +55,14 @@ def write_slot(state: SlotState, slot: jax.Array, row: SlotState) -> SlotState:
 def batch_tensors(
     state: SlotState,
     slots: jax.Array,  # [S] int32
-    scalars: dict[str, jax.Array],  # engine.batching.SCALAR_DTYPES, each [S]
+    scalars: SamplingScalars,  # each [S]
     banned: jax.Array,  # [S, NB] int32 extra tokens banned this step (bad words); V = none
 ) -> SamplingTensors:
     """The step's SamplingTensors: the batch's slot rows plus this step's scalars and bans."""
     rows = {name: getattr(state, name)[slots] for name in DENSE_FIELDS}
     row_ids = jnp.arange(slots.shape[0])[:, None]
     rows["allowed_mask"] = rows["allowed_mask"].at[row_ids, banned].set(False, mode="drop")
-    return SamplingTensors(**rows, **scalars)
+    return SamplingTensors(**rows, **scalars.__dict__)
 
 
 def count_sampled(

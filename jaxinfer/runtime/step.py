@@ -18,11 +18,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxinfer.models.family import run_layers
 from jaxinfer.runtime.sampling import sample, top_logprobs
 from jaxinfer.runtime.slot_state import SlotState, batch_tensors, count_sampled
+from jaxinfer.seam import StepInputs, StepOutputs
 from pallas_kernels import reference
 
 
 def make_attention(
-    inputs: dict[str, jax.Array],
+    inputs: StepInputs,
     *,
     scale: float,
     decode_only: bool,
@@ -49,9 +50,9 @@ def make_attention(
             v_new,
             k_cache,
             v_cache,
-            inputs["block_tables"],
-            inputs["context_lens"],
-            inputs["query_start_loc"],
+            inputs.block_tables,
+            inputs.context_lens,
+            inputs.query_start_loc,
             decode_only=decode_only,
             **(defaults | overrides),
         )
@@ -62,7 +63,7 @@ def make_attention(
 def forward_hidden(
     params: dict,
     kv_cache: tuple,
-    inputs: dict,
+    inputs: StepInputs,
     hidden_in: jax.Array | None = None,
     *,
     family: ModuleType,
@@ -85,10 +86,10 @@ def forward_hidden(
         sliding_window=model_config.sliding_window,
         paged_attention=paged_attention,
     )
-    positions = inputs["positions"]
+    positions = inputs.positions
     x = hidden_in
     if x is None:
-        x = family.embed(params, model_config, inputs["token_ids"], positions)
+        x = family.embed(params, model_config, inputs.token_ids, positions)
     return run_layers(
         family, params["layers"], model_config, kv_cache, x, positions, attention, first_layer
     )
@@ -115,7 +116,7 @@ def step(
     params: dict,
     kv_cache: tuple,
     slot_state: SlotState,
-    inputs: dict,
+    inputs: StepInputs,
     hidden_in: jax.Array | None = None,
     *,
     family: ModuleType,
@@ -126,7 +127,7 @@ def step(
     paged_attention: Callable = reference.paged_attention,
     mesh: Mesh | None = None,
     first_layer: int = 0,
-) -> tuple[dict[str, jax.Array], tuple, SlotState]:
+) -> tuple[StepOutputs, tuple, SlotState]:
     """-> (sampled tokens and logprobs, per layer the new (k, v) [T, K, D], new slot state).
 
     The whole model, or a pipeline's last stage (`hidden_in` from the previous stage, layers from
@@ -150,18 +151,18 @@ def step(
         first_layer=first_layer,
     )
     logits = _whole_on_every_device(
-        family.logits(params, model_config, hidden[inputs["logits_indices"]]), mesh
+        family.logits(params, model_config, hidden[inputs.logits_indices]), mesh
     )
-    slots = inputs["slots"]
-    tensors = batch_tensors(slot_state, slots, inputs["sampling"], inputs["banned"])
+    slots = inputs.slots
+    tensors = batch_tensors(slot_state, slots, inputs.sampling, inputs.banned)
     one_device = mesh is None or mesh.size == 1  # a data-parallel replica may have a mesh of 1
     tokens, raw_logprobs = sample(logits, tensors, max_top_k, topk_barrier=one_device)
-    names = ("token_logprob", "token_rank", "top_ids", "top_logprobs")
-    wanted = jnp.any(inputs["want_logprobs"])
-    outputs = dict(zip(names, _logprob_outputs(raw_logprobs, tokens, num_logprobs, wanted)))
-    outputs["tokens"] = tokens
+    wanted = jnp.any(inputs.want_logprobs)
+    token_logprob, token_rank, top_ids, top_values = _logprob_outputs(
+        raw_logprobs, tokens, num_logprobs, wanted
+    )
 
-    next_ids = inputs["prompt_next_ids"]  # [T]; vocab_size where no prompt logprob is wanted
+    next_ids = inputs.prompt_next_ids  # [T]; vocab_size where no prompt logprob is wanted
     vocab = model_config.vocab_size
     wanted = jnp.any(next_ids < vocab) if not decode_only else jnp.bool_(False)
 
@@ -171,10 +172,21 @@ def step(
         return top_logprobs(raw, jnp.minimum(next_ids, vocab - 1), num_logprobs)
 
     empty = functools.partial(_no_top_logprobs, next_ids.shape[0], num_logprobs)
-    prompt = jax.lax.cond(wanted, prompt_logprobs, empty)
-    prompt_names = ("prompt_logprob", "prompt_rank", "prompt_top_ids", "prompt_top_logprobs")
-    outputs.update(zip(prompt_names, prompt))
-    return outputs, new_kv, count_sampled(slot_state, slots, tokens, inputs["sampled"])
+    prompt_logprob, prompt_rank, prompt_top_ids, prompt_top_values = jax.lax.cond(
+        wanted, prompt_logprobs, empty
+    )
+    outputs = StepOutputs(
+        tokens=tokens,
+        token_logprob=token_logprob,
+        token_rank=token_rank,
+        top_ids=top_ids,
+        top_logprobs=top_values,
+        prompt_logprob=prompt_logprob,
+        prompt_rank=prompt_rank,
+        prompt_top_ids=prompt_top_ids,
+        prompt_top_logprobs=prompt_top_values,
+    )
+    return outputs, new_kv, count_sampled(slot_state, slots, tokens, inputs.sampled)
 
 
 def _whole_on_every_device(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
@@ -220,7 +232,7 @@ def all_token_logits(
 def stage_forward(
     params: dict,
     kv_cache: tuple,
-    inputs: dict,
+    inputs: StepInputs,
     hidden_in: jax.Array | None,
     *,
     mesh: Mesh | None,

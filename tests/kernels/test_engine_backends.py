@@ -29,7 +29,7 @@ def test_pallas_interpret_engine_gives_the_reference_greedy_tokens(tiny_llama):
     results = {}
     for backend in ("reference", "pallas_interpret"):
         with Engine(EngineConfig(model=str(tiny_llama), attention_backend=backend, **SMALL)) as e:
-            assert e.runner.attention_backend == backend
+            assert e.llm_engine.runner.attention_backend == backend
             results[backend] = [o.outputs[0].token_ids for o in e.generate(prompts, params)]
     assert results["pallas_interpret"] == results["reference"]
     assert all(len(tokens) == 24 for tokens in results["reference"])

@@ -83,7 +83,10 @@ def test_prefill_logits_match_transformers(variant):
     for prompt, logits in zip(PROMPTS, ours, strict=True):
         expected = hf_prefill_logits(reference, prompt)
         np.testing.assert_allclose(logits, expected, atol=LOGIT_ATOL, rtol=0)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+    assert (
+        engine.llm_engine.block_manager.num_free_blocks
+        == engine.llm_engine.block_manager.num_usable_blocks
+    )
 
 
 @pytest.mark.parametrize("variant", GREEDY_VARIANTS, indirect=True)

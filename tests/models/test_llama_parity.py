@@ -43,7 +43,10 @@ def test_prefill_logits_match_transformers(variant):
     for prompt, logits in zip(PROMPTS, ours, strict=True):
         expected = hf_prefill_logits(reference, prompt)
         np.testing.assert_allclose(logits, expected, atol=LOGIT_ATOL, rtol=0)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+    assert (
+        engine.llm_engine.block_manager.num_free_blocks
+        == engine.llm_engine.block_manager.num_usable_blocks
+    )
 
 
 def test_chunked_prefill_reads_earlier_chunks_from_the_cache(tiny_llama):
@@ -59,12 +62,12 @@ def test_chunked_prefill_reads_earlier_chunks_from_the_cache(tiny_llama):
 def test_bfloat16_checkpoint_loads_as_auto_dtype():
     path = tiny_checkpoint("llama", dtype="bfloat16")
     engine = Engine(EngineConfig(model=str(path), num_kv_blocks=16, max_model_len=128))
-    assert engine.model.dtype == "bfloat16"
-    assert engine.model.params["layers"][0]["q"].dtype.name == "bfloat16"
+    assert engine.llm_engine.model.dtype == "bfloat16"
+    assert engine.llm_engine.model.params["layers"][0]["q"].dtype.name == "bfloat16"
     as_f32 = Engine(
         EngineConfig(model=str(path), dtype="float32", num_kv_blocks=16, max_model_len=128)
     )
-    assert as_f32.model.params["embed"].dtype.name == "float32"
+    assert as_f32.llm_engine.model.params["embed"].dtype.name == "float32"
 
 
 def test_pre_5x_config_with_top_level_rope_theta(tmp_path):
@@ -81,7 +84,7 @@ def test_pre_5x_config_with_top_level_rope_theta(tmp_path):
     config["rope_scaling"] = rope
     (old_style / "config.json").write_text(json.dumps(config))
     engine = _engine(old_style)
-    assert dict(engine.model.model_config.rope_parameters)["rope_type"] == "llama3"
+    assert dict(engine.llm_engine.model.model_config.rope_parameters)["rope_type"] == "llama3"
     ours = engine_prefill_logits(engine, PROMPTS[-1:])[0]
     expected = hf_prefill_logits(hf_model(path), PROMPTS[-1])
     np.testing.assert_allclose(ours, expected, atol=LOGIT_ATOL, rtol=0)

@@ -71,10 +71,10 @@ def _chat_ids(tokenizer, question: str, system: str | None = None) -> list[int]:
 
 
 def test_loads_as_float32_llama(engine):
-    cfg = engine.model.model_config
+    cfg = engine.llm_engine.model.model_config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
-    assert cfg.vocab_size == 49152 and engine.model.dtype == "float32"
-    assert engine.eos_token_ids
+    assert cfg.vocab_size == 49152 and engine.llm_engine.model.dtype == "float32"
+    assert engine.llm_engine.eos_token_ids
 
 
 def test_prefill_logits_match_transformers(engine, hf_smollm2):
@@ -99,7 +99,10 @@ def test_greedy_16_prompts_match_transformers(engine, hf_smollm2):
         if out.outputs[0].token_ids != hf_greedy(hf_smollm2, prompt, NEW_TOKENS)
     ]
     assert mismatches == []
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+    assert (
+        engine.llm_engine.block_manager.num_free_blocks
+        == engine.llm_engine.block_manager.num_usable_blocks
+    )
 
 
 def test_greedy_chat_names_paris(engine):

@@ -84,7 +84,7 @@ def main(out_path: str) -> None:
             results["cases"][name] = {
                 "type": type(engine).__name__,
                 "outputs": run(engine, prompts),
-                "replicas": [placement(replica) for replica in engine.replicas],
+                "replicas": [placement(replica) for replica in engine.llm_engine.replicas],
             }
     # Batching alone moves logprobs by ~1e-6 (a request's prefill chunks and batch-mates differ),
     # so the bitwise check gives the first replica's share of the greedy call to a fresh engine.

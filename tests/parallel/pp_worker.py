@@ -60,7 +60,7 @@ def placement(engine: Engine) -> dict:
     holds."""
     stages = []
     bytes_per_device: dict[int, int] = defaultdict(int)
-    for stage in engine.runner.stages:
+    for stage in engine.llm_engine.runner.stages:
         leaves = jax.tree.leaves(stage.params)
         first_layer = stage.params["layers"][0]
         for leaf in leaves:
@@ -79,13 +79,13 @@ def placement(engine: Engine) -> dict:
                 "kv_cache": shard_report(stage.kv_cache[0][0]),
             }
         )
-    whole = sum(leaf.nbytes for leaf in jax.tree.leaves(engine.model.params))
+    whole = sum(leaf.nbytes for leaf in jax.tree.leaves(engine.llm_engine.model.params))
     return {"stages": stages, "bytes_per_device": bytes_per_device, "model_bytes": whole}
 
 
 def steps_in_flight(engine: Engine, prompts: list) -> tuple[list[list[int]], int]:
     """Greedy tokens, and the most steps dispatched but not yet read back at any moment."""
-    runner, counts = engine.runner, {"now": 0, "most": 0}
+    runner, counts = engine.llm_engine.runner, {"now": 0, "most": 0}
     dispatch, collect = runner.dispatch, runner.collect
 
     def counting_dispatch(bucket, inputs):

@@ -49,14 +49,14 @@ def shard_report(array: jax.Array) -> dict:
 
 def collectives(engine: Engine) -> dict:
     """Collective ops in the compiled prefill step's HLO, and the shapes all-gathers produce."""
-    bucket = next(b for b in engine.buckets.all_buckets() if b.is_prefill)
-    engine.runner.compile(bucket)
-    text = engine.runner.stages[-1].executables[bucket].as_text()
+    bucket = next(b for b in engine.llm_engine.buckets.all_buckets() if b.is_prefill)
+    engine.llm_engine.runner.compile(bucket)
+    text = engine.llm_engine.runner.stages[-1].executables[bucket].as_text()
     gathers = re.findall(r"= (\w+\[[\d,]*\])[^=]*? all-gather(?:-start)?\(", text)
     return {
         "all_reduce": len(re.findall(r" all-reduce(?:-start)?\(", text)),
         "all_gather_shapes": gathers,
-        "layers": engine.model.model_config.num_layers,
+        "layers": engine.llm_engine.model.model_config.num_layers,
     }
 
 
@@ -77,18 +77,18 @@ def main(out_path: str) -> None:
             with Engine(EngineConfig(model=str(path), tensor_parallel_size=size, **ENGINE)) as e:
                 logits = engine_prefill_logits(e, prompts, chunk_size=32)
                 tokens = [o.outputs[0].token_ids for o in e.generate(prompts, GREEDY)]
-                layer = e.model.params["layers"][0]
+                layer = e.llm_engine.model.params["layers"][0]
                 report = {
                     "max_logit_diff": float(
                         max(np.abs(a - b).max() for a, b in zip(logits, base_logits, strict=True))
                     ),
                     "tokens_equal": tokens == base_tokens,
                     "tokens": tokens,
-                    "kv_heads_stored": e.model.model_config.num_kv_heads,
+                    "kv_heads_stored": e.llm_engine.model.model_config.num_kv_heads,
                     "weights": {n: shard_report(layer[n]) for n in ("q", "k", "o", "gate", "down")},
-                    "embed": shard_report(e.model.params["embed"]),
-                    "lm_head": shard_report(e.model.params["lm_head"]),
-                    "kv_cache": shard_report(e.runner.kv_cache[0][0]),
+                    "embed": shard_report(e.llm_engine.model.params["embed"]),
+                    "lm_head": shard_report(e.llm_engine.model.params["lm_head"]),
+                    "kv_cache": shard_report(e.llm_engine.runner.kv_cache[0][0]),
                 }
                 if size == 2:
                     report["collectives"] = collectives(e)

@@ -254,6 +254,86 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached(temperature):
     assert np.isin(tokens(3), [eos, stop]).mean() > 0.95
 
 
+# ---------------------------------------------------------------- rows with every token masked
+
+
+def _masked_rows(temperature: float) -> tuple[list[SamplingRow], list[set[int]]]:
+    """Rows whose processed logits are all -inf, and the tokens each may emit."""
+
+    def params(**kw):
+        return SamplingParams(temperature=temperature, top_p=0.9, **kw)
+
+    rows = [
+        # min_tokens bans both allowed tokens (a stop id and eos): the better raw one of them.
+        SamplingRow(
+            params=params(allowed_token_ids=[5, 9], min_tokens=2, stop_token_ids=[5]),
+            seed=1,
+            eos_token_ids=[9],
+        ),
+        # A bad word takes 5, min_tokens takes eos 9: what is left of the allowed set is 9.
+        SamplingRow(
+            params=params(allowed_token_ids=[5, 9], min_tokens=1),
+            seed=2,
+            eos_token_ids=[9],
+            banned_token_ids=[5],
+        ),
+        # A huge repetition penalty sends every (negative, prompt) logit to -inf.
+        SamplingRow(
+            params=params(allowed_token_ids=[4, 11], repetition_penalty=3e38),
+            seed=3,
+            prompt_token_ids=range(16),
+        ),
+        # logit_bias (clamped to -100) alone never masks: the only allowed token stays.
+        SamplingRow(params=params(allowed_token_ids=[6], logit_bias={6: -100.0}), seed=4),
+        # allowed_mask itself empty (intake rejects this): the model's own argmax, not token 0.
+        SamplingRow(params=params(allowed_token_ids=[5]), seed=5, banned_token_ids=[5]),
+    ]
+    return rows, [{5}, {9}, {11}, {6}, {7}]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_fully_masked_row_never_emits_token_0_or_a_token_outside_the_allowed_set(temperature):
+    vocab = 16
+    logits = -np.linspace(0.5, 2.0, vocab).astype(np.float32)  # all negative
+    logits[[5, 9]] = [-0.6, -0.7]
+    logits[[4, 11]] = [-1.9, -1.2]  # x 3e38 < -3.4e38: -inf
+    logits[7] = -0.1  # the raw argmax
+    rows, expected = _masked_rows(temperature)
+    t = tensors_for(rows, vocab)
+    assert np.all(np.isneginf(np.asarray(process_logits(jnp.asarray(logits), t))[[0, 1, 2, 4]]))
+    batch = jnp.asarray(np.broadcast_to(logits, (len(rows), vocab)))
+    for max_top_k in (4, 16):
+        tokens = np.asarray(sample_jit(batch, t, max_top_k)[0])
+        assert [{int(token)} for token in tokens] == expected, max_top_k
+    # The same rows among ordinary ones: each row still decides alone.
+    mixed = [rows[0], None, rows[2], mixed_rows(np.random.default_rng(0), 1, vocab)[0]]
+    batch = jnp.asarray(np.broadcast_to(logits, (len(mixed), vocab)))
+    tokens = np.asarray(sample_jit(batch, tensors_for(mixed, vocab), 4)[0])
+    assert tokens[0] == 5 and tokens[1] == 7 and tokens[2] == 11  # padding: the raw argmax
+
+
+def test_logits_pushed_to_inf_by_a_tiny_repetition_penalty_still_sample_among_the_best():
+    """10 / 1.2e-38 overflows to +inf; without care top-p turns inf - inf into NaN and an
+    arbitrary token (here: 0) comes out."""
+    vocab = 16
+    logits = -np.ones(vocab, np.float32)
+    logits[[3, 9]] = [10.0, 5.0]
+    rows = [
+        SamplingRow(
+            params=SamplingParams(temperature=0.7, repetition_penalty=1.2e-38, **extra),
+            seed=s,
+            position=s,
+            prompt_token_ids=[3, 9],
+        )
+        for extra in ({"top_p": 0.5}, {"top_k": 2, "top_p": 0.9}, {"min_p": 0.1}, {})
+        for s in range(4)
+    ]
+    batch = jnp.asarray(np.broadcast_to(logits, (len(rows), vocab)))
+    for max_top_k in (2, 16):
+        tokens = np.asarray(sample_jit(batch, tensors_for(rows, vocab), max_top_k)[0])
+        assert np.isin(tokens, [3, 9]).all(), (max_top_k, tokens)
+
+
 # ---------------------------------------------------------------- greedy and row independence
 
 
@@ -438,3 +518,18 @@ def test_row_seed():
     assert row_seed(123, 1) == row_seed(123, 1)
     with pytest.raises(ValueError):
         row_seed(-1)
+
+
+def test_distinct_seeds_give_distinct_key_seeds():
+    """SamplingParams takes seeds in [0, 2**64); 2**64 and 2**65 once collided (the mix works
+    mod 2**64) and are now rejected. Seeds that differ only in their high bits still differ."""
+    seeds = [0, 1, 2**32 - 1, 2**32, 2**32 + 1, 2**33, 2**40 + 123, 2**63, 2**63 + 1, 2**64 - 1]
+    seeds += [k << 32 for k in range(3, 200)]  # equal low 32 bits
+    key_seeds = [row_seed(seed) for seed in seeds]
+    assert len(set(key_seeds)) == len(seeds) and all(0 <= s < 2**32 for s in key_seeds)
+    assert [row_seed(seed) for seed in range(1000)] == list(range(1000))  # < 2**32: unchanged
+    for seed in (2**64, 2**65):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+            row_seed(seed)
+        with pytest.raises(ValueError, match=r"SamplingParams.seed must be"):
+            SamplingParams(seed=seed)

@@ -1,0 +1,359 @@
+"""EngineCore: requests in, one step at a time, RequestOutputs out (vLLM's `LLMEngine` API).
+
+    core.add_request("a", "The capital of France is", SamplingParams(max_tokens=8))
+    while core.has_unfinished_requests():
+        for output in core.step():      # the requests that progressed in this step
+            ...
+
+`generate()`, `chat()`, streaming and the async engine are loops over these calls. The core is
+host code: it owns the scheduler(s) and block manager, turns each StepPlan into padded
+`StepInputs` (the seam) and hands them to the runner it was given, which is the only thing here
+that touches a device. Under pipeline parallelism there is one scheduler per micro-batch and one
+step of each in flight: `step()` reads back the oldest, updates its micro-batch, and dispatches that
+micro-batch's next step at once, so the other micro-batches keep the later stages busy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine import intake, offline
+from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs
+from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.output_processor import OutputProcessor
+from jaxinfer.engine.request import Request, Sample
+from jaxinfer.engine.scheduler import Scheduler, SchedulerGroup, StepPlan
+from jaxinfer.engine.sequence import Sequence
+from jaxinfer.engine.stop_strings import StopStringMatcher
+from jaxinfer.outputs import RequestOutput
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.seam import StepInputs, StepOutputs
+from jaxinfer.seeds import request_seed, row_seed
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A dispatched step whose outputs are not read back yet."""
+
+    micro_batch: int
+    plan: StepPlan
+    inputs: StepInputs
+    outputs: StepOutputs  # still on the device
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (the progress bar and benchmarks read them)."""
+
+    num_steps: int = 0
+    prompt_tokens: int = 0  # tokens computed by prefill (recomputed ones included)
+    generation_tokens: int = 0
+    # Where a step's wall time goes: host work (schedule, pad, dispatch, update, outputs) and
+    # waiting for the device to hand the step's tokens back.
+    host_seconds: float = 0.0
+    device_wait_seconds: float = 0.0
+
+
+class EngineCore:
+    """The request-level engine. Built by `jaxinfer.llm.build_engine`, reachable as
+    `LLM(...).llm_engine`. `runner` is a ModelRunner (runtime/runner.py): compile, dispatch,
+    collect, copy_blocks, install_sampling_row."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        runner,
+        tokenizer,
+        eos_token_ids: set[int],
+        default_sampling_params: SamplingParams,
+        num_blocks: int,
+        vocab_size: int,
+        model=None,
+        mesh=None,
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.model = model  # LoadedModel: its description (model_config, hf_config) and weights
+        self.mesh = mesh
+        self.tokenizer = tokenizer
+        self.default_sampling_params = default_sampling_params
+        self.vocab_size = vocab_size
+        micro_batches = config.resolved_micro_batches
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = SchedulerGroup(
+            [
+                Scheduler(
+                    self.block_manager,
+                    max_num_seqs=config.max_num_seqs,
+                    max_num_batched_tokens=config.max_num_batched_tokens,
+                    max_prefill_seqs=config.max_prefill_seqs,
+                    max_model_len=config.max_model_len,
+                )
+                for _ in range(micro_batches)
+            ]
+        )
+        self.buckets = BucketTable(
+            seq_buckets=config.resolved_seq_buckets(),
+            token_buckets=config.resolved_token_buckets(),
+            block_buckets=config.resolved_block_buckets(),
+            max_prefill_seqs=config.max_prefill_seqs,
+        )
+        self.output_processor = OutputProcessor(tokenizer, eos_token_ids, vocab_size)
+        self.limits = intake.IntakeLimits(
+            max_model_len=config.max_model_len,
+            vocab_size=vocab_size,
+            max_logprobs=config.max_logprobs,
+            max_num_seqs=config.max_num_seqs,
+            block_size=config.block_size,
+            num_usable_blocks=self.block_manager.num_usable_blocks,
+            eos_token_ids=frozenset(eos_token_ids),
+        )
+        self.stats = EngineStats()
+        self._requests: dict[str, Request] = {}
+        self._by_seq: dict[int, tuple[Request, Sample]] = {}  # the scheduler's view -> ours
+        self._free_slots = list(range(config.max_num_seqs * micro_batches))
+        self._in_flight: deque[_InFlight] = deque()
+        self._num_requests = 0  # requests ever added: an unseeded request's seed derives from it
+        self._num_seqs = 0
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Tokens that end a sample (unless ignore_eos): the checkpoint's eos ids."""
+        return self.output_processor.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, token_ids) -> None:
+        self.output_processor.eos_token_ids = set(token_ids)
+
+    # ---- vLLM's LLMEngine API -----------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue one request; it runs from the next `step()`. Bad input raises here, before
+        anything is queued."""
+        params = self.default_sampling_params if params is None else params
+        prepared = intake.prepare_request(
+            prompt, params, 0, tokenizer=self.tokenizer, limits=self.limits
+        )
+        self.add_prepared(str(request_id), prepared, arrival_time)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Drop requests (unknown or finished ids are ignored): their blocks and slots are free
+        when this returns, and they produce no further output."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for request_id in request_ids:
+            request = self._requests.pop(str(request_id), None)
+            if request is None:
+                continue
+            for sample in request.samples:
+                self.scheduler[request.micro_batch].abort(sample.seq.seq_id)
+                self._forget(sample)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step (or, under pipeline parallelism, read back the oldest in flight and
+        start the next); -> an output for each request that progressed, by its output_kind."""
+        started = time.perf_counter()
+        busy = {flight.micro_batch for flight in self._in_flight}
+        for micro_batch, scheduler in enumerate(self.scheduler):
+            if micro_batch not in busy and scheduler.has_unfinished:
+                flight = self._dispatch(micro_batch)
+                if flight is not None:
+                    self._in_flight.append(flight)
+        if not self._in_flight:
+            return []
+        flight = self._in_flight[0]
+        dispatched = time.perf_counter()
+        outputs = self.runner.collect(flight.outputs)
+        collected = time.perf_counter()
+        self._in_flight.popleft()  # only once read back: an interrupt above leaves it queued
+        progressed = self._update(flight, outputs)
+        results = []
+        for request in progressed:
+            output = self.output_processor.make_output(request)
+            if output is not None:
+                results.append(output)
+            if request.finished:
+                self._requests.pop(request.request_id, None)
+        self.stats.device_wait_seconds += collected - dispatched
+        self.stats.host_seconds += (dispatched - started) + (time.perf_counter() - collected)
+        return results
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ---- what the offline API builds on -------------------------------------------------------
+
+    def add_prepared(
+        self, request_id: str, prepared: intake.PreparedRequest, arrival_time: float | None = None
+    ) -> Request:
+        """Queue an already validated request (see `intake.prepare_requests`)."""
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use by a running request")
+        params = prepared.params
+        token_ids = prepared.prompt_token_ids
+        index = self._num_requests
+        room = self.config.max_model_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seed = params.seed if params.seed is not None else request_seed(self.config.seed, index)
+        request = Request(
+            request_id=request_id,
+            prompt=prepared.prompt,
+            prompt_token_ids=token_ids,
+            params=params,
+            arrival_time=time.time() if arrival_time is None else arrival_time,
+            seed=seed,
+            bad_words_token_ids=prepared.bad_words_token_ids,
+        )
+        for i in range(params.n):
+            seq = Sequence(
+                seq_id=self._num_seqs + i, prompt_token_ids=token_ids, max_tokens=max_tokens
+            )
+            matcher = None
+            if params.stop:
+                matcher = StopStringMatcher(
+                    self.tokenizer,
+                    params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                    skip_special_tokens=params.skip_special_tokens,
+                )
+            request.samples.append(
+                Sample(index=i, seed=row_seed(seed, i), seq=seq, stop_matcher=matcher)
+            )
+        seqs = [sample.seq for sample in request.samples]
+        request.micro_batch = self.scheduler.add(seqs[0], seqs[1:])  # may raise: nothing kept
+        self._num_requests += 1
+        self._num_seqs += params.n
+        self._requests[request_id] = request
+        for sample in request.samples:
+            self._by_seq[sample.seq.seq_id] = (request, sample)
+        return request
+
+    def generate_prepared(
+        self, prepared: list[intake.PreparedRequest], use_tqdm: bool = True
+    ) -> list[RequestOutput]:
+        """`LLM.generate` after intake: run validated requests to completion, in input order."""
+        return offline.generate(self, prepared, use_tqdm)
+
+    @property
+    def num_compilations(self) -> int:
+        return self.runner.num_compilations
+
+    def shutdown(self) -> None:
+        """Abort everything and drop the device state (weights, KV cache, executables)."""
+        self.abort_request(list(self._requests))
+        self._in_flight.clear()
+        if self.runner is not None:
+            self.runner.shutdown()
+            self.runner = None
+        self.model = None
+
+    def next_request_id(self) -> str:
+        """The id `generate()` gives its next request: the count of requests so far, as vLLM."""
+        return str(self._num_requests)
+
+    def warmup(self) -> int:
+        """Compile every bucket now, so that no request mix compiles later. Returns the count."""
+        for bucket in self.buckets.all_buckets():
+            self.runner.compile(bucket)
+        self.runner.compile_block_copier()
+        return self.runner.num_compilations
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def _dispatch(self, micro_batch: int) -> _InFlight | None:
+        """Schedule micro-batch `micro_batch`'s next step and start it on the device."""
+        plan = self.scheduler[micro_batch].schedule()
+        if plan is None:
+            return None
+        for seq in plan.preempted:  # no longer running: its slot is rebuilt when it runs again
+            self._release_slot(self._by_seq[seq.seq_id][1])
+        sampling = {}
+        for item in plan.scheduled:
+            request, sample = self._by_seq[item.seq.seq_id]
+            if sample.slot is None:
+                self._install_slot(request, sample)
+            sampling[item.seq.seq_id] = RowSampling(
+                request.params, sample.seed, sample.slot, request.banned_now(sample)
+            )
+        bucket = self.buckets.select(plan, self.config.block_size)
+        inputs = build_step_inputs(
+            plan,
+            bucket,
+            self.config.block_size,
+            sampling,
+            padding_slot=self.runner.slot_state.padding_slot,
+            vocab_size=self.vocab_size,
+        )
+        self.runner.copy_blocks(plan.block_copies)
+        return _InFlight(micro_batch, plan, inputs, self.runner.dispatch(bucket, inputs))
+
+    def _install_slot(self, request: Request, sample: Sample) -> None:
+        sample.slot = self._free_slots.pop()
+        self.runner.install_sampling_row(
+            sample.slot,
+            params=request.params,
+            seed=sample.seed,
+            prompt_token_ids=sample.seq.prompt_token_ids,
+            output_token_ids=sample.seq.output_token_ids,
+            eos_token_ids=sorted(self.eos_token_ids),
+            banned_token_ids=request.single_token_bad_words,
+        )
+
+    def _update(self, flight: _InFlight, outputs: StepOutputs) -> list[Request]:
+        """Record a read-back step: tokens, logprobs, stops. -> the requests that progressed."""
+        plan, scheduler = flight.plan, self.scheduler[flight.micro_batch]
+        self.stats.num_steps += 1
+        sampled: dict[int, int] = {}
+        for row, item in enumerate(plan.scheduled):
+            entry = self._by_seq.get(item.seq.seq_id)
+            if entry is None:  # aborted while its step was in flight
+                continue
+            request, sample = entry
+            if plan.is_prefill:
+                self.stats.prompt_tokens += item.num_new_tokens
+                first = int(flight.inputs.query_start_loc[row])
+                self.output_processor.record_prompt_logprobs(
+                    request, item.start, item.num_new_tokens, first, outputs
+                )
+            if item.samples:
+                sampled[item.seq.seq_id] = int(outputs.tokens[row])
+                self.output_processor.record_logprobs(request, sample, outputs, row)
+        progressed: dict[str, Request] = {}
+        for seq in scheduler.update(plan, sampled):
+            request, sample = self._by_seq[seq.seq_id]
+            self.stats.generation_tokens += 1
+            progressed[request.request_id] = request
+            reason = self.output_processor.stop_reason(request, sample)
+            if reason is not None:
+                scheduler.finish(seq, reason[0], stop_reason=reason[1])
+                for other in request.samples:  # a parent's pending forks finish with it
+                    if other.seq.is_finished:
+                        self._forget(other)
+        return list(progressed.values())
+
+    def _release_slot(self, sample: Sample) -> None:
+        if sample.slot is not None:
+            self._free_slots.append(sample.slot)
+            sample.slot = None
+
+    def _forget(self, sample: Sample) -> None:
+        """A finished or aborted sample: its slot is free, the scheduler has released its blocks."""
+        self._release_slot(sample)
+        self._by_seq.pop(sample.seq.seq_id, None)

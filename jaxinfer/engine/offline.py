@@ -1,0 +1,93 @@
+"""The offline loops over an EngineCore: run a batch to completion (`generate`), or stream one.
+
+Both are nothing but `add_request` and `step()` calls, as vLLM's `LLM._run_engine` is; if the
+caller is interrupted (Ctrl-C, an exception, a generator closed early) the requests it added are
+aborted before the interrupt propagates, so their KV blocks and sampling slots are free again and
+the engine is ready for the next call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+
+from tqdm.auto import tqdm
+
+from jaxinfer.engine.intake import PreparedRequest
+from jaxinfer.outputs import RequestOutput
+from jaxinfer.sampling_params import RequestOutputKind
+
+
+def generate(core, prepared: list[PreparedRequest], use_tqdm: bool = True) -> list[RequestOutput]:
+    """Add every request (FINAL_ONLY, as vLLM's offline generate) and step until all finish;
+    -> their outputs in input order."""
+    ids = []
+    outputs: dict[str, RequestOutput] = {}
+    try:
+        for request in prepared:
+            request_id = core.next_request_id()
+            params = dataclasses.replace(request.params, output_kind=RequestOutputKind.FINAL_ONLY)
+            core.add_prepared(request_id, dataclasses.replace(request, params=params))
+            ids.append(request_id)
+        wanted = set(ids)
+        with _Progress(core, len(ids), use_tqdm) as progress:
+            while len(outputs) < len(ids):
+                for output in core.step():
+                    if output.finished and output.request_id in wanted:
+                        outputs[output.request_id] = output
+                        progress.update(1)
+    except BaseException:
+        core.abort_request(ids)  # never leave blocks behind on an interrupted call
+        raise
+    return [outputs[request_id] for request_id in ids]
+
+
+def stream(core, prepared: PreparedRequest) -> Iterator[RequestOutput]:
+    """One request's outputs as they come (DELTA unless its params ask for another kind).
+
+    Other requests in the core keep running in the same steps; their outputs are not ours and
+    are dropped here, so mix `stream()` with the core's own loop (or AsyncEngine) with care."""
+    params = prepared.params
+    if params.output_kind is RequestOutputKind.CUMULATIVE:
+        params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
+    request_id = core.next_request_id()
+    core.add_prepared(request_id, dataclasses.replace(prepared, params=params))
+    finished = False
+    try:
+        while not finished:
+            for output in core.step():
+                if output.request_id == request_id:
+                    finished = output.finished
+                    yield output
+    finally:
+        if not finished:
+            core.abort_request(request_id)
+
+
+class _Progress:
+    """vLLM's progress bar: prompts done, and input/output tokens per second."""
+
+    def __init__(self, core, total: int, enabled: bool) -> None:
+        self.core = core
+        self.bar = tqdm(total=total, desc="Processed prompts", disable=not enabled)
+        self.started = time.perf_counter()
+        self.start_stats = dataclasses.replace(core.stats)
+
+    def update(self, count: int) -> None:
+        self.bar.update(count)
+        if self.bar.disable:
+            return
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        prompt = self.core.stats.prompt_tokens - self.start_stats.prompt_tokens
+        generated = self.core.stats.generation_tokens - self.start_stats.generation_tokens
+        self.bar.set_postfix_str(  # vLLM's wording
+            f"est. speed input: {prompt / elapsed:.2f} toks/s, "
+            f"output: {generated / elapsed:.2f} toks/s"
+        )
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

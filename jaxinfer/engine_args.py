@@ -1,0 +1,69 @@
+"""vLLM's `LLM(...)` engine arguments: accepted at the values that change nothing here, refused
+(naming the argument) at any value that would need behaviour jaxinfer lacks.
+
+A script or evaluation harness written for vLLM passes these as a matter of course
+(`trust_remote_code=False`, `quantization=None`, `enable_lora=False`, `max_num_seqs=None`, ...);
+rejecting them would stop it at the first line, and silently ignoring a value that matters
+(`trust_remote_code=True`, a LoRA switch) would run something other than what was asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxinfer.config import EngineConfig
+
+TASKS = ("auto", "generate", "embed")
+
+# name -> the values accepted (they change nothing here), and why other values are refused.
+_NEUTRAL: dict[str, tuple[tuple, str]] = {
+    "trust_remote_code": (
+        (False,),
+        "no code from a checkpoint ever runs here; every supported architecture is built in",
+    ),
+    "revision": ((None, "main"), "hub revisions are not resolved yet; pass a local folder"),
+    "tokenizer_revision": ((None, "main"), "hub revisions are not resolved yet"),
+    "code_revision": ((None,), "no code from a checkpoint ever runs here"),
+    "tokenizer_mode": (("auto",), "the tokenizer is always the checkpoint's own (fast) one"),
+    "quantization": ((None,), "quantized weights are dequantized at load (GGUF); no other scheme"),
+    "enable_lora": ((False, None), "LoRA adapters are not supported"),
+    "enable_prefix_caching": ((False, None), "prefix caching is not implemented yet"),
+    "skip_tokenizer_init": ((False,), "the engine needs its tokenizer"),
+    "disable_custom_all_reduce": ((False, True), ""),
+    "enforce_eager": ((False, True), ""),  # nothing is eager here: steps are compiled ahead
+    "swap_space": (None, ""),  # any value: there is no CPU swap of KV blocks to size
+    "cpu_offload_gb": ((0, 0.0), "weight offloading is not supported"),
+    "disable_log_stats": ((False, True), ""),
+    "load_format": (("auto", "safetensors", "gguf"), "weights load from safetensors or GGUF"),
+    "hf_token": ((None,), "hub downloads are not supported yet"),
+    "max_seq_len_to_capture": (None, ""),  # CUDA graphs: not a concept here
+    "compilation_config": ((None,), "compilation is configured through the bucket fields"),
+}
+
+
+def engine_config(model: EngineConfig | str | None, engine_args: dict) -> tuple[EngineConfig, str]:
+    """`LLM(...)`'s arguments -> (EngineConfig, task). EngineConfig fields pass through."""
+    args = dict(engine_args)
+    task = args.pop("task", "auto")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    for name, (accepted, why) in _NEUTRAL.items():
+        if name not in args:
+            continue
+        value = args.pop(name)
+        if accepted is not None and value not in accepted:
+            raise ValueError(f"{name}={value!r} is not supported: {why} (accepted: {accepted})")
+    if "max_num_seqs" in args and args["max_num_seqs"] is None:
+        del args["max_num_seqs"]  # vLLM's None: the default
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise TypeError(
+            f"LLM() got unknown engine arguments {unknown}: pass EngineConfig fields or vLLM's "
+            "engine arguments (see jaxinfer/engine_args.py)"
+        )
+    if isinstance(model, EngineConfig):
+        return (model.replace(**args) if args else model), task
+    if model is not None:
+        args["model"] = model
+    return EngineConfig(**args), task

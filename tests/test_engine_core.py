@@ -1,0 +1,158 @@
+"""EngineCore driven by hand (vLLM's LLMEngine loop), output kinds, streaming, and AsyncEngine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from jaxinfer import LLM, EngineConfig, SamplingParams
+from jaxinfer.engine.async_engine import AsyncEngine
+from jaxinfer.sampling_params import RequestOutputKind
+
+# Few shapes (one decode, one prefill program): the tests here are about the host loop.
+SMALL = dict(
+    dtype="float32",
+    max_model_len=128,
+    num_kv_blocks=64,
+    max_num_seqs=4,
+    max_num_batched_tokens=64,
+    seq_buckets=(4,),
+    token_buckets=(64,),
+)
+SEEDED = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=10, seed=7, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama) -> LLM:
+    return LLM(EngineConfig(model=str(tiny_llama), **SMALL))
+
+
+def _all_free(llm: LLM) -> bool:
+    core = llm.llm_engine
+    return (
+        core.block_manager.num_free_blocks == core.block_manager.num_usable_blocks
+        and not core.has_unfinished_requests()
+        and len(core._free_slots) == core.config.max_num_seqs
+    )
+
+
+def _run(core) -> dict[str, list]:
+    """Step until idle; -> every output of each request, in the order they came."""
+    seen: dict[str, list] = {}
+    while core.has_unfinished_requests():
+        for output in core.step():
+            seen.setdefault(output.request_id, []).append(output)
+    return seen
+
+
+def test_add_request_step_loop_matches_generate(llm):
+    prompts = ["Hello there", "The capital of France is", "1 2 3"]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, SEEDED, use_tqdm=False)]
+    core = llm.llm_engine
+    for i, prompt in enumerate(prompts):
+        core.add_request(f"r{i}", prompt, SEEDED)
+    assert core.get_num_unfinished_requests() == 3
+    seen = _run(core)
+    # CUMULATIVE (the default): one output per step, each the whole output so far.
+    for i, prompt in enumerate(prompts):
+        outs = seen[f"r{i}"]
+        assert len(outs) == 10 and [o.finished for o in outs] == [False] * 9 + [True]
+        assert [len(o.outputs[0].token_ids) for o in outs] == list(range(1, 11))
+        assert outs[-1].outputs[0].token_ids == expected[i]
+        assert outs[-1].prompt == prompt
+    assert _all_free(llm)
+
+
+def test_output_kinds_delta_concatenates_and_final_only_once(llm):
+    core = llm.llm_engine
+    prompt = "Once upon a time"
+    final = llm.generate(prompt, SEEDED, use_tqdm=False)[0].outputs[0]
+    for kind in RequestOutputKind:
+        core.add_request(
+            kind.name, prompt, SamplingParams(**{**_fields(SEEDED), "output_kind": kind})
+        )
+    seen = _run(core)
+    cumulative, delta, final_only = (seen[k.name] for k in RequestOutputKind)
+    assert cumulative[-1].outputs[0].text == final.text
+    assert len(final_only) == 1 and final_only[0].finished
+    assert final_only[0].outputs[0].token_ids == final.token_ids
+    assert "".join(o.outputs[0].text for o in delta) == final.text
+    assert sum((o.outputs[0].token_ids for o in delta), []) == final.token_ids
+    assert delta[-1].outputs[0].finish_reason == "length" and delta[-1].finished
+
+
+def _fields(params: SamplingParams) -> dict:
+    return {k: getattr(params, k) for k in params.__dataclass_fields__}
+
+
+def test_abort_frees_blocks_and_the_rest_finish(llm):
+    core = llm.llm_engine
+    core.add_request("keep", "Hello there", GREEDY)
+    core.add_request("drop", "The capital of France is", SamplingParams(max_tokens=50))
+    for _ in range(3):
+        core.step()
+    core.abort_request("drop")
+    assert core.get_num_unfinished_requests() == 1
+    seen = _run(core)
+    assert "drop" not in seen or not seen["drop"][-1].finished
+    assert seen["keep"][-1].finished
+    assert _all_free(llm)
+    core.abort_request(["unknown", "keep"])  # finished or unknown ids are ignored
+
+
+def test_duplicate_request_id_and_bad_prompt_leave_the_engine_usable(llm):
+    core = llm.llm_engine
+    core.add_request("same", "Hello", GREEDY)
+    with pytest.raises(ValueError, match="same"):
+        core.add_request("same", "Hello", GREEDY)
+    with pytest.raises((ValueError, TypeError)):
+        core.add_request("bad", [1.5, 2.0], GREEDY)
+    assert core.get_num_unfinished_requests() == 1
+    assert _run(core)["same"][-1].finished
+    assert _all_free(llm)
+
+
+def test_stream_yields_deltas_and_closing_early_aborts(llm):
+    final = llm.generate("Hello there", SEEDED, use_tqdm=False)[0].outputs[0]
+    pieces = list(llm.stream("Hello there", SEEDED))
+    assert "".join(p.outputs[0].text for p in pieces) == final.text
+    assert sum((p.outputs[0].token_ids for p in pieces), []) == final.token_ids
+    stream = llm.stream("Hello there", SamplingParams(max_tokens=60))
+    next(stream)
+    stream.close()  # a `break` out of a for loop does the same once the generator is dropped
+    assert _all_free(llm)
+
+
+def test_async_engine_interleaves_requests_and_cancels(llm):
+    expected = {
+        p: o.outputs[0].token_ids
+        for p, o in zip(["a b", "c d e"], llm.generate(["a b", "c d e"], SEEDED, use_tqdm=False))
+    }
+    engine = AsyncEngine(llm)
+    delta = SamplingParams(**{**_fields(SEEDED), "output_kind": RequestOutputKind.DELTA})
+
+    async def collect(prompt: str, request_id: str) -> tuple[list[int], list[int]]:
+        tokens, steps = [], []
+        async for output in engine.generate(prompt, delta, request_id):
+            tokens += output.outputs[0].token_ids
+            steps.append(engine.core.stats.num_steps)
+        return tokens, steps
+
+    async def cancelled() -> None:
+        async for _ in engine.generate("x y z", SamplingParams(max_tokens=60), "gone"):
+            break
+
+    async def main():
+        results = await asyncio.gather(collect("a b", "A"), collect("c d e", "B"), cancelled())
+        for _ in range(100):  # the abort runs on the engine thread after the step in progress
+            if _all_free(llm):
+                break
+            await asyncio.sleep(0.01)
+        return results
+
+    (a_tokens, a_steps), (b_tokens, b_steps), _ = asyncio.run(main())
+    assert a_tokens == expected["a b"] and b_tokens == expected["c d e"]
+    assert set(a_steps) & set(b_steps)  # both advanced in the same steps: one shared batch
+    assert _all_free(llm)
