@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import dataclasses
 import json
 import math
 import os
@@ -201,7 +202,12 @@ def run_jaxinfer(files: ModelFiles, spec: WorkloadSpec, seed: int, ttft_repeats:
     greedy = [
         SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens
     ]
+    stats_before = dataclasses.replace(engine.llm_engine.stats)
     outputs, wall_s = _timed(lambda: engine.generate(workload.prompts, greedy, use_tqdm=False))
+    stats = engine.llm_engine.stats
+    num_steps = max(stats.num_steps - stats_before.num_steps, 1)
+    host_ms = 1e3 * (stats.host_seconds - stats_before.host_seconds) / num_steps
+    device_ms = 1e3 * (stats.device_wait_seconds - stats_before.device_wait_seconds) / num_steps
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     generated = sum(len(t) for t in tokens)
     if generated != sum(workload.output_lens):
@@ -222,6 +228,11 @@ def run_jaxinfer(files: ModelFiles, spec: WorkloadSpec, seed: int, ttft_repeats:
         "compilations_during_run": engine.num_compilations - num_compiled,
         "num_kv_blocks": engine.llm_engine.runner.num_blocks,
         "wall_s": wall_s,
+        "steps": num_steps,
+        # Per step: host work (schedule, pad, dispatch, update, outputs) and the wait for the
+        # device's tokens; without overlap the two add up to the step's wall time.
+        "host_ms_per_step": host_ms,
+        "device_wait_ms_per_step": device_ms,
         "output_tokens": generated,
         "output_tokens_per_s": generated / wall_s,
         "requests_per_s": len(outputs) / wall_s,
@@ -339,7 +350,9 @@ def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rat
     workload, shape = jx.pop("workload"), jx.pop("shape")
     print(
         f"   compile {jx['compile_s']:.1f}s ({jx['compilations']} executables), "
-        f"{jx['output_tokens_per_s']:.1f} tok/s, TTFT {jx['ttft_s'] * 1e3:.0f} ms",
+        f"{jx['output_tokens_per_s']:.1f} tok/s, TTFT {jx['ttft_s'] * 1e3:.0f} ms, "
+        f"per step: host {jx['host_ms_per_step']:.2f} ms, device wait "
+        f"{jx['device_wait_ms_per_step']:.2f} ms over {jx['steps']} steps",
         flush=True,
     )
     result: dict = {"model": files.name, "path": files.path, "jaxinfer": jx}

@@ -20,7 +20,6 @@ from jaxinfer.default_model import (  # noqa: F401
     resolve_model_path,
 )
 
-DEFAULT_COMPILATION_CACHE = str(Path.home() / ".cache" / "jaxinfer" / "xla")
 # Without a config file, generate uses these; a config's `sampling:` replaces them, flags win.
 CLI_SAMPLING_DEFAULTS = {"temperature": 0.0, "max_tokens": 32}
 
@@ -59,7 +58,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compilation-cache-dir",
         default=None,
-        help=f"JAX persistent compilation cache ('' to disable; default {DEFAULT_COMPILATION_CACHE})",
+        help="JAX persistent compilation cache folder ('off' to disable; default: "
+        "$JAXINFER_COMPILATION_CACHE_DIR, else ~/.cache/jaxinfer/xla/<cpu>)",
     )
 
 
@@ -82,12 +82,8 @@ def _load(args: argparse.Namespace):
     overrides = _engine_overrides(args)
     if args.config:
         return load_config_file(args.config, **overrides)
-    fields = {
-        "dtype": "auto",
-        "max_num_seqs": 16,
-        "compilation_cache_dir": DEFAULT_COMPILATION_CACHE,
-        **overrides,
-    }
+    # compilation_cache_dir: EngineConfig's default (the user's cache folder) unless a flag says.
+    fields = {"dtype": "auto", "max_num_seqs": 16, **overrides}
     fields["model"] = resolve_model_path(args.model) if args.model else str(default_model_path())
     return ConfigFile(path=Path("<command line>"), engine=EngineConfig(**fields))
 

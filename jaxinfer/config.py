@@ -7,9 +7,12 @@ Values discovered at start-up (the model's max length, the number of KV blocks) 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # What each backend means: runtime/attention_backend.py.
@@ -19,6 +22,48 @@ ATTENTION_BACKENDS = ("auto", "pallas", "pallas_interpret", "reference")
 def _check(condition: bool, field_name: str, allowed: str, value: object) -> None:
     if not condition:
         raise ValueError(f"EngineConfig.{field_name} must be {allowed}, got {value!r}")
+
+
+# The environment variable that names the persistent compilation cache folder ("" or "off": none).
+COMPILATION_CACHE_ENV = "JAXINFER_COMPILATION_CACHE_DIR"
+_CACHE_OFF = ("", "off")
+
+
+def _host_cpu_tag() -> str:
+    """The machine type and a short hash of the CPU's feature flags, e.g. ``x86_64-1a2b3c4d``.
+
+    XLA:CPU compiles for the host's instruction set and refuses an executable built for another,
+    so machines sharing a home folder get one cache subfolder per CPU instead of overwriting each
+    other's entries under the same key.
+    """
+    features = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.split(":", 1)[0].strip() in ("flags", "Features"):
+                    features = line
+                    break
+    except OSError:
+        pass
+    digest = hashlib.sha256(features.encode()).hexdigest()[:8]
+    return f"{platform.machine() or 'unknown'}-{digest}"
+
+
+def default_compilation_cache_dir() -> str | None:
+    """Where compiled programs persist when ``EngineConfig.compilation_cache_dir`` is not given.
+
+    ``$JAXINFER_COMPILATION_CACHE_DIR`` if set ("" or "off": no cache), else the user's cache
+    folder, ``$XDG_CACHE_HOME/jaxinfer/xla/<cpu>`` (``~/.cache`` without XDG_CACHE_HOME). On by
+    default because compiling is most of a cold start: a second identical run then loads every
+    program instead of compiling it (JAX keys entries by the program with its source locations
+    stripped, the jaxlib version, the backend, XLA flags and the devices, so nothing of a
+    checkpoint's path or the working folder enters a key).
+    """
+    configured = os.environ.get(COMPILATION_CACHE_ENV)
+    if configured is not None:
+        return None if configured.strip().lower() in _CACHE_OFF else configured
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base).expanduser() / "jaxinfer" / "xla" / _host_cpu_tag())
 
 
 def powers_of_two_up_to(limit: int, start: int = 1) -> tuple[int, ...]:
@@ -48,7 +93,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # explicit override (tests); otherwise sized from the budget
     kv_cache_memory_bytes: int | None = None  # explicit budget; otherwise from the device
     gpu_memory_utilization: float = 0.9  # fraction of accelerator memory for weights + cache
-    cpu_kv_cache_fraction: float = 0.1  # fraction of available RAM for the cache on CPU
+    # On CPU, the cache takes this fraction of physical RAM (not of the free RAM of the moment),
+    # rounded down coarsely: the same shapes, hence the same compiled programs, every run.
+    cpu_kv_cache_fraction: float = 0.1
 
     # Scheduler.
     max_num_seqs: int = 32
@@ -78,7 +125,10 @@ class EngineConfig:
 
     attention_backend: str = "auto"
     # JAX's persistent compilation cache: a second engine with the same shapes skips XLA compiles.
-    compilation_cache_dir: str | None = None
+    # Default: the user's cache folder (default_compilation_cache_dir); None, "" or "off": none.
+    compilation_cache_dir: str | None = dataclasses.field(
+        default_factory=default_compilation_cache_dir
+    )
     # Converted weights saved with orbax on first load, restored later (models/weight_cache.py).
     weight_cache_dir: str | None = None
     # On CPU, keep freed host memory mapped (glibc mallopt): see runtime/host_allocator.py.
@@ -88,6 +138,19 @@ class EngineConfig:
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:
+        cache = self.compilation_cache_dir
+        _check(
+            cache is None or isinstance(cache, str),
+            "compilation_cache_dir",
+            'None, "off" or a folder path',
+            cache,
+        )
+        if cache is not None:
+            # Normalized once here, so that every reader sees None for "no cache" and a real
+            # path otherwise (construction, not a later mutation: the config stays frozen).
+            off = cache.strip().lower() in _CACHE_OFF
+            normalized = None if off else str(Path(cache).expanduser())
+            object.__setattr__(self, "compilation_cache_dir", normalized)
         _check(
             isinstance(self.model, str) and bool(self.model),
             "model",
@@ -138,7 +201,12 @@ class EngineConfig:
             self.cpu_kv_cache_fraction,
         )
         if self.max_model_len is not None:
-            _check(self.max_model_len >= 1, "max_model_len", ">= 1", self.max_model_len)
+            _check(
+                self.max_model_len >= 2,
+                "max_model_len",
+                ">= 2 (a prompt of at least one token plus one generated token)",
+                self.max_model_len,
+            )
         if self.weight_cache_dir is not None:
             _check(
                 isinstance(self.weight_cache_dir, str) and bool(self.weight_cache_dir),

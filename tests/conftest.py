@@ -5,12 +5,22 @@ Nothing here may reach a hub: the offline switches are set before transformers i
 
 from __future__ import annotations
 
+import getpass
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# One persistent compilation cache for the whole run and for the subprocesses tests start (they
+# inherit the environment): engines with the same shapes compile once, in whichever test or process
+# comes first, and the next run finds them too. Not the user's ~/.cache; CI may point it elsewhere
+# (or set "off" to measure compiles).
+os.environ.setdefault(
+    "JAXINFER_COMPILATION_CACHE_DIR",
+    str(Path(tempfile.gettempdir()) / f"jaxinfer-test-xla-cache-{getpass.getuser()}"),
+)
 
 import pytest
 

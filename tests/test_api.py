@@ -152,7 +152,7 @@ def test_llm_alias_takes_vllm_style_keywords(tiny_llama):
 
 
 def test_max_model_len_defaults_to_and_is_checked_against_the_model(tiny_llama):
-    engine = Engine(EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=16))
+    engine = Engine(EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=33))
     assert engine.config.max_model_len == 512
     with pytest.raises(ValueError, match="max_position_embeddings=512"):
         Engine(EngineConfig(model=str(tiny_llama), max_model_len=4096, num_kv_blocks=16))
@@ -302,3 +302,8 @@ def test_progress_bar_reports_requests_and_token_rates(engine, capsys):
     assert "est. speed input:" in err and "toks/s, output:" in err
     engine.generate(["one"], GREEDY, use_tqdm=False)
     assert "Processed prompts" not in capsys.readouterr().err
+
+
+def test_kv_cache_too_small_for_one_sequence_is_refused_at_construction(tiny_llama):
+    with pytest.raises(ValueError, match=r"holds 240 tokens .*max_model_len=512.*at most 240"):
+        Engine(EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=16))

@@ -33,8 +33,9 @@ def expected(tiny_llama, prompts) -> list[list[int]]:
 
 SETTINGS = {
     "roomy": {"num_kv_blocks": 256},
-    # 8 usable blocks of 16 tokens hold two 64-token sequences: the batch must preempt.
-    "squeezed-cache": {"num_kv_blocks": 20, "max_num_seqs": 8},
+    # 19 usable blocks of 16 tokens hold one max_model_len (304) sequence, as the engine
+    # requires, but not 8 prompts and their outputs at once: the batch must preempt.
+    "squeezed-cache": {"num_kv_blocks": 20, "max_num_seqs": 8, "max_model_len": 304},
     "chunked-prefill": {"num_kv_blocks": 256, "max_num_batched_tokens": 32},
     "one-seq-at-a-time": {"num_kv_blocks": 256, "max_num_seqs": 1},
 }
@@ -42,8 +43,8 @@ SETTINGS = {
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_greedy_matches_transformers(tiny_llama, prompts, expected, setting, caplog):
-    kw = dict(SETTINGS[setting])
-    config = EngineConfig(model=str(tiny_llama), dtype="float32", max_model_len=512, **kw)
+    kw = {"max_model_len": 512, **SETTINGS[setting]}
+    config = EngineConfig(model=str(tiny_llama), dtype="float32", **kw)
     engine = Engine(config)
     with caplog.at_level(logging.WARNING, logger="jaxinfer"):
         outputs = engine.generate(prompts, GREEDY, use_tqdm=False)

@@ -82,8 +82,9 @@ def test_seeded_request_is_reproducible_in_every_setting(tiny_llama, prompt, cap
     out = small.generate(others[:5] + [prompt], other_params[:5] + [SEEDED], use_tqdm=False)
     assert out[-1].outputs[0].token_ids == alone
 
-    # (d) preempted and recomputed: 12 usable blocks cannot hold 8 sequences at once
-    squeezed = _engine(tiny_llama, num_kv_blocks=13, max_num_seqs=8)
+    # (d) preempted and recomputed: 12 usable blocks cannot hold 8 sequences at once (and hold
+    # one max_model_len sequence, as the engine requires)
+    squeezed = _engine(tiny_llama, num_kv_blocks=13, max_num_seqs=8, max_model_len=192)
     with caplog.at_level(logging.WARNING, logger="jaxinfer"):
         out = squeezed.generate([prompt] + others[:7], [SEEDED] + other_params[:7], use_tqdm=False)
     assert squeezed.llm_engine.scheduler.num_preemptions > 0

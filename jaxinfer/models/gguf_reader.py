@@ -1,12 +1,13 @@
 """Read GGUF checkpoints (llama.cpp's format) into Hugging Face names and layouts.
 
-The config and tokenizer come through transformers' own GGUF support, so they match what
-``AutoConfig`` / ``AutoTokenizer`` give for ``gguf_file=``. The tensors are read with
-``gguf.GGUFReader`` and dequantized to float32 with the gguf package's vectorized numpy code
-(``gguf.quants.dequantize``), then renamed to Hugging Face names and, where llama.cpp's converter
-permuted rows for its rotary layout (q/k projections of llama), un-permuted exactly as
-``transformers.modeling_gguf_pytorch_utils.LlamaTensorProcessor`` does. The result is identical to
-the state dict ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`` builds.
+The config and tokenizer are built from the metadata by ``gguf_metadata`` without torch, equal
+to what ``AutoConfig`` / ``AutoTokenizer`` give for ``gguf_file=``. The tensors are located
+through the same header parse, viewed in the file's memory map and dequantized to float32 with
+the gguf package's vectorized numpy code (``gguf.quants.dequantize``), then renamed to Hugging
+Face names and, where llama.cpp's converter permuted rows for its rotary layout (q/k projections
+of llama), un-permuted exactly as ``transformers.modeling_gguf_pytorch_utils.LlamaTensorProcessor``
+does. The result is identical to the state dict that
+``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`` builds.
 
 Loading is loud: a tensor in the file without a mapping raises ``ValueError`` naming it.
 """
@@ -21,6 +22,8 @@ from typing import Any
 
 import gguf
 import numpy as np
+
+from jaxinfer.models import gguf_metadata
 
 GGUF_MAGIC = b"GGUF"
 
@@ -60,8 +63,9 @@ _LLAMA_GLOBALS = {
 }
 
 # general.architecture -> mapping. To add e.g. qwen2 (no q/k permutation in llama.cpp's
-# converter): _ArchSpec(globals=_LLAMA_GLOBALS, layer=_LLAMA_LAYER) and check it against
-# transformers on a real file. Mistral GGUFs are written with architecture "llama".
+# converter): _ArchSpec(globals=_LLAMA_GLOBALS, layer=_LLAMA_LAYER), its config keys in
+# gguf_metadata._CONFIG_KEYS, and check both against transformers on a real file. Mistral GGUFs
+# are written with architecture "llama".
 _ARCHITECTURES: dict[str, _ArchSpec] = {
     "llama": _ArchSpec(
         globals=_LLAMA_GLOBALS,
@@ -153,56 +157,61 @@ def _check_pair(folder: Path, file: Path) -> tuple[Path, str]:
 
 def load_gguf_config(folder: Path, file: Path):
     """The ``transformers.PretrainedConfig`` that transformers builds from the GGUF metadata."""
-    from transformers import AutoConfig
-
     folder, name = _check_pair(folder, file)
-    return AutoConfig.from_pretrained(str(folder), gguf_file=name)
+    metadata = gguf_metadata.read_gguf_metadata(folder / name)
+    return gguf_metadata.build_gguf_config(metadata, str(folder))
 
 
 def load_gguf_tokenizer(folder: Path, file: Path):
     """The tokenizer transformers builds from the GGUF metadata, with its chat template."""
-    from transformers import AutoTokenizer
-
     folder, name = _check_pair(folder, file)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
-    if not getattr(tokenizer, "chat_template", None):
-        template = _read_string_field(folder / name, "tokenizer.chat_template")
-        if template:
-            tokenizer.chat_template = template
-    return tokenizer
-
-
-def _read_string_field(file: Path, key: str) -> str | None:
-    reader = _open_reader(file)
-    fld = reader.fields.get(key)
-    if fld is None or not fld.data:
-        return None
-    return bytes(fld.parts[fld.data[0]]).decode("utf-8")
+    metadata = gguf_metadata.read_gguf_metadata(
+        folder / name, string_arrays=gguf_metadata.TOKENIZER_STRING_ARRAYS
+    )
+    return gguf_metadata.build_gguf_tokenizer(metadata, str(folder))
 
 
 # --------------------------------------------------------------------------- tensors
 
 
-class _PlainArrayReader(gguf.GGUFReader):
-    """``gguf.GGUFReader`` whose arrays are plain ndarray views of the file's memory map.
+# ggml types that the file stores as plain numpy values (gguf.GGUFReader's table); every other
+# type is blocks of bytes that gguf.quants.dequantize decodes.
+_PLAIN_TYPES = {
+    gguf.GGMLQuantizationType.F16: np.float16,
+    gguf.GGMLQuantizationType.F32: np.float32,
+    gguf.GGMLQuantizationType.F64: np.float64,
+    gguf.GGMLQuantizationType.I8: np.int8,
+    gguf.GGMLQuantizationType.I16: np.int16,
+    gguf.GGMLQuantizationType.I32: np.int32,
+    gguf.GGMLQuantizationType.I64: np.int64,
+}
 
-    GGUFReader slices its ``np.memmap`` once per metadata item (about 100k times for a 49k-token
-    vocabulary), and every ``np.memmap`` slice runs a Python-level ``__array_finalize__``. Holding
-    a plain ``ndarray`` view of the same mapping instead (still zero-copy; it keeps the mapping
-    alive) halves the parse time and speeds up dequantization; the parsing itself is gguf's.
+
+def _tensor_data(blob: np.ndarray, info: gguf_metadata.GGUFTensorInfo) -> np.ndarray:
+    """A zero-copy view of one tensor's stored data, shaped as ``gguf.GGUFReader`` shapes it.
+
+    The tensor table comes from ``gguf_metadata`` rather than ``gguf.GGUFReader``, which spends
+    about a second building a numpy array per vocabulary string before it reaches the tensors.
     """
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._plain_data
-
-    @data.setter
-    def data(self, value: np.ndarray) -> None:
-        self._plain_data = np.asarray(value)
-
-
-def _open_reader(file: Path) -> gguf.GGUFReader:
-    return _PlainArrayReader(Path(file))
+    try:
+        qtype = gguf.GGMLQuantizationType(info.ggml_type)
+    except ValueError:
+        raise ValueError(
+            f"GGUF tensor {info.name} has unknown ggml type {info.ggml_type}"
+        ) from None
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    elements = int(np.prod(info.shape, dtype=np.int64))
+    nbytes = elements * type_size // block
+    if info.offset + nbytes > blob.size:
+        raise ValueError(
+            f"GGUF tensor {info.name} ends at byte {info.offset + nbytes} but the file has "
+            f"{blob.size} (truncated download?)"
+        )
+    raw = blob[info.offset : info.offset + nbytes]
+    shape = tuple(reversed(info.shape))  # numpy order: slowest-moving dimension first
+    if qtype in _PLAIN_TYPES:
+        return raw.view(_PLAIN_TYPES[qtype]).reshape(shape)
+    return raw.reshape(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
 
 
 def _config_get(config: Any, key: str) -> Any:
@@ -236,13 +245,6 @@ def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def _architecture(reader) -> str:
-    fld = reader.fields.get("general.architecture")
-    if fld is None or not fld.data:
-        raise ValueError("GGUF file has no general.architecture")
-    return bytes(fld.parts[fld.data[0]]).decode("utf-8")
-
-
 def read_gguf_tensors(file: Path, config) -> dict[str, np.ndarray]:
     """All tensors of ``file`` under Hugging Face names and layouts, dequantized to float32.
 
@@ -252,8 +254,8 @@ def read_gguf_tensors(file: Path, config) -> dict[str, np.ndarray]:
     (otherwise the embedding is tied). Raises ``ValueError`` for an unsupported architecture or a
     tensor without a mapping.
     """
-    reader = _open_reader(file)
-    arch = _architecture(reader)
+    metadata = gguf_metadata.read_gguf_metadata(file)
+    arch = metadata.architecture
     spec = _ARCHITECTURES.get(arch)
     if spec is None:
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
@@ -266,7 +268,7 @@ def read_gguf_tensors(file: Path, config) -> dict[str, np.ndarray]:
     # Map every name first, so that an unmapped tensor fails before any dequantization work.
     plan = []
     unmapped = []
-    for tensor in reader.tensors:
+    for tensor in metadata.tensors:
         if tensor.name in spec.derived:
             continue
         hf = _hf_name(spec, tensor.name, num_layers)
@@ -289,15 +291,17 @@ def read_gguf_tensors(file: Path, config) -> dict[str, np.ndarray]:
             raise ValueError(f"config.{key} is needed to read q/k projections, got {value!r}")
         heads[key] = int(value)
 
+    # A plain ndarray view of the mapping: np.memmap slices run Python-level finalizers.
+    blob = np.asarray(np.memmap(file, dtype=np.uint8, mode="r"))  # [file bytes]
     out: dict[str, np.ndarray] = {}
     for tensor, hf in plan:
         if hf in out:
             raise ValueError(f"two GGUF tensors map to {hf} (second: {tensor.name})")
         # GGUF lists shapes in ggml's ne order (fastest dim first); numpy/HF order is reversed,
         # which for 2-D weights is HF's [out, in].
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        data = np.asarray(tensor.data)
-        w = gguf.quants.dequantize(data, tensor.tensor_type)
+        shape = tuple(reversed(tensor.shape))
+        data = _tensor_data(blob, tensor)
+        w = gguf.quants.dequantize(data, tensor.ggml_type)
         if np.may_share_memory(w, data):
             # F32 tensors come back as views of the file's memory map: own the data instead.
             w = np.array(w, dtype=np.float32, order="C", copy=True)

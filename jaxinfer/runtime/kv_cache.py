@@ -32,6 +32,7 @@ def bytes_per_block(model_config, block_size: int, dtype: str, shards: int = 1) 
 
 
 def _available_host_bytes() -> int:
+    """Host memory free right now (MemAvailable): used only to shrink a budget that will not fit."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -40,6 +41,61 @@ def _available_host_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _machine_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _host_memory_bytes() -> int:
+    """Physical memory this process may use: the machine's, or its cgroup's limit when lower.
+
+    Unlike the free memory of the moment, this is the same run after run, so a cache sized from it
+    keeps its shape and the persistent compilation cache finds the programs compiled last time.
+    """
+    total = _machine_memory_bytes()
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as limit_file:
+                limit = limit_file.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():  # cgroup v2 writes "max" for no limit
+            total = min(total, int(limit))
+    return total
+
+
+def _round_down_coarsely(n: int) -> int:
+    """``n`` with all but its 3 leading bits cleared: 4, 5, 6 or 7 times a power of two.
+
+    Coarse enough that a few MiB more or less of reported memory (a kernel update, another
+    container) rarely changes the result, fine enough to lose under 20% of the budget.
+    """
+    shift = max(n.bit_length() - 3, 0)
+    return (n >> shift) << shift
+
+
+def host_kv_budget_bytes(fraction: float) -> int:
+    """The CPU cache budget: ``fraction`` of physical memory, rounded down coarsely.
+
+    Stable, so the same command compiles the same shapes every run. Only when the machine is so
+    busy that the budget would take over half of the memory free now is it halved until it fits
+    (so even then the shape takes one of a few values).
+    """
+    budget = _round_down_coarsely(int(_host_memory_bytes() * fraction))
+    available = _available_host_bytes()
+    if budget > available // 2:
+        stable = budget
+        while budget > available // 2 and budget > 1:
+            budget //= 2
+        logger.warning(
+            "KV cache: %.0f MiB free; using %.0f MiB instead of the usual %.0f MiB, so programs "
+            "compiled for the usual size will not be reused in this run",
+            available / 2**20,
+            budget / 2**20,
+            stable / 2**20,
+        )
+    return budget
 
 
 def kv_budget_bytes(config: EngineConfig, weight_bytes: int) -> int:
@@ -61,7 +117,7 @@ def kv_budget_bytes(config: EngineConfig, weight_bytes: int) -> int:
                     f"{in_use} in use; raise gpu_memory_utilization (now {config.gpu_memory_utilization})"
                 )
             return budget
-    return int(_available_host_bytes() * config.cpu_kv_cache_fraction)
+    return host_kv_budget_bytes(config.cpu_kv_cache_fraction)
 
 
 def num_blocks_for(config: EngineConfig, model_config, dtype: str, weight_bytes: int) -> int:

@@ -45,6 +45,9 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # A bounded cache evicts least-recently-used entries and, with a bound, JAX also locks the
+    # folder, so several processes (test workers, a CLI run beside a notebook) share it safely.
+    jax.config.update("jax_compilation_cache_max_size", 4 << 30)
 
 
 @dataclass

@@ -241,7 +241,7 @@ def test_shut_down_encoder_says_so(tiny_bert: Path) -> None:
 
 def test_decoder_refuses_encode(tiny_llama: Path) -> None:
     with (
-        Engine(model=str(tiny_llama), num_kv_blocks=8) as engine,
+        Engine(model=str(tiny_llama), num_kv_blocks=8, max_model_len=64) as engine,
         pytest.raises(ValueError, match=r"encode\(\) needs an embedding.*use generate\(\)"),
     ):
         engine.encode("Hello")

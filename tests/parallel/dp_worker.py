@@ -82,7 +82,7 @@ def main(out_path: str) -> None:
         config = EngineConfig(model=path, data_parallel_size=dp, tensor_parallel_size=tp, **ENGINE)
         with Engine(config) as engine:
             results["cases"][name] = {
-                "type": type(engine).__name__,
+                "type": type(engine.llm_engine).__name__,
                 "outputs": run(engine, prompts),
                 "replicas": [placement(replica) for replica in engine.llm_engine.replicas],
             }
