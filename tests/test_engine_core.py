@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jaxinfer import LLM, EngineConfig, SamplingParams
 from jaxinfer.engine.async_engine import AsyncEngine
@@ -156,3 +159,43 @@ def test_async_engine_interleaves_requests_and_cancels(llm):
     assert a_tokens == expected["a b"] and b_tokens == expected["c d e"]
     assert set(a_steps) & set(b_steps)  # both advanced in the same steps: one shared batch
     assert _all_free(llm)
+
+
+_GOOD = ["Hello", [5, 6, 7], {"prompt_token_ids": [9, 10]}, {"prompt": "abc"}, np.arange(3, 8)]
+_BAD = [
+    None,
+    b"bytes",
+    [1.5, 2],
+    [True, 3],
+    {"prompt_token_ids": None},
+    {"prompt_token_ids": "abc"},
+    [2**31],
+    [-1],
+    [],
+    [5] * 200,
+]
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    prompts=st.lists(st.sampled_from(range(len(_GOOD) + len(_BAD))), min_size=1, max_size=5),
+    bad_words=st.sampled_from([None, [" "], ["\n"], ["xyz"]]),
+)
+def test_a_call_mixing_good_and_bad_prompts_queues_all_or_nothing(llm, prompts, bad_words):
+    chosen = [(_GOOD + _BAD)[i] for i in prompts]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, bad_words=bad_words)
+    expect_error = any(i >= len(_GOOD) for i in prompts) or bad_words in ([" "], ["\n"])
+    try:
+        outputs = llm.generate(chosen, params, use_tqdm=False)
+    except (ValueError, TypeError) as error:
+        assert expect_error, error
+        assert "prompts[" in str(error) or "prompts is" in str(error)
+    else:
+        assert not expect_error
+        assert len(outputs) == len(chosen) and all(
+            len(o.outputs[0].token_ids) == 2 for o in outputs
+        )
+    assert _all_free(llm)
+    assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].finished  # the next call works

@@ -275,3 +275,13 @@ def test_pool_modes_match_numpy() -> None:
         np.testing.assert_allclose(top[row], hidden[row, :n].max(0))
         np.testing.assert_array_equal(cls[row], hidden[row, 0])
     assert np.all(mean[2] == 0) and np.isfinite(top).all()
+
+
+def test_vllm_embedding_example_with_task_embed(minilm_path: Path, minilm: Engine) -> None:
+    """vLLM's embedding example: `LLM(model=..., task="embed")` then `llm.embed(prompts)`."""
+    with Engine(model=str(minilm_path), task="embed") as llm:
+        (out,) = llm.embed(["Hello, my name is"], use_tqdm=False)
+    (expected,) = minilm.encode(["Hello, my name is"], use_tqdm=False)
+    assert out.outputs.embedding == expected.outputs.embedding
+    with pytest.raises(ValueError, match="task='generate' does not fit .* an embedding model"):
+        Engine(model=str(minilm_path), task="generate")
