@@ -29,6 +29,7 @@ from jaxinfer.engine.request import Request, Sample
 from jaxinfer.engine.scheduler import Scheduler, SchedulerGroup, StepPlan
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.engine.stop_strings import StopStringMatcher
+from jaxinfer.interrupts import uninterruptible
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.seam import StepInputs, StepOutputs
@@ -147,6 +148,7 @@ class EngineCore:
         )
         self.add_prepared(str(request_id), prepared, arrival_time)
 
+    @uninterruptible
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Drop requests (unknown or finished ids are ignored): their blocks and slots are free
         when this returns, and they produce no further output."""
@@ -160,6 +162,7 @@ class EngineCore:
                 self.scheduler[request.micro_batch].abort(sample.seq.seq_id)
                 self._forget(sample)
 
+    @uninterruptible
     def step(self) -> list[RequestOutput]:
         """Run one step (or, under pipeline parallelism, read back the oldest in flight and
         start the next); -> an output for each request that progressed, by its output_kind."""
@@ -200,6 +203,7 @@ class EngineCore:
 
     # ---- what the offline API builds on -------------------------------------------------------
 
+    @uninterruptible
     def add_prepared(
         self, request_id: str, prepared: intake.PreparedRequest, arrival_time: float | None = None
     ) -> Request:

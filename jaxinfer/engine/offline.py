@@ -28,8 +28,8 @@ def generate(core, prepared: list[PreparedRequest], use_tqdm: bool = True) -> li
         for request in prepared:
             request_id = core.next_request_id()
             params = dataclasses.replace(request.params, output_kind=RequestOutputKind.FINAL_ONLY)
+            ids.append(request_id)  # first: aborting an id that was never added is a no-op
             core.add_prepared(request_id, dataclasses.replace(request, params=params))
-            ids.append(request_id)
         wanted = set(ids)
         with _Progress(core, len(ids), use_tqdm) as progress:
             while len(outputs) < len(ids):

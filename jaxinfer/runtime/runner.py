@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxinfer.interrupts import deferred_interrupts
 from jaxinfer.models.loader import LoadedModel
 from jaxinfer.runtime import kv_cache as kv
 from jaxinfer.runtime import slot_state as slots
 from jaxinfer.runtime.attention_backend import attention_fn, resolve_backend
-from jaxinfer.runtime.interrupts import deferred_interrupts
 from jaxinfer.runtime.mesh import replicated
 from jaxinfer.runtime.pipeline import StageLayout, hidden_sharding
 from jaxinfer.runtime.sampling_tensors import SamplingRow, build_sampling_tensors
@@ -187,13 +187,13 @@ class ModelRunner:
         pairs = np.zeros((2, self.max_block_copies), np.int32)
         pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
         self.compile_block_copier()
-        with deferred_interrupts():  # donates the cache: see runtime/interrupts.py
+        with deferred_interrupts():  # donates the cache: see jaxinfer/interrupts.py
             for stage in self.stages:
                 stage.kv_cache = stage.block_copier(stage.kv_cache, pairs[0], pairs[1])
 
     def write_slot(self, slot: int, row: slots.SlotState) -> None:
         """Install one request's sampling row (host arrays [V]) in its slot."""
-        with deferred_interrupts():  # donates the slot state: see runtime/interrupts.py
+        with deferred_interrupts():  # donates the slot state: see jaxinfer/interrupts.py
             self.slot_state = self._write_slot(self.slot_state, np.int32(slot), row)
 
     def install_sampling_row(
@@ -227,7 +227,7 @@ class ModelRunner:
         arguments = (stage.params, stage.kv_cache)
         last = index == len(self.stages) - 1
         # The step donates the slot state and the writer the cache: each call and the store of
-        # what it returns must not be split by a KeyboardInterrupt (runtime/interrupts.py).
+        # what it returns must not be split by a KeyboardInterrupt (jaxinfer/interrupts.py).
         with deferred_interrupts():
             if last:
                 result, new_kv, self.slot_state = stage.executables[bucket](

@@ -19,7 +19,13 @@ def _modules(folder: str) -> list[str]:
 
 
 def test_every_engine_module_and_the_seam_import_without_jax() -> None:
-    modules = [*_modules("engine"), "jaxinfer.seam", "jaxinfer.seeds", "jaxinfer.inputs"]
+    modules = [
+        *_modules("engine"),
+        "jaxinfer.seam",
+        "jaxinfer.seeds",
+        "jaxinfer.inputs",
+        "jaxinfer.interrupts",
+    ]
     assert len(modules) >= 15, modules  # the glob found the package
     code = (
         f"import importlib, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"

@@ -10,13 +10,19 @@ donated (deleted) buffers and every later step fails with "Buffer has been delet
 section, then puts the previous handler back and runs it with what arrived, so the
 KeyboardInterrupt is raised just after the store. Signal handlers can only be set from the main
 thread; elsewhere (where a KeyboardInterrupt is never raised anyway) it does nothing.
+
+The engine core's state changes (`step`, `add_prepared`, `abort_request`) run whole under
+`@uninterruptible` for the same reason on the host side: an interrupt between two of a step's
+bookkeeping updates (a block allocated but not recorded, a request queued in the scheduler but not
+in the core) would leave the engine inconsistent. A Ctrl-C then waits for the step in progress.
 """
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _depth = 0  # nesting on the main thread: only the outermost section swaps handlers
@@ -56,3 +62,14 @@ def _deliver(handler: object, signum: int, frame: object) -> None:
     elif handler == signal.SIG_DFL:  # the default action: ask the kernel for it now
         signal.raise_signal(signum)
     # SIG_IGN: nothing to do
+
+
+def uninterruptible(method: Callable) -> Callable:
+    """Run `method` whole under `deferred_interrupts()` (see the module docstring)."""
+
+    @functools.wraps(method)
+    def guarded(*args, **kwargs):
+        with deferred_interrupts():
+            return method(*args, **kwargs)
+
+    return guarded
