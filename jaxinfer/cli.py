@@ -9,6 +9,7 @@ flags given on the command line override it.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -109,6 +110,24 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_engine_log() -> None:
+    """The engine's INFO lines on stderr (e.g. which shape is compiling while the user waits)."""
+    logger = logging.getLogger("jaxinfer")
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("jaxinfer: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class _CurrentStderr(logging.Handler):
+    """Writes to whatever sys.stderr is when a record comes (not when the handler was made), so
+    that main() called in-process (tests, notebooks) never writes to a stream since replaced."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from jaxinfer.evaluation import run_eval
 
@@ -120,6 +139,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _show_engine_log()
     try:
         if args.command == "generate":
             return _generate(args)

@@ -228,8 +228,9 @@ def test_cli_generates_with_a_given_model(tiny_llama, capsys):
         main(["generate", "--model", str(tiny_llama), "--prompt", "hello", "--max-tokens", "4"])
         == 0
     )
-    printed = capsys.readouterr().out
-    assert "finish_reason=" in printed and "4 tokens" in printed
+    printed = capsys.readouterr()
+    assert "finish_reason=" in printed.out and "4 tokens" in printed.out
+    assert "jaxinfer: compiling the prefill step" in printed.err
 
 
 def test_cli_explains_how_to_get_a_missing_default_model(monkeypatch, capsys):
@@ -261,6 +262,7 @@ def test_cli_default_model_runs(smollm2_gguf):
         check=True,
     )
     assert "Paris" in result.stdout
+    assert "jaxinfer: compiling the decode step" in result.stderr  # the user is told why it waits
 
 
 def test_generation_config_supplies_default_sampling_params(tiny_llama, tmp_path):

@@ -86,8 +86,16 @@ class _Progress:
             f"output: {generated / elapsed:.2f} toks/s"
         )
 
+    def compiling(self, what: str) -> None:
+        """Shown while a shape compiles: otherwise the bar sits at 0 tok/s with no reason given."""
+        self.bar.set_postfix_str(f"compiling {what}")
+
     def __enter__(self) -> _Progress:
+        if not self.bar.disable and self.core.runner is not None:
+            self.core.runner.compile_listener = self.compiling
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.core.runner is not None:
+            self.core.runner.compile_listener = None
         self.bar.close()

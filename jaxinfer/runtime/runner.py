@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
@@ -38,6 +39,13 @@ from jaxinfer.runtime.step import (
 from jaxinfer.seam import Bucket, StepInputs, StepOutputs
 
 logger = logging.getLogger("jaxinfer")
+
+
+def describe(bucket: Bucket) -> str:
+    """A bucket in words, for the log and the progress bar."""
+    if bucket.is_prefill:
+        return f"the prefill step for {bucket.num_tokens} tokens of {bucket.num_seqs} sequences"
+    return f"the decode step for {bucket.num_seqs} sequences"
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -121,6 +129,8 @@ class ModelRunner:
         )
         self.num_compilations = 0
         self.compile_seconds = 0.0
+        # Told what is about to compile, so a waiting user sees why (the progress bar sets it).
+        self.compile_listener: Callable[[str], None] | None = None
 
     @property
     def kv_cache(self) -> tuple:
@@ -132,6 +142,11 @@ class ModelRunner:
         self.compile_seconds += elapsed
         self.num_compilations += 1
         logger.debug("compiled %s in %.2fs", what, elapsed)
+
+    def _announce(self, what: str) -> None:
+        logger.info("compiling %s (first use of this shape; cached for later runs)", what)
+        if self.compile_listener is not None:
+            self.compile_listener(what)
 
     def _new_kv_shapes(self, stage: _Stage, num_tokens: int) -> tuple:
         cfg = self.model.model_config
@@ -147,6 +162,7 @@ class ModelRunner:
             last = index == len(self.stages) - 1
             executable = stage.executables.get(bucket)
             if executable is None:
+                self._announce(describe(bucket))
                 started = time.perf_counter()
                 sharding = None if stage.mesh is None else replicated(stage.mesh)
                 inputs = abstract_inputs(bucket, sharding)
@@ -163,6 +179,7 @@ class ModelRunner:
                     out.shape, out.dtype, sharding=hidden_sharding(self.stages[index + 1].mesh)
                 )
             if bucket.num_tokens not in stage.writers:
+                self._announce(f"the cache writer for {bucket.num_tokens} tokens")
                 started = time.perf_counter()
                 slot_mapping = jax.ShapeDtypeStruct((bucket.num_tokens,), jnp.int32)
                 stage.writers[bucket.num_tokens] = jit_write_cache.lower(

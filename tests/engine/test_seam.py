@@ -48,3 +48,17 @@ def test_built_inputs_match_their_declaration_and_padding_is_neutral():
     assert inputs.query_start_loc.tolist() == [0, 4, 8, 12, 12]
     with pytest.raises(ValueError, match="token_ids"):
         inputs.replace(token_ids=np.zeros(3, np.int32)).check(bucket)
+
+
+def test_progress_bar_says_what_compiles():
+    """While a shape compiles the bar would sit at 0 tok/s; the runner's listener explains it."""
+    from types import SimpleNamespace
+
+    from jaxinfer.engine.core import EngineStats
+    from jaxinfer.engine.offline import _Progress
+
+    core = SimpleNamespace(runner=SimpleNamespace(compile_listener=None), stats=EngineStats())
+    with _Progress(core, total=1, enabled=True) as progress:
+        core.runner.compile_listener("the decode step for 4 sequences")
+        assert progress.bar.postfix == "compiling the decode step for 4 sequences"
+    assert core.runner.compile_listener is None
