@@ -49,9 +49,9 @@ def stage_utilization(engine, prompts, params, pp: int) -> dict:
     steps = []
     dispatch = runner.dispatch
 
-    def recording(bucket, inputs):
+    def recording(bucket, inputs, previous=None):
         steps.append((bucket, replace(inputs, sampled=np.zeros_like(inputs.sampled))))
-        return dispatch(bucket, inputs)
+        return dispatch(bucket, inputs, previous)
 
     runner.dispatch = recording
     try:

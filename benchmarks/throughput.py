@@ -183,7 +183,13 @@ def _timed(fn):
     return result, time.perf_counter() - started
 
 
-def run_jaxinfer(files: ModelFiles, spec: WorkloadSpec, seed: int, ttft_repeats: int = 3) -> dict:
+def run_jaxinfer(
+    files: ModelFiles,
+    spec: WorkloadSpec,
+    seed: int,
+    ttft_repeats: int = 3,
+    async_scheduling: bool = True,
+) -> dict:
     from jaxinfer import Engine, EngineConfig, SamplingParams
 
     config = EngineConfig(
@@ -193,6 +199,7 @@ def run_jaxinfer(files: ModelFiles, spec: WorkloadSpec, seed: int, ttft_repeats:
         max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens,
         block_size=BLOCK_SIZE,
+        async_scheduling=async_scheduling,
     )
     engine, load_s = _timed(lambda: Engine(config))
     workload = make_workload(spec, seed, engine.vocab_size)
@@ -348,6 +355,12 @@ def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rat
     print(f"\n== {files.name}: jaxinfer", flush=True)
     jx = run_jaxinfer(files, spec, args.seed)
     workload, shape = jx.pop("workload"), jx.pop("shape")
+    # The same workload with the plain loop (no step planned ahead): same tokens, host work no
+    # longer hidden behind the device's.
+    plain = run_jaxinfer(files, spec, args.seed, async_scheduling=False)
+    plain.pop("workload"), plain.pop("shape")
+    if plain.pop("tokens") != jx["tokens"]:
+        raise RuntimeError("async scheduling changed the tokens")
     print(
         f"   compile {jx['compile_s']:.1f}s ({jx['compilations']} executables), "
         f"{jx['output_tokens_per_s']:.1f} tok/s, TTFT {jx['ttft_s'] * 1e3:.0f} ms, "
@@ -355,7 +368,17 @@ def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rat
         f"{jx['device_wait_ms_per_step']:.2f} ms over {jx['steps']} steps",
         flush=True,
     )
-    result: dict = {"model": files.name, "path": files.path, "jaxinfer": jx}
+    print(
+        f"   plain loop: {plain['output_tokens_per_s']:.1f} tok/s, per step: host "
+        f"{plain['host_ms_per_step']:.2f} ms, device wait {plain['device_wait_ms_per_step']:.2f} ms",
+        flush=True,
+    )
+    result: dict = {
+        "model": files.name,
+        "path": files.path,
+        "jaxinfer": jx,
+        "jaxinfer_plain_loop": plain,
+    }
     mean_context = float(
         np.mean([p + n / 2 for p, n in zip(workload.prompt_lens, workload.output_lens)])
     )
@@ -424,7 +447,12 @@ def table_rows(result: dict) -> list[list[str]]:
     """One row per engine: tok/s, req/s, TTFT, compile, wall, % of the workload roofline."""
     bound = result["roofline"]["workload"]["output_tokens_per_s"]
     rows = []
-    for side, label in (("jaxinfer", "jaxinfer"), ("transformers", "transformers generate")):
+    sides = (
+        ("jaxinfer", "jaxinfer"),
+        ("jaxinfer_plain_loop", "jaxinfer, plain loop"),
+        ("transformers", "transformers generate"),
+    )
+    for side, label in sides:
         r = result.get(side)
         if r is None:
             continue

@@ -136,6 +136,10 @@ class EngineConfig:
     # Largest logprobs / prompt_logprobs a request may ask for (vLLM's). -1: no bound, and
     # logprobs=-1 returns the whole vocabulary, so every step then carries [rows, vocab] results.
     max_logprobs: int = 20
+    # vLLM's async scheduling: while a decode step runs on the device, the host schedules and
+    # dispatches the next one, feeding it the running step's tokens on the device (runs ahead
+    # only in steady decoding on one device; False: the plain loop, for debugging).
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         cache = self.compilation_cache_dir

@@ -199,3 +199,39 @@ def test_a_call_mixing_good_and_bad_prompts_queues_all_or_nothing(llm, prompts, 
         )
     assert _all_free(llm)
     assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].finished  # the next call works
+
+
+def test_async_scheduling_gives_the_plain_loops_results(llm, tiny_llama):
+    """Steps planned ahead (the next decode dispatched before this one's tokens are read back)
+    change nothing a caller sees: tokens, logprobs, texts and finish reasons are those of the
+    plain loop, over seeded sampling with penalties, stop strings and tokens, n > 1, logprobs,
+    early eos-like stops and different lengths; and nothing compiles after warm-up."""
+    tokenizer = llm.get_tokenizer()
+    base = llm.generate("a b c", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    prompts = ["Hello there", "The capital of France is", "1 2 3", "a b c", "x", "y z"]
+    params = [
+        SamplingParams(temperature=0.9, seed=1, max_tokens=12, presence_penalty=0.5, logprobs=2),
+        SamplingParams(temperature=0.7, top_k=20, seed=2, max_tokens=9, n=2, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=15, stop=[tokenizer.decode(base[3:5])]),
+        SamplingParams(temperature=0, max_tokens=15, stop_token_ids=[base[6]], ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=5, max_tokens=3, repetition_penalty=1.3),
+        SamplingParams(temperature=0.8, seed=6, max_tokens=20, min_tokens=4, ignore_eos=True),
+    ]
+
+    def run(engine: LLM) -> list:
+        return [
+            [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs]
+            for o in engine.generate(prompts, params, use_tqdm=False)
+        ]
+
+    plain = LLM(EngineConfig(model=str(tiny_llama), async_scheduling=False, **SMALL))
+    assert not plain.llm_engine._run_ahead_enabled
+    expected = run(plain)
+    plain.shutdown()
+    core = llm.llm_engine
+    llm.warmup()
+    compiled, ahead = llm.num_compilations, core.stats.num_steps_ahead
+    assert run(llm) == expected
+    assert core.stats.num_steps_ahead - ahead > 10  # it really ran ahead
+    assert llm.num_compilations == compiled
+    assert _all_free(llm)

@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine import intake, offline
 from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs
@@ -34,6 +36,8 @@ from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.seam import StepInputs, StepOutputs
 from jaxinfer.seeds import request_seed, row_seed
+
+_PLACEHOLDER = 0  # a planned-ahead token until the device hands back the real one
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class EngineStats:
     """Counters since the engine started (the progress bar and benchmarks read them)."""
 
     num_steps: int = 0
+    num_steps_ahead: int = 0  # steps dispatched before their predecessor was read back
     prompt_tokens: int = 0  # tokens computed by prefill (recomputed ones included)
     generation_tokens: int = 0
     # Where a step's wall time goes: host work (schedule, pad, dispatch, update, outputs) and
@@ -119,6 +124,11 @@ class EngineCore:
         self._by_seq: dict[int, tuple[Request, Sample]] = {}  # the scheduler's view -> ours
         self._free_slots = list(range(config.max_num_seqs * micro_batches))
         self._in_flight: deque[_InFlight] = deque()
+        # Async scheduling (see _run_ahead): one device, one scheduler; stages and meshes would
+        # need the spliced tokens placed on their devices first.
+        self._run_ahead_enabled = (
+            config.async_scheduling and micro_batches == 1 and mesh is None and runner is not None
+        )
         self._num_requests = 0  # requests ever added: an unseeded request's seed derives from it
         self._num_seqs = 0
 
@@ -176,11 +186,14 @@ class EngineCore:
         if not self._in_flight:
             return []
         flight = self._in_flight[0]
+        ahead = self._run_ahead(flight)
         dispatched = time.perf_counter()
         outputs = self.runner.collect(flight.outputs)
         collected = time.perf_counter()
-        self._in_flight.popleft()  # only once read back: an interrupt above leaves it queued
-        progressed = self._update(flight, outputs)
+        self._in_flight.popleft()
+        if ahead is not None:
+            self._in_flight.append(ahead)
+        progressed = self._update(flight, outputs, advanced=ahead is not None)
         results = []
         for request in progressed:
             output = self.output_processor.make_output(request)
@@ -277,12 +290,53 @@ class EngineCore:
         for bucket in self.buckets.all_buckets():
             self.runner.compile(bucket)
         self.runner.compile_block_copier()
+        if self._run_ahead_enabled:  # decode steps feed decode steps of any width
+            for num_seqs in self.buckets.seq_buckets:
+                for previous in self.buckets.seq_buckets:
+                    self.runner.compile_token_splice(num_seqs, previous)
         return self.runner.num_compilations
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def _dispatch(self, micro_batch: int) -> _InFlight | None:
-        """Schedule micro-batch `micro_batch`'s next step and start it on the device."""
+    def _run_ahead(self, flight: _InFlight) -> _InFlight | None:
+        """vLLM's async scheduling: plan and dispatch the step after `flight` while `flight`
+        still runs, so the host's work hides behind the device's. -> that step, or None when it
+        is not safe now (then the plain loop goes on).
+
+        Safe in steady decoding only (`Scheduler.can_run_ahead`): each sequence gets a
+        placeholder for the token `flight` is computing, the next step reads that token straight
+        from `flight`'s outputs on the device (runner's token splice), and the placeholder is
+        replaced at read-back. A sequence that stops on `flight`'s token wastes its row in the
+        next step, whose result for it is dropped. Multi-token bad words need the real previous
+        token on the host, so requests with them run in the plain loop.
+        """
+        if not self._run_ahead_enabled or flight.plan.is_prefill or len(self._in_flight) != 1:
+            return None
+        scheduler = self.scheduler[flight.micro_batch]
+        if not scheduler.can_run_ahead():
+            return None
+        rows = {
+            item.seq.seq_id: row
+            for row, item in enumerate(flight.plan.scheduled)
+            if item.samples and not item.seq.is_finished
+        }
+        if {seq.seq_id for seq in scheduler.running} != set(rows):
+            return None
+        for seq_id in rows:
+            request = self._by_seq[seq_id][0]
+            if any(len(ids) > 1 for ids in request.bad_words_token_ids):
+                return None
+        scheduler.update(flight.plan, dict.fromkeys(rows, _PLACEHOLDER))
+        self.stats.num_steps_ahead += 1
+        return self._dispatch(flight.micro_batch, previous=(flight.outputs, rows))
+
+    def _dispatch(
+        self, micro_batch: int, previous: tuple[StepOutputs, dict[int, int]] | None = None
+    ) -> _InFlight | None:
+        """Schedule micro-batch `micro_batch`'s next step and start it on the device.
+
+        `previous`: (a step still on the device, seq_id -> its row there), whose sampled tokens
+        are this step's inputs for those sequences (async scheduling)."""
         plan = self.scheduler[micro_batch].schedule()
         if plan is None:
             return None
@@ -306,7 +360,16 @@ class EngineCore:
             vocab_size=self.vocab_size,
         )
         self.runner.copy_blocks(plan.block_copies)
-        return _InFlight(micro_batch, plan, inputs, self.runner.dispatch(bucket, inputs))
+        token_source = None
+        if previous is not None:
+            outputs, rows = previous
+            index = np.full(bucket.num_tokens, -1, np.int32)
+            for row, item in enumerate(plan.scheduled):
+                if item.seq.seq_id in rows:
+                    index[inputs.query_start_loc[row]] = rows[item.seq.seq_id]
+            token_source = (outputs, index)
+        outputs = self.runner.dispatch(bucket, inputs, token_source)
+        return _InFlight(micro_batch, plan, inputs, outputs)
 
     def _install_slot(self, request: Request, sample: Sample) -> None:
         sample.slot = self._free_slots.pop()
@@ -320,8 +383,11 @@ class EngineCore:
             banned_token_ids=request.single_token_bad_words,
         )
 
-    def _update(self, flight: _InFlight, outputs: StepOutputs) -> list[Request]:
-        """Record a read-back step: tokens, logprobs, stops. -> the requests that progressed."""
+    def _update(self, flight: _InFlight, outputs: StepOutputs, advanced: bool) -> list[Request]:
+        """Record a read-back step: tokens, logprobs, stops. -> the requests that progressed.
+
+        `advanced`: the scheduler already counted this step (with placeholder tokens) when the
+        next one was planned ahead; the real tokens replace the placeholders here."""
         plan, scheduler = flight.plan, self.scheduler[flight.micro_batch]
         self.stats.num_steps += 1
         sampled: dict[int, int] = {}
@@ -339,8 +405,17 @@ class EngineCore:
             if item.samples:
                 sampled[item.seq.seq_id] = int(outputs.tokens[row])
                 self.output_processor.record_logprobs(request, sample, outputs, row)
+        if advanced:
+            grew = []
+            for item in plan.scheduled:
+                token = sampled.get(item.seq.seq_id)
+                if token is not None and not item.seq.is_finished:
+                    item.seq.set_last_token(token)
+                    grew.append(item.seq)
+        else:
+            grew = scheduler.update(plan, sampled)
         progressed: dict[str, Request] = {}
-        for seq in scheduler.update(plan, sampled):
+        for seq in grew:
             request, sample = self._by_seq[seq.seq_id]
             self.stats.generation_tokens += 1
             progressed[request.request_id] = request

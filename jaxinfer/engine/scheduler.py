@@ -327,6 +327,20 @@ class Scheduler:
             self.num_preemptions,
         )
 
+    def can_run_ahead(self) -> bool:
+        """Whether the next step can be planned before this one's tokens are known (async
+        scheduling): every running sequence is decoding and will want another token whatever it
+        samples now (max_tokens and max_model_len not reached), nothing waits to be admitted,
+        and the free blocks cover one new block per sequence, so planning preempts nobody."""
+        if self.waiting or self._prefilling or self._pending_forks or not self.running:
+            return False
+        if self.block_manager.num_free_blocks < len(self.running):
+            return False
+        return all(
+            seq.num_output_tokens + 1 < seq.max_tokens and seq.num_tokens < self.max_model_len
+            for seq in self.running
+        )
+
     # ---- results -----------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[Sequence]:

@@ -68,6 +68,12 @@ class Sequence:
         self.output_token_ids.append(token_id)
         self._token_ids.append(token_id)
 
+    def set_last_token(self, token_id: int) -> None:
+        """Replace the newest token: under async scheduling a placeholder is appended when the
+        next step is planned and the real token is written once the device hands it back."""
+        self.output_token_ids[-1] = token_id
+        self._token_ids[-1] = token_id
+
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         """Mark finished. Releasing blocks is the scheduler's job (`Scheduler.finish`)."""
         if reason not in FINISH_REASONS:

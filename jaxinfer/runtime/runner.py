@@ -41,6 +41,10 @@ from jaxinfer.seam import Bucket, StepInputs, StepOutputs
 logger = logging.getLogger("jaxinfer")
 
 
+def _splice_tokens(host: jax.Array, previous: jax.Array, index: jax.Array) -> jax.Array:
+    return jnp.where(index >= 0, previous[jnp.maximum(index, 0)], host)
+
+
 def describe(bucket: Bucket) -> str:
     """A bucket in words, for the log and the progress bar."""
     if bucket.is_prefill:
@@ -53,9 +57,6 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    # A bounded cache evicts least-recently-used entries and, with a bound, JAX also locks the
-    # folder, so several processes (test workers, a CLI run beside a notebook) share it safely.
-    jax.config.update("jax_compilation_cache_max_size", 4 << 30)
 
 
 @dataclass
@@ -129,6 +130,7 @@ class ModelRunner:
         )
         self.num_compilations = 0
         self.compile_seconds = 0.0
+        self._splices: dict[tuple[int, int], jax.stages.Compiled] = {}
         # Told what is about to compile, so a waiting user sees why (the progress bar sets it).
         self.compile_listener: Callable[[str], None] | None = None
 
@@ -186,6 +188,28 @@ class ModelRunner:
                     stage.kv_cache, self._new_kv_shapes(stage, bucket.num_tokens), slot_mapping
                 ).compile()
                 self._count(started, f"cache writer for {bucket.num_tokens} tokens")
+
+    def compile_token_splice(self, num_tokens: int, num_previous: int):
+        """The tiny program that feeds a step the tokens its predecessor is still computing
+        (async scheduling): token_ids[t] = previous[index[t]] where index[t] >= 0."""
+        key = (num_tokens, num_previous)
+        splice = self._splices.get(key)
+        if splice is None:
+            self._announce(f"the token splice {num_previous} -> {num_tokens}")
+            started = time.perf_counter()
+            i32 = jnp.int32
+            splice = (
+                jax.jit(_splice_tokens)
+                .lower(
+                    jax.ShapeDtypeStruct((num_tokens,), i32),
+                    jax.ShapeDtypeStruct((num_previous,), i32),
+                    jax.ShapeDtypeStruct((num_tokens,), i32),
+                )
+                .compile()
+            )
+            self._splices[key] = splice
+            self._count(started, f"token splice {key}")
+        return splice
 
     def compile_block_copier(self) -> None:
         for stage in self.stages:
@@ -272,13 +296,22 @@ class ModelRunner:
         """Run one step; -> its outputs (see `step`) on the host. Cache and slots stay on device."""
         return self.collect(self.dispatch(bucket, inputs))
 
-    def dispatch(self, bucket: Bucket, inputs: StepInputs) -> StepOutputs:
+    def dispatch(
+        self,
+        bucket: Bucket,
+        inputs: StepInputs,
+        previous: tuple[StepOutputs, np.ndarray] | None = None,
+    ) -> StepOutputs:
         """Start one step through every stage; -> its outputs, still on the device.
 
         Nothing waits here: JAX runs each stage's work asynchronously on that stage's devices, so
         with several batches dispatched before any is collected, stage s works on batch b + 1
         while stage s + 1 works on batch b (the engine keeps one batch in flight per scheduler).
         """
+        if previous is not None:  # async scheduling: some rows' tokens are still on the device
+            outputs, index = previous  # index[t]: the row of `outputs` holding token t, or -1
+            splice = self.compile_token_splice(bucket.num_tokens, outputs.tokens.shape[0])
+            inputs = inputs.replace(token_ids=splice(inputs.token_ids, outputs.tokens, index))
         hidden = self._through_stages(bucket, inputs)
         return self._run_stage(len(self.stages) - 1, bucket, inputs, hidden)
 

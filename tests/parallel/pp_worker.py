@@ -88,10 +88,10 @@ def steps_in_flight(engine: Engine, prompts: list) -> tuple[list[list[int]], int
     runner, counts = engine.llm_engine.runner, {"now": 0, "most": 0}
     dispatch, collect = runner.dispatch, runner.collect
 
-    def counting_dispatch(bucket, inputs):
+    def counting_dispatch(bucket, inputs, previous=None):
         counts["now"] += 1
         counts["most"] = max(counts["most"], counts["now"])
-        return dispatch(bucket, inputs)
+        return dispatch(bucket, inputs, previous)
 
     def counting_collect(outputs):
         counts["now"] -= 1
