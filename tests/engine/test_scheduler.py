@@ -575,3 +575,25 @@ def test_a_prefilling_parent_keeps_seats_for_its_forks():
     assert group[1].status is SequenceStatus.RUNNING and len(sched.running) == 4
     drain(sched)
     assert all(s.num_output_tokens == 3 for s in group)
+
+
+def test_can_run_ahead_only_in_steady_decoding():
+    """Async scheduling plans step N+1 before N's tokens are known: only safe when every running
+    sequence decodes, wants another token whatever it samples, and no planning can preempt."""
+    scheduler = make_scheduler()
+    first, second = make_seq(0, 5, max_tokens=3), make_seq(1, 6, max_tokens=10)
+    scheduler.add(first)
+    scheduler.add(second)
+    assert not scheduler.can_run_ahead()  # both wait for prefill
+    plan = scheduler.schedule()
+    assert plan.is_prefill
+    scheduler.update(plan, fake_device(plan))
+    assert scheduler.can_run_ahead()  # both decoding, room for a block each
+    plan = scheduler.schedule()
+    scheduler.update(plan, fake_device(plan))
+    assert first.num_output_tokens == 2
+    assert not scheduler.can_run_ahead()  # `first` samples its last token (max_tokens 3) now
+    scheduler.finish(first, "length")
+    assert scheduler.can_run_ahead()
+    scheduler.add(make_seq(2, 4, max_tokens=4))
+    assert not scheduler.can_run_ahead()  # an arrival: the next step is a prefill
