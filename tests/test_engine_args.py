@@ -66,3 +66,8 @@ def test_vllm_documented_constructor_runs_and_task_is_checked(tiny_llama):
     llm.shutdown()
     with pytest.raises(ValueError, match="task='embed' does not fit .* a generative model"):
         LLM(model=str(tiny_llama), max_model_len=128, num_kv_blocks=16, task="embed")
+
+
+def test_max_model_len_one_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"max_model_len must be >= 2 \(a prompt of at least one"):
+        EngineConfig(model="some/model", max_model_len=1)
