@@ -235,3 +235,12 @@ def test_async_scheduling_gives_the_plain_loops_results(llm, tiny_llama):
     assert core.stats.num_steps_ahead - ahead > 10  # it really ran ahead
     assert llm.num_compilations == compiled
     assert _all_free(llm)
+
+
+def test_detokenize_false_gives_token_ids_only(llm):
+    """vLLM's `detokenize=False`: same tokens, empty text (evaluation clients score ids)."""
+    (with_text,) = llm.generate("Hello there", SEEDED, use_tqdm=False)
+    params = SamplingParams(**{**_fields(SEEDED), "detokenize": False})
+    (ids_only,) = llm.generate("Hello there", params, use_tqdm=False)
+    assert ids_only.outputs[0].token_ids == with_text.outputs[0].token_ids
+    assert with_text.outputs[0].text and ids_only.outputs[0].text == ""
