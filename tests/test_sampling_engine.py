@@ -258,7 +258,7 @@ def test_bad_sampling_input_fails_before_any_work(tiny_llama, prompt):
 def test_parallel_samples_equal_single_requests_with_their_seeds(tiny_llama, prompt):
     """n > 1 shares the prompt's blocks (copy-on-write of the partial one); if sharing or the
     copy were wrong, the samples' tokens would drift from the same requests run one by one."""
-    from jaxinfer.runtime.sampling_tensors import row_seed
+    from jaxinfer.seeds import row_seed
 
     engine = _engine(tiny_llama)
     params = SamplingParams(**{**_fields(SEEDED), "n": 4, "logprobs": 1})

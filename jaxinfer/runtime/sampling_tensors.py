@@ -23,9 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.sampling_params import SamplingParams
-from jaxinfer.seeds import row_seed  # noqa: F401  (the device side documents keys by it)
-
-_UINT32 = 1 << 32
 
 
 @jax.tree_util.register_dataclass

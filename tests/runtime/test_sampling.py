@@ -34,9 +34,9 @@ from jaxinfer.runtime.sampling_tensors import (
     SamplingTensors,
     advance,
     build_sampling_tensors,
-    row_seed,
 )
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.seeds import row_seed
 
 sample_jit = jax.jit(sample, static_argnums=2)
 
