@@ -172,7 +172,7 @@ class OutputProcessor:
             return text
         if params.stop and not params.include_stop_str_in_output:
             text = text[: max(0, len(text) - (max(map(len, params.stop)) - 1))]
-        stable = text.rstrip(_INCOMPLETE) if text.endswith(_INCOMPLETE) else text
+        stable = text.rstrip(_INCOMPLETE)  # a partial UTF-8 character waits for its bytes
         return stable if len(stable) >= sample.sent_chars else text[: sample.sent_chars]
 
     def _prompt_logprobs(self, request: Request) -> list[dict[int, Logprob] | None] | None:
