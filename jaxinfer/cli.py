@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_engine_flags(gen)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    gen.add_argument(
+        "--show-prompt",
+        action="store_true",
+        help="with --chat, also print the rendered template the model saw (system prompt and all)",
+    )
     gen.add_argument("--max-tokens", type=int, default=None, help="default: 32 or the config's")
     gen.add_argument("--temperature", type=float, default=None, help="default: 0 or the config's")
     gen.add_argument("--seed", type=int, default=None)
@@ -102,10 +107,15 @@ def _generate(args: argparse.Namespace) -> int:
         outputs = engine.chat(conversations, params, use_tqdm=False)
     else:
         outputs = engine.generate(args.prompt, params, use_tqdm=False)
-    for output in outputs:
+    for prompt, output in zip(args.prompt, outputs, strict=True):
         completion = output.outputs[0]
-        print(f"--- prompt: {output.prompt!r}")
-        print(f"{output.prompt if not args.chat else ''}{completion.text}")
+        print(f"--- prompt: {prompt!r}")
+        if args.chat:  # the reply alone; the rendered template only when asked for
+            if args.show_prompt:
+                print(f"--- rendered prompt:\n{output.prompt}\n--- reply:")
+            print(completion.text)
+        else:  # a continuation reads as the prompt followed by the new text
+            print(f"{output.prompt}{completion.text}")
         print(f"--- {len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}")
     return 0
 
