@@ -40,6 +40,8 @@ _SCALARS: dict[int, tuple[str, str]] = {
     GGUFValueType.FLOAT64: ("<d", "<f8"),
 }
 
+# Magic, version, tensor count and metadata count: the fixed part every GGUF file starts with.
+_HEADER_BYTES = 24
 # The string arrays the tokenizer needs in full; every other string array is only measured.
 TOKENIZER_STRING_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
 
@@ -83,17 +85,31 @@ def read_gguf_metadata(file: str | Path, string_arrays: Collection[str] = ()) ->
     ``string_arrays``; the others are skipped and recorded in ``array_lengths`` only.
     Raises ``ValueError`` for a file that is not GGUF v2/v3 little-endian.
     """
+    size = Path(file).stat().st_size
+    if size < _HEADER_BYTES:  # mmap refuses an empty file; a shorter one has no header to read
+        raise ValueError(
+            f"{file}: {size} bytes, too short to be a GGUF file (its header alone takes "
+            f"{_HEADER_BYTES}; truncated download?)"
+        )
     with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         try:
             return _parse(buf, str(file), frozenset(string_arrays))
-        except (struct.error, UnicodeDecodeError) as error:  # reading past the end, bad bytes
-            raise ValueError(f"{file}: truncated or corrupt GGUF header ({error})") from error
+        except struct.error as error:  # a read past the end of the file
+            raise ValueError(
+                f"{file}: truncated or corrupt GGUF header: the file ends ({size} bytes) inside "
+                f"its metadata or tensor table (truncated download?) [{error}]"
+            ) from error
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{file}: truncated or corrupt GGUF header: a metadata string is not UTF-8 "
+                f"({error})"
+            ) from error
 
 
 def _parse(buf: mmap.mmap, name: str, string_arrays: frozenset[str]) -> GGUFMetadata:
     if struct.unpack_from("<I", buf, 0)[0] != GGUF_MAGIC:
         raise ValueError(f"{name} does not start with the GGUF magic bytes")
-    version, tensor_count, kv_count = struct.unpack_from("<IQQ", buf, 4)
+    version, tensor_count, kv_count = struct.unpack_from("<IQQ", buf, 4)  # _HEADER_BYTES
     if version not in (2, 3):
         # A big-endian file reads as a huge version here; v1 counted in 32 bits.
         raise ValueError(f"{name}: GGUF version {version} (little-endian v2/v3 are supported)")

@@ -187,12 +187,8 @@ _PLAIN_TYPES = {
 }
 
 
-def _tensor_data(blob: np.ndarray, info: gguf_metadata.GGUFTensorInfo) -> np.ndarray:
-    """A zero-copy view of one tensor's stored data, shaped as ``gguf.GGUFReader`` shapes it.
-
-    The tensor table comes from ``gguf_metadata`` rather than ``gguf.GGUFReader``, which spends
-    about a second building a numpy array per vocabulary string before it reaches the tensors.
-    """
+def _stored_bytes(info: gguf_metadata.GGUFTensorInfo) -> int:
+    """Bytes of one tensor's data in the file (quantized types store blocks of elements)."""
     try:
         qtype = gguf.GGMLQuantizationType(info.ggml_type)
     except ValueError:
@@ -200,13 +196,33 @@ def _tensor_data(blob: np.ndarray, info: gguf_metadata.GGUFTensorInfo) -> np.nda
             f"GGUF tensor {info.name} has unknown ggml type {info.ggml_type}"
         ) from None
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    elements = int(np.prod(info.shape, dtype=np.int64))
-    nbytes = elements * type_size // block
-    if info.offset + nbytes > blob.size:
+    return int(np.prod(info.shape, dtype=np.int64)) * type_size // block
+
+
+def check_tensor_extents(file: Path, metadata: gguf_metadata.GGUFMetadata, size: int) -> None:
+    """Raise naming `file` when its tensor table points past its end: a cut-off download fails
+    here, before any tensor is read, instead of deep inside a reshape."""
+    ends = [(info.offset + _stored_bytes(info), info.name) for info in metadata.tensors]
+    if not ends:
+        return
+    end, name = max(ends)
+    if end > size:
+        cut = sum(e > size for e, _ in ends)
         raise ValueError(
-            f"GGUF tensor {info.name} ends at byte {info.offset + nbytes} but the file has "
-            f"{blob.size} (truncated download?)"
+            f"{file}: truncated GGUF file: it has {size} bytes but its tensor table needs {end} "
+            f"(tensor {name} ends there; {cut} of {len(ends)} tensors lie past the end). "
+            "Download it again."
         )
+
+
+def _tensor_data(blob: np.ndarray, info: gguf_metadata.GGUFTensorInfo) -> np.ndarray:
+    """A zero-copy view of one tensor's stored data, shaped as ``gguf.GGUFReader`` shapes it.
+
+    The tensor table comes from ``gguf_metadata`` rather than ``gguf.GGUFReader``, which spends
+    about a second building a numpy array per vocabulary string before it reaches the tensors.
+    """
+    nbytes = _stored_bytes(info)  # raises on an unknown type
+    qtype = gguf.GGMLQuantizationType(info.ggml_type)
     raw = blob[info.offset : info.offset + nbytes]
     shape = tuple(reversed(info.shape))  # numpy order: slowest-moving dimension first
     if qtype in _PLAIN_TYPES:
@@ -293,6 +309,7 @@ def read_gguf_tensors(file: Path, config) -> dict[str, np.ndarray]:
 
     # A plain ndarray view of the mapping: np.memmap slices run Python-level finalizers.
     blob = np.asarray(np.memmap(file, dtype=np.uint8, mode="r"))  # [file bytes]
+    check_tensor_extents(Path(file), metadata, blob.size)
     out: dict[str, np.ndarray] = {}
     for tensor, hf in plan:
         if hf in out:

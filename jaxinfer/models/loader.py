@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from jaxinfer.models.placement import ONE_DEVICE, WeightPlacement
 from jaxinfer.models.registry import model_family
 from jaxinfer.runtime.mesh import check_tensor_parallel, kv_head_replication
 from jaxinfer.runtime.pipeline import StageLayout
+
+logger = logging.getLogger("jaxinfer")
 
 # Buffers some checkpoints carry that are recomputed here rather than loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -73,13 +76,43 @@ def load_hf_config(source: CheckpointSource):
 
 
 def load_tokenizer(source: CheckpointSource, tokenizer: str | None = None):
-    from transformers import AutoTokenizer
-
     if tokenizer is not None:
-        return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        return _hf_tokenizer(Path(os.path.expanduser(tokenizer)))
     if source.gguf_file is not None:
         return gguf_reader.load_gguf_tokenizer(source.folder, source.gguf_file)
-    return AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
+    return _hf_tokenizer(source.folder)
+
+
+def _hf_tokenizer(folder: Path):
+    """transformers' tokenizer for `folder`; a damaged file raises ValueError naming it and what
+    is wrong, where transformers would fail with a bare UnicodeDecodeError or KeyError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as error:
+        raise ValueError(_tokenizer_problem(folder, error)) from error
+
+
+def _tokenizer_problem(folder: Path, error: Exception) -> str:
+    """Why `folder`'s tokenizer did not load: the first damaged file, read by the library that
+    reads it for transformers (tokenizers for tokenizer.json, json for the others)."""
+    from tokenizers import Tokenizer
+
+    tokenizer_json = folder / "tokenizer.json"
+    if tokenizer_json.is_file():
+        try:
+            Tokenizer.from_file(str(tokenizer_json))
+        except Exception as parse_error:  # noqa: BLE001 (tokenizers raises a bare Exception)
+            return f"{tokenizer_json} is not a valid tokenizer.json: {parse_error}"
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        file = folder / name
+        if file.is_file():
+            try:
+                json.loads(file.read_bytes())
+            except (UnicodeDecodeError, json.JSONDecodeError) as parse_error:
+                return f"{file} is not valid JSON: {parse_error}"
+    return f"cannot load the tokenizer in {folder}: {type(error).__name__}: {error}"
 
 
 def load_eos_token_ids(source: CheckpointSource, hf_config, tokenizer) -> tuple[int, ...]:
@@ -218,6 +251,8 @@ class LoadedModel:
     family: object  # the family module: declare_weights, forward
     params: dict
     dtype: str
+    # Layers per pipeline stage as the weights were placed (runtime/pipeline.py); None: one stage.
+    layer_partition: tuple[int, ...] | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -234,10 +269,12 @@ def load_model(
     dtype: str = "auto",
     weight_cache_dir: str | None = None,
     mesh: Mesh | None = None,
+    layer_partition: tuple[int, ...] | None = None,
 ) -> LoadedModel:
     """`weight_cache_dir`: restore converted weights from there, or save them (weight_cache.py).
     `mesh`: place every weight straight into its tensor-parallel shard (runtime/mesh.py), on its
-    pipeline stage's devices (runtime/pipeline.py)."""
+    pipeline stage's devices (runtime/pipeline.py); `layer_partition`: layers per stage
+    (EngineConfig.pipeline_layer_partition; None: vLLM's default split)."""
     hf_config = load_hf_config(source)
     family = model_family(hf_config)
     is_encoder = getattr(family, "IS_ENCODER", False)
@@ -245,7 +282,7 @@ def load_model(
     dtype = resolve_dtype(dtype, hf_config, source)
     placement = ONE_DEVICE
     if mesh is not None:
-        model_config, placement = _mesh_layout(family, model_config, mesh)
+        model_config, placement = _mesh_layout(family, model_config, mesh, layer_partition)
     specs = family.declare_weights(model_config)
 
     def convert() -> dict:
@@ -259,15 +296,21 @@ def load_model(
         params = weight_cache.load_or_convert(
             Path(weight_cache_dir).expanduser(), source, specs, dtype, family, convert, placement
         )
-    return LoadedModel(source, hf_config, model_config, family, params, dtype)
+    stages = placement.stages
+    partition = None if stages is None else tuple(len(r) for r in stages.ranges)
+    return LoadedModel(source, hf_config, model_config, family, params, dtype, partition)
 
 
-def _mesh_layout(family, model_config, mesh: Mesh) -> tuple[object, WeightPlacement]:
+def _mesh_layout(
+    family, model_config, mesh: Mesh, layer_partition: tuple[int, ...] | None = None
+) -> tuple[object, WeightPlacement]:
     """The model as the mesh stores it: layers split into pipeline stages, kv heads repeated
     when fewer than the TP size. Raises before any weight is read when the mesh does not fit."""
     size = mesh.shape["model"]
     check_tensor_parallel(model_config, size)
-    stages = StageLayout.build(mesh, model_config.num_layers, family.EMBED_PARAMS)
+    stages = StageLayout.build(mesh, model_config.num_layers, family.EMBED_PARAMS, layer_partition)
+    if stages.num_stages > 1:
+        logger.info("pipeline stages hold %s layers", ",".join(str(len(r)) for r in stages.ranges))
     repeat = kv_head_replication(model_config, size)
     placement = WeightPlacement(stages, repeat, model_config.num_kv_heads)
     if repeat > 1:
