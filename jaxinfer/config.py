@@ -131,6 +131,9 @@ class EngineConfig:
     )
     # Converted weights saved with orbax on first load, restored later (models/weight_cache.py).
     weight_cache_dir: str | None = None
+    # Reuse the K/V of full blocks whose token prefix was computed before (vLLM's automatic
+    # prefix caching, on by default as in vLLM V1): engine/block_manager.py.
+    enable_prefix_caching: bool = True
     # On CPU, keep freed host memory mapped (glibc mallopt): see runtime/host_allocator.py.
     cpu_keep_freed_memory: bool = True
     # Largest logprobs / prompt_logprobs a request may ask for (vLLM's). -1: no bound, and

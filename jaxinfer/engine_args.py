@@ -27,7 +27,6 @@ _NEUTRAL: dict[str, tuple[tuple, str]] = {
     "tokenizer_mode": (("auto",), "the tokenizer is always the checkpoint's own (fast) one"),
     "quantization": ((None,), "quantized weights are dequantized at load (GGUF); no other scheme"),
     "enable_lora": ((False, None), "LoRA adapters are not supported"),
-    "enable_prefix_caching": ((False, None), "prefix caching is not implemented yet"),
     "skip_tokenizer_init": ((False,), "the engine needs its tokenizer"),
     "disable_custom_all_reduce": ((False, True), ""),
     "enforce_eager": ((False, True), ""),  # nothing is eager here: steps are compiled ahead
@@ -53,6 +52,8 @@ def engine_config(model: EngineConfig | str | None, engine_args: dict) -> tuple[
         value = args.pop(name)
         if accepted is not None and value not in accepted:
             raise ValueError(f"{name}={value!r} is not supported: {why} (accepted: {accepted})")
+    if args.get("enable_prefix_caching", False) is None:
+        del args["enable_prefix_caching"]  # vLLM's None: the default (on)
     if "max_num_seqs" in args and args["max_num_seqs"] is None:
         del args["max_num_seqs"]  # vLLM's None: the default
     known = {f.name for f in dataclasses.fields(EngineConfig)}

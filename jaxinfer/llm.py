@@ -88,6 +88,11 @@ class LLM:
 
     # ---- generation ---------------------------------------------------------------------------
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prefix blocks (vLLM's name): True when done, False (nothing
+        changed) while requests still hold blocks."""
+        return self._generative("reset_prefix_cache").reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's defaults, overridden by the checkpoint's generation_config.json."""
         return self._generative("get_default_sampling_params").default_sampling_params

@@ -62,6 +62,15 @@ class EngineStats:
     # waiting for the device to hand the step's tokens back.
     host_seconds: float = 0.0
     device_wait_seconds: float = 0.0
+    # Prefix cache, in tokens as vLLM counts them: looked up at admission, and served from cache.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )
 
 
 class EngineCore:
@@ -90,7 +99,9 @@ class EngineCore:
         self.default_sampling_params = default_sampling_params
         self.vocab_size = vocab_size
         micro_batches = config.resolved_micro_batches
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, enable_caching=config.enable_prefix_caching
+        )
         self.scheduler = SchedulerGroup(
             [
                 Scheduler(
@@ -201,6 +212,8 @@ class EngineCore:
                 results.append(output)
             if request.finished:
                 self._requests.pop(request.request_id, None)
+        self.stats.prefix_cache_queries = self.block_manager.num_queried_tokens
+        self.stats.prefix_cache_hits = self.block_manager.num_hit_tokens
         self.stats.device_wait_seconds += collected - dispatched
         self.stats.host_seconds += (dispatched - started) + (time.perf_counter() - collected)
         return results
@@ -213,6 +226,11 @@ class EngineCore:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (vLLM's name); False, changing nothing, while
+        requests still hold blocks."""
+        return self.block_manager.reset_prefix_cache()
 
     # ---- what the offline API builds on -------------------------------------------------------
 
@@ -240,7 +258,11 @@ class EngineCore:
         )
         for i in range(params.n):
             seq = Sequence(
-                seq_id=self._num_seqs + i, prompt_token_ids=token_ids, max_tokens=max_tokens
+                seq_id=self._num_seqs + i,
+                prompt_token_ids=token_ids,
+                max_tokens=max_tokens,
+                # vLLM computes every prompt position whose logprobs were asked for.
+                reuse_cached_prefix=params.prompt_logprobs is None,
             )
             matcher = None
             if params.stop:

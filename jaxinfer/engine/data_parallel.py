@@ -97,6 +97,12 @@ class DataParallelEngine:
             progress.close()
         return outputs
 
+    def reset_prefix_cache(self) -> bool:
+        """Reset every replica's prefix cache (each keeps its own); False if any refused."""
+        return all(
+            [replica.reset_prefix_cache() for replica in self._live_replicas()]
+        )  # every one, no short cut
+
     def shutdown(self) -> None:
         """Shut every replica down."""
         for replica in self.replicas or ():

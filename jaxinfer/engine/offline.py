@@ -81,10 +81,16 @@ class _Progress:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         prompt = self.core.stats.prompt_tokens - self.start_stats.prompt_tokens
         generated = self.core.stats.generation_tokens - self.start_stats.generation_tokens
-        self.bar.set_postfix_str(  # vLLM's wording
+        text = (  # vLLM's wording
             f"est. speed input: {prompt / elapsed:.2f} toks/s, "
             f"output: {generated / elapsed:.2f} toks/s"
         )
+        stats = self.core.stats
+        queries = stats.prefix_cache_queries - self.start_stats.prefix_cache_queries
+        if queries:
+            hits = stats.prefix_cache_hits - self.start_stats.prefix_cache_hits
+            text += f", prefix cache hit rate: {100 * hits / queries:.1f}%"
+        self.bar.set_postfix_str(text)
 
     def compiling(self, what: str) -> None:
         """Shown while a shape compiles: otherwise the bar sits at 0 tok/s with no reason given."""

@@ -219,22 +219,36 @@ class Scheduler:
             and self._seats_taken() + self._group_size(self.waiting[0]) <= self.max_num_seqs
         ):
             seq = self.waiting[0]
-            if self._tokens_to_prefill(seq) == 0:  # a 1-token prompt with forks: nothing to share
-                self.waiting.popleft()
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
-                self._fork(seq)
-                continue
-            item = self._plan_chunk(seq, budget)
+            item = self._admit(seq, budget)
             if item is None:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if item.num_new_tokens == 0:  # forks with nothing left to prefill: they decode now
+                self._fork(seq)
+                continue
             self._prefilling.add(seq.seq_id)
             scheduled.append(item)
             budget -= item.num_new_tokens
         return scheduled
+
+    def _admit(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
+        """Blocks for a waiting sequence: its longest cached prefix, then new blocks for its first
+        chunk. -> that chunk (0 tokens when a parent of forks has nothing left to prefill), or
+        None, changing nothing, if the blocks are not there.
+
+        The last token is always computed, never reused, so the step that feeds it has its
+        logits to sample from (a parent of forks stops before it anyway)."""
+        cached = []
+        if seq.reuse_cached_prefix:
+            cached = self.block_manager.lookup(seq, seq.num_tokens - 1)
+        start = len(cached) * self.block_manager.block_size
+        num_new = min(self._tokens_to_prefill(seq) - start, budget)
+        if not self.block_manager.allocate(seq, cached, start + num_new):
+            return None
+        seq.num_computed_tokens = start
+        return ScheduledSeq(seq, num_new, start, samples=start + num_new == seq.num_tokens)
 
     def _seats_taken(self) -> int:
         """Running sequences plus the forks their parents will start once prefilled: each of
@@ -258,6 +272,7 @@ class Scheduler:
         for child in self._pending_forks.pop(parent.seq_id, []):
             del self._fork_parent[child.seq_id]
             child.block_table = self.block_manager.fork(parent.block_table)
+            child.num_cached_blocks = parent.num_cached_blocks
             child.num_computed_tokens = parent.num_computed_tokens
             child.status = SequenceStatus.RUNNING
             self.running.append(child)
@@ -356,6 +371,7 @@ class Scheduler:
                 continue
             assert seq.num_computed_tokens == item.start, f"seq {seq.seq_id}: stale plan"
             seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
             if self._pending_forks.get(seq.seq_id) and self._tokens_to_prefill(seq) == 0:
                 self._fork(seq)
             if item.samples:

@@ -28,6 +28,12 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are already in the cache
     block_table: list[int] = field(default_factory=list)
+    # Prefix cache: chain hashes of its full blocks so far (kept across preemption: the tokens do
+    # not change), how many leading blocks of `block_table` are in the cache, and whether it may
+    # reuse cached blocks at all (not when it asked for prompt logprobs: those are computed).
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    num_cached_blocks: int = 0
+    reuse_cached_prefix: bool = True
     finish_reason: str | None = None  # "stop" | "length" | "abort"; set through finish()
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
     # prompt + outputs kept as one list so the per-step slice `all_token_ids[start:end]` costs
