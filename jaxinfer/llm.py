@@ -254,11 +254,12 @@ def _build_single(config: EngineConfig, devices) -> tuple[EngineCore | EncoderEn
     tokenizer = load_tokenizer(source, config.tokenizer)
     if model.is_encoder:
         return _build_encoder(config, model, tokenizer, source), multi_process
+    length_from_model = config.max_model_len is None
     config = _resolve_lengths(config, model.model_config.max_position_embeddings)
     num_blocks = kv_cache.num_blocks_for(
         config, model.model_config, model.dtype, model.weight_bytes
     )
-    _check_kv_capacity(config, num_blocks)
+    _check_kv_capacity(config, num_blocks, length_from_model)
     vocab_size = model.model_config.vocab_size
     runner = ModelRunner(
         model,
@@ -307,13 +308,22 @@ def _build_encoder(config: EngineConfig, model, tokenizer, source) -> EncoderEng
     return EncoderEngine(config, runner=runner, embedder=embedder, tokenizer=tokenizer, model=model)
 
 
-def _check_kv_capacity(config: EngineConfig, num_blocks: int) -> None:
+def _check_kv_capacity(
+    config: EngineConfig, num_blocks: int, length_from_model: bool = False
+) -> None:
     """vLLM's start-up check: the cache must hold one max_model_len sequence, or a request the
-    model accepts could never be scheduled. Raised before the cache is allocated."""
+    model accepts could never be scheduled. Raised before the cache is allocated.
+    `length_from_model`: max_model_len was not given, so the checkpoint's config chose it."""
     capacity = (num_blocks - 1) * config.block_size  # block 0 is the padding target
     if capacity < config.max_model_len:
+        origin = (
+            f"max_model_len was not given, so it is the model's max_position_embeddings="
+            f"{config.max_model_len} (from {config.model}'s config); "
+            if length_from_model
+            else ""
+        )
         raise ValueError(
-            f"the KV cache holds {capacity} tokens ({num_blocks - 1} usable blocks of "
+            f"{origin}the KV cache holds {capacity} tokens ({num_blocks - 1} usable blocks of "
             f"{config.block_size}), fewer than one sequence of max_model_len="
             f"{config.max_model_len}: lower max_model_len to at most {capacity}, or give the "
             "cache more room (num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization)"

@@ -49,20 +49,29 @@ def _gguf_name(hf_name: str) -> str:
     return f"{_GLOBAL_NAMES[stem]}.{kind}"
 
 
-def write_llama_gguf(checkpoint: Path, file: Path) -> Path:
-    """`checkpoint` (a float32 Llama folder from tests/checkpoints.py) as one GGUF `file`."""
+def write_llama_gguf(checkpoint: Path, file: Path, **metadata: int) -> Path:
+    """`checkpoint` (a float32 Llama folder from tests/checkpoints.py) as one GGUF `file`.
+
+    `metadata`: values written instead of the config's, by llama.cpp's key after "llama."
+    (`block_count=3`; dotted keys through a dict: `**{"attention.head_count": 0}`), to make a file
+    whose metadata disagrees with its tensors."""
     config = json.loads((checkpoint / "config.json").read_text())
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    values = {
+        "context_length": config["max_position_embeddings"],
+        "block_count": config["num_hidden_layers"],
+        "embedding_length": config["hidden_size"],
+        "feed_forward_length": config["intermediate_size"],
+        "attention.head_count": heads,
+        "attention.head_count_kv": kv_heads,
+        "rope.dimension_count": config["head_dim"],
+        "vocab_size": config["vocab_size"],
+        **metadata,
+    }
     writer = gguf.GGUFWriter(str(file), "llama")
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(config["head_dim"])
+    for key, value in values.items():
+        writer.add_uint32(f"llama.{key}", value)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_vocab_size(config["vocab_size"])
     for hf_name, array in sorted(load_file(checkpoint / "model.safetensors").items()):
         if hf_name.endswith("q_proj.weight"):
             array = _permute(array, heads)

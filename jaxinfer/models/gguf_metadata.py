@@ -232,13 +232,19 @@ def gguf_config_dict(metadata: GGUFMetadata) -> dict[str, Any]:
     return config
 
 
-def build_gguf_config(metadata: GGUFMetadata, name_or_path: str):
-    """The ``PretrainedConfig`` that ``AutoConfig.from_pretrained(gguf_file=)`` gives."""
+def build_gguf_config(metadata: GGUFMetadata, name_or_path: str, file: str | None = None):
+    """The ``PretrainedConfig`` that ``AutoConfig.from_pretrained(gguf_file=)`` gives; its values
+    checked first (``config_checks``), errors naming ``file``."""
     from transformers import AutoConfig
 
+    from jaxinfer.models import config_checks
+
     config_dict = gguf_config_dict(metadata)
+    where = f"{file or name_or_path} (GGUF metadata)"
+    config_checks.check_values(config_dict, where)  # before the config class divides by them
     config = AutoConfig.for_model(**config_dict)
     config._name_or_path = name_or_path
+    config_checks.note_default_length(config_dict, config.max_position_embeddings, where)
     return config
 
 

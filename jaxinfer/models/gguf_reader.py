@@ -159,7 +159,7 @@ def load_gguf_config(folder: Path, file: Path):
     """The ``transformers.PretrainedConfig`` that transformers builds from the GGUF metadata."""
     folder, name = _check_pair(folder, file)
     metadata = gguf_metadata.read_gguf_metadata(folder / name)
-    return gguf_metadata.build_gguf_config(metadata, str(folder))
+    return gguf_metadata.build_gguf_config(metadata, str(folder), str(folder / name))
 
 
 def load_gguf_tokenizer(folder: Path, file: Path):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxinfer.models import gguf_reader
+from jaxinfer.models import config_checks, gguf_reader
 from jaxinfer.models.placement import ONE_DEVICE, WeightPlacement
 from jaxinfer.models.registry import model_family
 from jaxinfer.runtime.mesh import check_tensor_parallel, kv_head_replication
@@ -68,11 +68,43 @@ class CheckpointSource:
 
 
 def load_hf_config(source: CheckpointSource):
+    """The transformers config, its stated values checked first (models/config_checks.py)."""
     from transformers import AutoConfig
 
-    if source.gguf_file is not None:
+    if source.gguf_file is not None:  # checked in gguf_metadata.build_gguf_config
         return gguf_reader.load_gguf_config(source.folder, source.gguf_file)
-    return AutoConfig.from_pretrained(source.folder, local_files_only=True)
+    stated = config_checks.read_config_json(source.folder)
+    hf_config = AutoConfig.from_pretrained(source.folder, local_files_only=True)
+    config_checks.note_default_length(
+        stated, getattr(hf_config, "max_position_embeddings", None), str(_config_file(source))
+    )
+    return hf_config
+
+
+def _config_file(source: CheckpointSource) -> Path:
+    """Where the config's values come from: config.json, or the GGUF file's metadata."""
+    return source.gguf_file if source.gguf_file is not None else source.folder / "config.json"
+
+
+def tensor_names(source: CheckpointSource) -> list[str]:
+    """The checkpoint's tensor names, read from file headers only (no tensor data)."""
+    if source.gguf_file is not None:
+        from jaxinfer.models.gguf_metadata import read_gguf_metadata
+
+        return list(read_gguf_metadata(source.gguf_file).tensor_names)
+    index = source.folder / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text())["weight_map"])
+    from safetensors import SafetensorError, safe_open
+
+    names = []
+    for file in _safetensors_files(source.folder):
+        try:
+            with safe_open(file, framework="numpy") as handle:
+                names.extend(handle.keys())
+        except SafetensorError as error:
+            raise ValueError(f"corrupt safetensors file {file}: {error}") from error
+    return names
 
 
 def load_tokenizer(source: CheckpointSource, tokenizer: str | None = None):
@@ -277,6 +309,11 @@ def load_model(
     (EngineConfig.pipeline_layer_partition; None: vLLM's default split)."""
     hf_config = load_hf_config(source)
     family = model_family(hf_config)
+    # Before a single layer is declared: a config claiming 10**6 layers fails here, not after
+    # minutes spent building them.
+    config_checks.check_layer_count(
+        hf_config.num_hidden_layers, tensor_names(source), str(_config_file(source))
+    )
     is_encoder = getattr(family, "IS_ENCODER", False)
     model_config = (family.EncoderConfig if is_encoder else family.DecoderConfig).from_hf(hf_config)
     dtype = resolve_dtype(dtype, hf_config, source)
