@@ -143,6 +143,15 @@ class EngineConfig:
     # dispatches the next one, feeding it the running step's tokens on the device (runs ahead
     # only in steady decoding on one device; False: the plain loop, for debugging).
     async_scheduling: bool = True
+    # A model named by Hugging Face hub id (models/hub.py): the repo revision (branch, tag or
+    # commit; None: main) of the model, and of a separate `tokenizer` repo (None: the model's),
+    # and vLLM's `download_dir`, the hub cache to use (None: huggingface_hub's, $HF_HUB_CACHE).
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    download_dir: str | None = None
+    # Check every weight for NaN and inf at load (one reduction per tensor), failing with the
+    # tensor's name; False skips it (a fast load of a checkpoint already known to be sound).
+    check_weights_finite: bool = True
 
     def __post_init__(self) -> None:
         cache = self.compilation_cache_dir
@@ -250,6 +259,14 @@ class EngineConfig:
                     "a non-empty tuple of positive ints",
                     buckets,
                 )
+        for name in ("revision", "tokenizer_revision", "download_dir"):
+            value = getattr(self, name)
+            _check(
+                value is None or (isinstance(value, str) and bool(value)),
+                name,
+                "None or a non-empty string",
+                value,
+            )
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -179,3 +179,6 @@ class StepOutputs(_Declared):
     prompt_rank: np.ndarray = _array("T", dtype=np.int32)
     prompt_top_ids: np.ndarray = _array("T", "K", dtype=np.int32)
     prompt_top_logprobs: np.ndarray = _array("T", "K", dtype=np.float32)
+    # Per row: the model's logits held no NaN or inf. A row without it sampled nothing real (its
+    # token is whatever an argmax over NaN gives): the host ends that request with an error.
+    logits_finite: np.ndarray = _array("S", dtype=np.bool_)

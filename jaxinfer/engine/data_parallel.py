@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.intake import PreparedRequest
+from jaxinfer.engine.offline import NonFiniteLogitsError
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.seeds import request_seed
 
@@ -89,7 +90,14 @@ class DataParallelEngine:
                 }
                 for future in as_completed(futures):
                     share = futures[future]
-                    for i, output in zip(share, future.result(), strict=True):
+                    try:
+                        results = future.result()
+                    except NonFiniteLogitsError as error:  # named as one engine numbers them
+                        index = share[error.prompt_index]
+                        raise NonFiniteLogitsError(
+                            str(first + index), index, error.num_tokens
+                        ) from None
+                    for i, output in zip(share, results, strict=True):
                         output.request_id = str(first + i)  # as one engine numbers them
                         outputs[i] = output
                     progress.update(len(share))

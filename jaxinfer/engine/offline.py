@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 from tqdm.auto import tqdm
@@ -35,6 +36,7 @@ def generate(core, prepared: list[PreparedRequest], use_tqdm: bool = True) -> li
             while len(outputs) < len(ids):
                 for output in core.step():
                     if output.finished and output.request_id in wanted:
+                        raise_if_failed(output, ids.index(output.request_id))
                         outputs[output.request_id] = output
                         progress.update(1)
     except BaseException:
@@ -54,15 +56,49 @@ def stream(core, prepared: PreparedRequest) -> Iterator[RequestOutput]:
     request_id = core.next_request_id()
     core.add_prepared(request_id, dataclasses.replace(prepared, params=params))
     finished = False
+    streamed: Counter[int] = Counter()  # tokens yielded so far, per sample
     try:
         while not finished:
             for output in core.step():
                 if output.request_id == request_id:
                     finished = output.finished
+                    raise_if_failed(output, 0, streamed)
+                    for completion in output.outputs:  # DELTA: count what came before
+                        streamed[completion.index] += len(completion.token_ids)
                     yield output
     finally:
         if not finished:
             core.abort_request(request_id)
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """A request's logits were not finite (NaN or inf), so no token could be sampled for it.
+
+    The engine has already ended it (finish_reason "error", blocks and slots freed); this names
+    it: `request_id`, `prompt_index` (its place in the call's prompts), `num_tokens` (the tokens
+    it had generated before)."""
+
+    def __init__(self, request_id: str, prompt_index: int, num_tokens: int) -> None:
+        self.request_id, self.prompt_index, self.num_tokens = request_id, prompt_index, num_tokens
+        super().__init__(
+            f"request {request_id} (prompt {prompt_index} of this call): the model's logits were "
+            f"not finite (NaN or inf) after {num_tokens} generated token(s), so no token could be "
+            "sampled; the request was stopped and its KV blocks freed. Likely causes: non-finite "
+            "weights (EngineConfig.check_weights_finite finds them at load) or activations that "
+            "overflow the dtype (float16 ends at 65504: try bfloat16 or float32)"
+        )
+
+
+def raise_if_failed(
+    output: RequestOutput, prompt_index: int, streamed: dict[int, int] | None = None
+) -> None:
+    """Raise `NonFiniteLogitsError` for a request the engine ended with finish_reason "error".
+    `streamed`: tokens of each sample delivered in earlier deltas."""
+    for completion in output.outputs:
+        if completion.finish_reason == "error":
+            earlier = streamed[completion.index] if streamed is not None else 0
+            count = earlier + len(completion.token_ids)
+            raise NonFiniteLogitsError(output.request_id, prompt_index, count)
 
 
 class _Progress:

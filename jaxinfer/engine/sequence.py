@@ -10,7 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-FINISH_REASONS = ("stop", "length", "abort")
+# vLLM's FinishReason strings; "error": the request could not go on (its logits were not finite).
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class SequenceStatus(enum.Enum):
@@ -79,6 +80,11 @@ class Sequence:
         next step is planned and the real token is written once the device hands it back."""
         self.output_token_ids[-1] = token_id
         self._token_ids[-1] = token_id
+
+    def drop_last_token(self) -> None:
+        """Take the newest token back: a placeholder whose step produced no real token."""
+        self.output_token_ids.pop()
+        self._token_ids.pop()
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         """Mark finished. Releasing blocks is the scheduler's job (`Scheduler.finish`)."""

@@ -240,11 +240,13 @@ def build_params(
     dtype: str,
     ignored: tuple[str, ...] = (),
     placement: WeightPlacement = ONE_DEVICE,
+    check_finite: bool = True,
 ) -> dict:
     """Map named tensors through the declarations; fail naming anything unmapped, missing or misshapen.
 
     `ignored`: exact names the family knows its checkpoints carry and never reads (BERT's pooler).
     `placement`: one device, or each tensor's shard of a mesh (models/placement.py).
+    `check_finite`: fail naming a tensor that holds NaN or inf in `dtype` (see `_check_finite`).
     """
     by_hf_name = {spec.hf_name: (path, spec) for path, spec in specs.items()}
     params: dict = {}
@@ -266,13 +268,31 @@ def build_params(
                 f"checkpoint tensor {hf_name!r} has shape {tuple(array.shape)} (after layout), "
                 f"expected {spec.shape}"
             )
-        _set_path(params, path, placement.put(path, spec, array.astype(target)))
+        with np.errstate(over="ignore" if check_finite else "warn"):  # the check says it better
+            array = array.astype(target)
+        if check_finite:
+            _check_finite(hf_name, array, dtype)
+        _set_path(params, path, placement.put(path, spec, array))
         loaded.add(hf_name)
     missing = sorted(set(by_hf_name) - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
     params["layers"] = tuple(params.get("layers", ()))
     return params
+
+
+def _check_finite(hf_name: str, array: np.ndarray, dtype: str) -> None:
+    """One reduction per tensor, on the values the model will use (after the cast to `dtype`,
+    which is where float16 overflows): a NaN in one weight otherwise surfaces only as garbage
+    tokens, far from its cause."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = array.size - int(np.count_nonzero(finite))
+        raise ValueError(
+            f"checkpoint tensor {hf_name!r} holds {bad} non-finite value(s) (NaN or inf) of "
+            f"{array.size} as {dtype}: the file is damaged, or its values do not fit {dtype} "
+            "(float16 ends at 65504). EngineConfig(check_weights_finite=False) skips this check"
+        )
 
 
 @dataclass(frozen=True)
@@ -302,11 +322,14 @@ def load_model(
     weight_cache_dir: str | None = None,
     mesh: Mesh | None = None,
     layer_partition: tuple[int, ...] | None = None,
+    check_finite: bool = True,
 ) -> LoadedModel:
     """`weight_cache_dir`: restore converted weights from there, or save them (weight_cache.py).
     `mesh`: place every weight straight into its tensor-parallel shard (runtime/mesh.py), on its
     pipeline stage's devices (runtime/pipeline.py); `layer_partition`: layers per stage
-    (EngineConfig.pipeline_layer_partition; None: vLLM's default split)."""
+    (EngineConfig.pipeline_layer_partition; None: vLLM's default split). `check_finite`: every
+    converted weight is checked for NaN/inf (EngineConfig.check_weights_finite); weights restored
+    from the weight cache were checked when they were converted."""
     hf_config = load_hf_config(source)
     family = model_family(hf_config)
     # Before a single layer is declared: a config claiming 10**6 layers fails here, not after
@@ -323,7 +346,9 @@ def load_model(
     specs = family.declare_weights(model_config)
 
     def convert() -> dict:
-        return _convert_params(source, hf_config, family, model_config, specs, dtype, placement)
+        return _convert_params(
+            source, hf_config, family, model_config, specs, dtype, placement, check_finite
+        )
 
     if weight_cache_dir is None:
         params = convert()
@@ -365,6 +390,7 @@ def _convert_params(
     specs: dict,
     dtype: str,
     placement: WeightPlacement = ONE_DEVICE,
+    check_finite: bool = True,
 ) -> dict:
     """Read every tensor of the checkpoint and lay it out for our model code (`build_params`)."""
     if source.gguf_file is not None:
@@ -376,4 +402,6 @@ def _convert_params(
         if hasattr(family, "rename_tensors"):  # uploads named unlike transformers' (family.py)
             tensors = family.rename_tensors(model_config, tensors)
     ignored = getattr(family, "IGNORED_TENSORS", ())
-    return build_params(specs, iter(tensors), dtype, ignored=ignored, placement=placement)
+    return build_params(
+        specs, iter(tensors), dtype, ignored=ignored, placement=placement, check_finite=check_finite
+    )

@@ -185,6 +185,7 @@ def step(
         prompt_rank=prompt_rank,
         prompt_top_ids=prompt_top_ids,
         prompt_top_logprobs=prompt_top_values,
+        logits_finite=jnp.all(jnp.isfinite(logits), axis=-1),
     )
     return outputs, new_kv, count_sampled(slot_state, slots, tokens, inputs.sampled)
 
