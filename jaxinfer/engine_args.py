@@ -21,8 +21,6 @@ _NEUTRAL: dict[str, tuple[tuple, str]] = {
         (False,),
         "no code from a checkpoint ever runs here; every supported architecture is built in",
     ),
-    "revision": ((None, "main"), "hub revisions are not resolved yet; pass a local folder"),
-    "tokenizer_revision": ((None, "main"), "hub revisions are not resolved yet"),
     "code_revision": ((None,), "no code from a checkpoint ever runs here"),
     "tokenizer_mode": (("auto",), "the tokenizer is always the checkpoint's own (fast) one"),
     "quantization": ((None,), "quantized weights are dequantized at load (GGUF); no other scheme"),
@@ -34,7 +32,16 @@ _NEUTRAL: dict[str, tuple[tuple, str]] = {
     "cpu_offload_gb": ((0, 0.0), "weight offloading is not supported"),
     "disable_log_stats": ((False, True), ""),
     "load_format": (("auto", "safetensors", "gguf"), "weights load from safetensors or GGUF"),
-    "hf_token": ((None,), "hub downloads are not supported yet"),
+    # huggingface_hub sends the token of $HF_TOKEN or `hf auth login` by itself (True: that one).
+    # A token string is not taken: EngineConfig is recorded in evaluation results.
+    "hf_token": (
+        (None, True),
+        (
+            "put the token in the environment (HF_TOKEN) or run `hf auth login`; huggingface_hub "
+            "reads it from there, and a token kept in the engine config would be written into "
+            "evaluation results"
+        ),
+    ),
     "max_seq_len_to_capture": (None, ""),  # CUDA graphs: not a concept here
     "compilation_config": ((None,), "compilation is configured through the bucket fields"),
 }
@@ -51,7 +58,8 @@ def engine_config(model: EngineConfig | str | None, engine_args: dict) -> tuple[
             continue
         value = args.pop(name)
         if accepted is not None and value not in accepted:
-            raise ValueError(f"{name}={value!r} is not supported: {why} (accepted: {accepted})")
+            shown = "<a token>" if name == "hf_token" else repr(value)  # never echo a secret
+            raise ValueError(f"{name}={shown} is not supported: {why} (accepted: {accepted})")
     if args.get("enable_prefix_caching", False) is None:
         del args["enable_prefix_caching"]  # vLLM's None: the default (on)
     if "max_num_seqs" in args and args["max_num_seqs"] is None:

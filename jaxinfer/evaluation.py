@@ -177,7 +177,9 @@ def model_file_hashes(config: EngineConfig) -> dict[str, str]:
     """sha256 of each file the engine reads the model (and tokenizer) from, by file name."""
     from jaxinfer.models.loader import CheckpointSource
 
-    source = CheckpointSource.resolve(config.model, config.gguf_file)
+    source = CheckpointSource.resolve(
+        config.model, config.gguf_file, revision=config.revision, download_dir=config.download_dir
+    )
     if source.gguf_file is not None:
         files = {Path(source.gguf_file).name: Path(source.gguf_file)}
     else:

@@ -244,14 +244,24 @@ def _build_single(config: EngineConfig, devices) -> tuple[EngineCore | EncoderEn
 
     # Before any device is touched: joins jax.distributed when configured (several processes).
     multi_process = distributed.initialize(config)
-    source = CheckpointSource.resolve(config.model, config.gguf_file)
+    source = CheckpointSource.resolve(
+        config.model, config.gguf_file, revision=config.revision, download_dir=config.download_dir
+    )
     if config.compilation_cache_dir:
         enable_compilation_cache(config.compilation_cache_dir)
     if config.cpu_keep_freed_memory and jax.default_backend() == "cpu":
         keep_freed_memory_mapped()
     mesh = _build_mesh(config, devices)
-    model = load_model(source, config.dtype, config.weight_cache_dir, mesh)
-    tokenizer = load_tokenizer(source, config.tokenizer)
+    model = load_model(
+        source,
+        config.dtype,
+        config.weight_cache_dir,
+        mesh,
+        check_finite=config.check_weights_finite,
+    )
+    tokenizer = load_tokenizer(
+        source, config.tokenizer, config.tokenizer_revision, config.download_dir
+    )
     if model.is_encoder:
         return _build_encoder(config, model, tokenizer, source), multi_process
     length_from_model = config.max_model_len is None

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxinfer.models import config_checks, gguf_reader
+from jaxinfer.models import config_checks, gguf_reader, hub
 from jaxinfer.models.placement import ONE_DEVICE, WeightPlacement
 from jaxinfer.models.registry import model_family
 from jaxinfer.runtime.mesh import check_tensor_parallel, kv_head_replication
@@ -51,11 +51,33 @@ class CheckpointSource:
     gguf_file: Path | None = None
 
     @classmethod
-    def resolve(cls, model: str, gguf_file: str | None = None) -> CheckpointSource:
+    def resolve(
+        cls,
+        model: str,
+        gguf_file: str | None = None,
+        *,
+        revision: str | None = None,
+        download_dir: str | None = None,
+    ) -> CheckpointSource:
+        """A local folder or .gguf file, else a Hugging Face hub id fetched into the hub cache
+        (models/hub.py; `revision` and `download_dir` apply to hub ids only)."""
         path = Path(os.path.expanduser(model))
-        if not path.exists():
+        if not path.exists() and hub.is_hub_id(model):
+            folder, file = hub.resolve_model(model, gguf_file, revision, download_dir)
+            return cls(folder=folder, gguf_file=file)
+        if revision not in (None, "main"):
             raise ValueError(
-                f"EngineConfig.model: {model!r} does not exist (a checkpoint folder or .gguf file)"
+                f"EngineConfig.revision={revision!r} applies to a Hugging Face hub id, but "
+                f"{model!r} is a local path: check out that revision there, or drop revision"
+            )
+        if not path.exists():
+            hint = ""
+            if model.endswith(".gguf") and model.count("/") == 2:
+                repo, name = model.rsplit("/", 1)
+                hint = f"; a GGUF file in a hub repo is model={repo!r}, gguf_file={name!r}"
+            raise ValueError(
+                f"EngineConfig.model: {model!r} does not exist (a checkpoint folder or .gguf "
+                f"file, or a Hugging Face hub id such as 'org/name'){hint}"
             )
         gguf = gguf_reader.resolve_gguf(str(path), gguf_file)
         if gguf is not None:
@@ -107,9 +129,29 @@ def tensor_names(source: CheckpointSource) -> list[str]:
     return names
 
 
-def load_tokenizer(source: CheckpointSource, tokenizer: str | None = None):
+def load_tokenizer(
+    source: CheckpointSource,
+    tokenizer: str | None = None,
+    revision: str | None = None,
+    download_dir: str | None = None,
+):
+    """The model's own tokenizer, or `tokenizer`'s: a local folder or a hub id (at `revision`,
+    EngineConfig.tokenizer_revision)."""
     if tokenizer is not None:
-        return _hf_tokenizer(Path(os.path.expanduser(tokenizer)))
+        path = Path(os.path.expanduser(tokenizer))
+        if not path.exists() and hub.is_hub_id(tokenizer):
+            path = hub.resolve_tokenizer(tokenizer, revision, download_dir)
+        elif revision not in (None, "main"):
+            raise ValueError(
+                f"EngineConfig.tokenizer_revision={revision!r} applies to a hub id, but "
+                f"tokenizer={tokenizer!r} is a local path"
+            )
+        return _hf_tokenizer(path)
+    if revision not in (None, "main"):
+        raise ValueError(
+            "EngineConfig.tokenizer_revision applies to a separate tokenizer= hub id; the "
+            "model's own tokenizer comes with the model's revision"
+        )
     if source.gguf_file is not None:
         return gguf_reader.load_gguf_tokenizer(source.folder, source.gguf_file)
     return _hf_tokenizer(source.folder)
