@@ -32,7 +32,9 @@ class EngineLoad:
     num_waiting: int  # sequences queued for their first (or, after preemption, next) prefill
     num_used_blocks: int
     num_usable_blocks: int
-    # Prefix caching (once the core counts them): prompt tokens looked up, and found cached.
+    # Counters since the engine started: tokens generated (requests aborted later included),
+    # and, with prefix caching, prompt tokens looked up and found cached.
+    generation_tokens: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
 
@@ -94,6 +96,7 @@ class AsyncEngine:
             num_waiting=core.scheduler.num_waiting,
             num_used_blocks=blocks.num_usable_blocks - blocks.num_free_blocks,
             num_usable_blocks=blocks.num_usable_blocks,
+            generation_tokens=stats.generation_tokens,
             prefix_cache_queries=getattr(stats, "prefix_cache_queries", 0),
             prefix_cache_hits=getattr(stats, "prefix_cache_hits", 0),
         )

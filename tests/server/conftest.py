@@ -67,10 +67,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(args: list[str], log: Path, timeout: float = 300) -> Server:
-    """`python -m jaxinfer.cli serve ARGS --host 127.0.0.1 --port FREE`, ready when /health
-    answers 200."""
-    port = free_port()
+def start_server(
+    args: list[str], log: Path, timeout: float = 300, port: int | None = None
+) -> Server:
+    """`python -m jaxinfer.cli serve ARGS --host 127.0.0.1 --port PORT` (default: a free one),
+    ready when /health answers 200."""
+    port = port or free_port()
     command = [sys.executable, "-m", "jaxinfer.cli", "serve", *args]
     command += ["--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
     with open(log, "wb") as sink:
