@@ -134,6 +134,12 @@ class EngineConfig:
     # Reuse the K/V of full blocks whose token prefix was computed before (vLLM's automatic
     # prefix caching, on by default as in vLLM V1): engine/block_manager.py.
     enable_prefix_caching: bool = True
+    # Unified steps (vLLM V1): running decodes and prefill chunks share each step's token budget.
+    # False: a prefill step whenever a prefill can run, else a decode step (for comparison).
+    unified_steps: bool = True
+    # Reuse the K/V of full blocks whose token prefix was computed before (vLLM's automatic
+    # prefix caching, on by default as in vLLM V1): engine/block_manager.py.
+    enable_prefix_caching: bool = True
     # On CPU, keep freed host memory mapped (glibc mallopt): see runtime/host_allocator.py.
     cpu_keep_freed_memory: bool = True
     # Largest logprobs / prompt_logprobs a request may ask for (vLLM's). -1: no bound, and

@@ -26,12 +26,24 @@ MAX_BANNED_PER_STEP = 8  # bad-word bans of one row in one step (multi-token bad
 
 @dataclass(frozen=True, order=True)
 class Bucket:
-    """One compiled shape. Decode buckets have T == S (one token per sequence)."""
+    """One compiled shape. Decode buckets have T == S (one token per sequence).
+
+    A prefill bucket may lead with `num_decode_seqs` decode rows (a unified step: running decodes
+    and prefill chunks together): rows 0..D-1 own exactly tokens 0..D-1, one each, and the
+    prefill rows' ragged tokens follow from token D on. The device runs attention for the two
+    parts with their own formulations and everything else (projections, MLP, sampler) once.
+    """
 
     is_prefill: bool
     num_tokens: int  # T
     num_seqs: int  # S
     num_blocks: int  # B: block-table width
+    num_decode_seqs: int = 0  # D: leading one-token decode rows of a prefill bucket
+
+    @property
+    def decode_rows(self) -> int:
+        """Leading rows that own one token each: all of them in a decode bucket."""
+        return self.num_decode_seqs if self.is_prefill else self.num_seqs
 
 
 @dataclass(frozen=True, order=True)

@@ -105,6 +105,8 @@ def test_no_compilation_after_warmup(tiny_llama):
     outputs = engine.generate(prompts, params, use_tqdm=False)
     assert len(outputs) == 200 and all(o.finished for o in outputs)
     assert engine.num_compilations == compiled
+    stats = engine.llm_engine.stats
+    assert stats.num_unified_steps > 0  # unified (decode + prefill) buckets were covered too
     manager = engine.llm_engine.block_manager
     assert manager.num_free_blocks == manager.num_usable_blocks
 

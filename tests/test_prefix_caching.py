@@ -122,8 +122,9 @@ def test_a_second_generate_call_hits_what_the_first_cached(engines):
 
 
 def squeezed(path, caching: bool) -> LLM:
-    # 20 blocks of 8 = 160 tokens for 4 sequences of ~50: decode runs out and preempts.
-    config = dict(CONFIG, num_kv_blocks=21, max_num_batched_tokens=16, token_buckets=(16,))
+    # 16 blocks of 8 = 128 tokens (one max_model_len) for 4 sequences of ~70: decode runs out
+    # and preempts, with the shared prefix blocks as well as without them.
+    config = dict(CONFIG, num_kv_blocks=17, max_num_batched_tokens=16, token_buckets=(16,))
     return LLM(EngineConfig(model=str(path), enable_prefix_caching=caching, **config))
 
 

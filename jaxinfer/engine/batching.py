@@ -2,10 +2,18 @@
 
 The device sees only a handful of shapes, each compiled once. A bucket fixes the number of tokens
 (T), sequences (S) and blocks per block table (B). Decode buckets have T == S (one token per
-sequence); prefill buckets carry ragged chunks of up to `max_prefill_seqs` sequences.
+sequence); prefill buckets carry ragged chunks of up to `max_prefill_seqs` sequences; unified
+buckets lead with D decode rows and carry prefill chunks after them.
+
+Unified buckets keep the set small: D is always the largest sequence bucket (max_num_seqs), so
+they add one bucket per prefill bucket, not one per (decode width x prefill shape). Padding the
+decode part costs little: a unified step is dominated by its prefill chunk.
 
 Padding is inert by construction: padded tokens write their K/V into reserved block 0, padded
 sequences have no tokens and context length 0, and padded block-table entries point at block 0.
+The one exception is the padded decode rows of a unified bucket: each owns one padding token (so
+the prefill tokens start at token D), with context length 1 and its K/V written to block 0; it
+attends to that token only and is never sampled.
 """
 
 from __future__ import annotations
@@ -21,7 +29,14 @@ from jaxinfer.engine.scheduler import StepPlan
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.seam import MAX_BANNED_PER_STEP, Bucket, SamplingScalars, StepInputs
 
-__all__ = ["Bucket", "BucketTable", "RowSampling", "StepInputs", "build_step_inputs"]
+__all__ = [
+    "Bucket",
+    "BucketTable",
+    "RowSampling",
+    "StepInputs",
+    "build_step_inputs",
+    "plan_rows",
+]
 
 PAD_BLOCK = 0
 
@@ -48,6 +63,7 @@ class BucketTable:
     token_buckets: tuple[int, ...]
     block_buckets: tuple[int, ...]
     max_prefill_seqs: int
+    unified: bool = True  # unified steps (decodes beside prefill chunks) have buckets too
 
     @property
     def prefill_seq_buckets(self) -> tuple[int, ...]:
@@ -63,7 +79,14 @@ class BucketTable:
             if s <= t
             for b in self.block_buckets
         ]
-        return decode + prefill
+        if not self.unified:
+            return decode + prefill
+        width = self.seq_buckets[-1]
+        unified = [
+            Bucket(True, width + b.num_tokens, width + b.num_seqs, b.num_blocks, width)
+            for b in prefill
+        ]
+        return decode + prefill + unified
 
     def select(self, plan: StepPlan, block_size: int) -> Bucket:
         """The smallest bucket that holds the plan."""
@@ -73,9 +96,16 @@ class BucketTable:
         if not plan.is_prefill:
             seqs = _fit(self.seq_buckets, num_seqs, "sequences")
             return Bucket(False, seqs, seqs, blocks)
-        seqs = _fit(self.prefill_seq_buckets, num_seqs, "prefill sequences")
-        tokens = _fit(self.token_buckets, max(plan.num_tokens, seqs), "tokens")
-        return Bucket(True, tokens, seqs, blocks)
+        num_prefills = num_seqs - plan.num_decodes
+        prefill_tokens = plan.num_tokens - plan.num_decodes
+        seqs = _fit(self.prefill_seq_buckets, num_prefills, "prefill sequences")
+        tokens = _fit(self.token_buckets, max(prefill_tokens, seqs), "tokens")
+        if not plan.num_decodes:
+            return Bucket(True, tokens, seqs, blocks)
+        if not self.unified:
+            raise ValueError("a unified step was planned, but unified buckets are off")
+        width = self.seq_buckets[-1]  # holds every running decode: max_num_seqs
+        return Bucket(True, width + tokens, width + seqs, blocks, width)
 
 
 def _fit(buckets: tuple[int, ...], size: int, what: str) -> int:
@@ -83,6 +113,15 @@ def _fit(buckets: tuple[int, ...], size: int, what: str) -> int:
     if index == len(buckets):
         raise ValueError(f"{size} {what} exceed the largest bucket {buckets[-1]}")
     return buckets[index]
+
+
+def plan_rows(plan: StepPlan, bucket: Bucket) -> tuple[int, ...]:
+    """The device row of each planned item: its index, except that in a unified bucket the
+    prefill chunks come after all D decode rows (padded ones included)."""
+    shift = max(0, bucket.num_decode_seqs - plan.num_decodes)
+    return tuple(
+        index if index < plan.num_decodes else index + shift for index in range(len(plan.scheduled))
+    )
 
 
 def build_step_inputs(
@@ -109,8 +148,17 @@ def build_step_inputs(
     prompt_next_ids = np.full(T, vocab_size, np.int32)
     scalars = SamplingScalars.neutral(bucket)
 
+    # A unified bucket leads with D decode rows of one token each; the plan's decodes take the
+    # first of them, and each padded one owns a padding token, so the prefill starts at token D.
+    decode_rows = bucket.num_decode_seqs
+    for row in range(plan.num_decodes, decode_rows):
+        context_lens[row] = 1
+        logits_indices[row] = row
+    query_start_loc[: decode_rows + 1] = np.arange(decode_rows + 1)
     cursor = 0
-    for row, item in enumerate(plan.scheduled):
+    for index, (item, row) in enumerate(zip(plan.scheduled, plan_rows(plan, bucket))):
+        if index == plan.num_decodes:  # the first prefill chunk: after the decode part, if any
+            cursor = max(cursor, decode_rows)
         seq, start, count = item.seq, item.start, item.num_new_tokens
         end = start + count
         token_ids[cursor : cursor + count] = seq.all_token_ids[start:end]
@@ -143,7 +191,8 @@ def build_step_inputs(
         scalars.num_output_tokens[row] = seq.num_output_tokens
         scalars.positions[row] = seq.num_output_tokens
         scalars.seeds[row] = row_sampling.seed
-    query_start_loc[len(plan.scheduled) + 1 :] = cursor
+    rows_used = len(plan.scheduled) + max(0, decode_rows - plan.num_decodes)
+    query_start_loc[rows_used + 1 :] = cursor
     return StepInputs(
         token_ids=token_ids,
         positions=positions,

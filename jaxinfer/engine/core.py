@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine import intake, offline
-from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs
+from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs, plan_rows
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.output_processor import OutputProcessor
 from jaxinfer.engine.request import Request, Sample
@@ -48,6 +48,7 @@ class _InFlight:
     plan: StepPlan
     inputs: StepInputs
     outputs: StepOutputs  # still on the device
+    rows: tuple[int, ...]  # each planned item's row in the step (batching.plan_rows)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class EngineStats:
     # Prefix cache, in tokens as vLLM counts them: looked up at admission, and served from cache.
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    num_unified_steps: int = 0  # steps that carried decodes and prefill chunks together
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -110,6 +112,7 @@ class EngineCore:
                     max_num_batched_tokens=config.max_num_batched_tokens,
                     max_prefill_seqs=config.max_prefill_seqs,
                     max_model_len=config.max_model_len,
+                    unified=config.unified_steps,
                 )
                 for _ in range(micro_batches)
             ]
@@ -119,6 +122,7 @@ class EngineCore:
             token_buckets=config.resolved_token_buckets(),
             block_buckets=config.resolved_block_buckets(),
             max_prefill_seqs=config.max_prefill_seqs,
+            unified=config.unified_steps,
         )
         self.output_processor = OutputProcessor(tokenizer, eos_token_ids, vocab_size)
         self.limits = intake.IntakeLimits(
@@ -386,12 +390,14 @@ class EngineCore:
         if previous is not None:
             outputs, rows = previous
             index = np.full(bucket.num_tokens, -1, np.int32)
-            for row, item in enumerate(plan.scheduled):
+            for row, item in zip(plan_rows(plan, bucket), plan.scheduled):
                 if item.seq.seq_id in rows:
                     index[inputs.query_start_loc[row]] = rows[item.seq.seq_id]
             token_source = (outputs, index)
         outputs = self.runner.dispatch(bucket, inputs, token_source)
-        return _InFlight(micro_batch, plan, inputs, outputs)
+        if plan.num_decodes and plan.is_prefill:
+            self.stats.num_unified_steps += 1
+        return _InFlight(micro_batch, plan, inputs, outputs, plan_rows(plan, bucket))
 
     def _install_slot(self, request: Request, sample: Sample) -> None:
         sample.slot = self._free_slots.pop()
@@ -413,12 +419,15 @@ class EngineCore:
         plan, scheduler = flight.plan, self.scheduler[flight.micro_batch]
         self.stats.num_steps += 1
         sampled: dict[int, int] = {}
-        for row, item in enumerate(plan.scheduled):
+        failed = self._failed_requests(flight, outputs)  # logits not finite: no real token
+        for index, (row, item) in enumerate(zip(flight.rows, plan.scheduled)):
             entry = self._by_seq.get(item.seq.seq_id)
             if entry is None:  # aborted while its step was in flight
                 continue
             request, sample = entry
-            if plan.is_prefill:
+            if request.request_id in failed:
+                continue
+            if index >= plan.num_decodes:  # a prefill chunk
                 self.stats.prompt_tokens += item.num_new_tokens
                 first = int(flight.inputs.query_start_loc[row])
                 self.output_processor.record_prompt_logprobs(
@@ -427,6 +436,8 @@ class EngineCore:
             if item.samples:
                 sampled[item.seq.seq_id] = int(outputs.tokens[row])
                 self.output_processor.record_logprobs(request, sample, outputs, row)
+        for request in failed.values():
+            self._end_with_error(request, flight, advanced)
         if advanced:
             grew = []
             for item in plan.scheduled:
@@ -436,7 +447,7 @@ class EngineCore:
                     grew.append(item.seq)
         else:
             grew = scheduler.update(plan, sampled)
-        progressed: dict[str, Request] = {}
+        progressed: dict[str, Request] = dict(failed)
         for seq in grew:
             request, sample = self._by_seq[seq.seq_id]
             self.stats.generation_tokens += 1
@@ -458,3 +469,27 @@ class EngineCore:
         """A finished or aborted sample: its slot is free, the scheduler has released its blocks."""
         self._release_slot(sample)
         self._by_seq.pop(sample.seq.seq_id, None)
+
+    def _failed_requests(self, flight: _InFlight, outputs: StepOutputs) -> dict[str, Request]:
+        """Requests one of whose sampling rows came back with non-finite logits (NaN or inf):
+        nothing was really sampled for them (an argmax over NaN is token 0)."""
+        failed: dict[str, Request] = {}
+        for row, item in zip(flight.rows, flight.plan.scheduled):
+            entry = self._by_seq.get(item.seq.seq_id)
+            if item.samples and entry is not None and not outputs.logits_finite[row]:
+                failed[entry[0].request_id] = entry[0]
+        return failed
+
+    def _end_with_error(self, request: Request, flight: _InFlight, advanced: bool) -> None:
+        """End every sample of `request` with finish_reason "error" (vLLM's), keeping the tokens
+        of earlier steps: its blocks and slots are free when this returns, the other requests go
+        on, and `generate()` raises naming it (offline.py). A placeholder the next step was
+        planned with is taken back first (`advanced`)."""
+        scheduler = self.scheduler[request.micro_batch]
+        planned = {item.seq.seq_id for item in flight.plan.scheduled if item.samples}
+        for sample in request.samples:
+            if not sample.seq.is_finished:
+                if advanced and sample.seq.seq_id in planned:
+                    sample.seq.drop_last_token()
+                scheduler.finish(sample.seq, "error")
+            self._forget(sample)

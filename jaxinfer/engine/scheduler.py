@@ -1,14 +1,19 @@
 """Continuous batching: decide, each step, which sequences run and how many tokens each feeds.
 
-A step is either a PREFILL step (chunks of prompts, possibly several sequences, up to a token
-budget) or a DECODE step (one token for every running sequence past its prefill). The two are
-never mixed because the device compiles them as separate paths with different bucket shapes.
+A step (vLLM V1's unified step) carries one token for every running sequence past its prefill
+(the decodes) and, in what is left of the `max_num_batched_tokens` budget, prefill chunks: the
+in-progress prefills first, then new admissions. A long prompt is split into chunks (chunked
+prefill) that ride along with the decodes, so it never stalls them for its whole prefill. The
+device runs the decode rows and the prefill rows with their own attention formulations inside one
+compiled step (see `seam.Bucket`). `unified=False` restores the older alternation, a prefill step
+whenever a prefill can run and a decode step otherwise, for comparison.
 
-Prefill has priority, so new requests join the batch as soon as a slot and blocks free up
-(continuous batching). Long prompts are split into chunks of at most `max_num_batched_tokens`
-(chunked prefill). When a decode step runs out of KV blocks, the most recently admitted sequence
-is preempted by recompute: its blocks are freed and it re-enters the front of the waiting queue to
-prefill prompt + outputs again, which puts every token back at the same position.
+New requests join the batch as soon as a seat and blocks free up (continuous batching), first
+taking back any prefix of full blocks already in the prefix cache (`BlockManager.lookup`). When a
+decode runs out of KV blocks, the most recently admitted sequence is preempted by recompute: its
+blocks are freed (its full blocks stay in the prefix cache until evicted) and it re-enters the
+front of the waiting queue to prefill prompt + outputs again, which puts every token back at the
+same position.
 
 Parallel samples (n > 1) prefill their prompt once. The first sample (the parent) prefills all but
 the last prompt token; then the others fork its block table (shared blocks, reference-counted) and
@@ -45,12 +50,17 @@ class ScheduledSeq:
 
 @dataclass(frozen=True)
 class StepPlan:
-    is_prefill: bool
-    # Prefill: the in-progress prefill first, then admissions in FIFO order.
-    # Decode: admission order. Either way deterministic for the same inputs.
+    is_prefill: bool  # some item is a prefill chunk (possibly beside decodes: a unified step)
+    # Decodes first (admission order), then prefill chunks: in-progress prefills first, then
+    # admissions in FIFO order. Deterministic for the same inputs.
     scheduled: tuple[ScheduledSeq, ...]
     preempted: tuple[Sequence, ...]  # sequences preempted while building this plan
     block_copies: tuple[tuple[int, int], ...] = ()  # (src, dst) KV blocks to copy before the step
+    num_decodes: int = 0  # the leading items that decode one token (all of a decode plan's)
+
+    def __post_init__(self) -> None:
+        if not self.is_prefill:
+            object.__setattr__(self, "num_decodes", len(self.scheduled))
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +75,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_prefill_seqs: int,
         max_model_len: int,
+        unified: bool = True,
     ) -> None:
         for name, value in [
             ("max_num_seqs", max_num_seqs),
@@ -85,6 +96,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_seqs = max_prefill_seqs
         self.max_model_len = max_model_len
+        self.unified = unified
         self.waiting: deque[Sequence] = deque()  # no blocks: new or preempted; FIFO
         self.running: list[Sequence] = []  # own blocks; in admission order (last = newest)
         # seq_ids admitted but whose sampling chunk has not run yet. Membership only, never
@@ -171,7 +183,46 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         """Plan the next step; None when there is nothing left to do."""
-        scheduled = self._schedule_prefill()
+        # A second pass when the first planned nothing: a parent whose whole prompt came from
+        # the prefix cache starts its forks at admission, and they decode from the next pass.
+        for _ in range(2):
+            plan = self._schedule_unified() if self.unified else self._schedule_separate()
+            if plan is not None:
+                return plan
+        if self.has_unfinished:
+            # Unreachable while add() rejects sequences that cannot fit alone: at most one running
+            # sequence is mid-prefill and it is the newest, so decode can always preempt its way
+            # to progress. Fail loudly rather than let the engine loop spin.
+            raise RuntimeError(
+                f"scheduler made no progress: {self.num_running} running, {self.num_waiting} "
+                f"waiting, {self.block_manager.num_free_blocks} free blocks"
+            )
+        return None
+
+    def _schedule_unified(self) -> StepPlan | None:
+        """vLLM V1's step: every running decode first, then prefill chunks in what is left of
+        the token budget, so a long prompt arriving never stalls the decodes for its whole
+        prefill. A step that had to preempt admits nobody new (as vLLM): the victims would
+        only be readmitted at once."""
+        preempted: list[Sequence] = []
+        copies: list[tuple[int, int]] = []
+        decodes = self._schedule_decode(preempted, copies)
+        budget = self.max_num_batched_tokens - len(decodes)
+        prefills = self._schedule_prefill(budget, admit=not preempted)
+        if not decodes and not prefills:
+            return None
+        return StepPlan(
+            is_prefill=bool(prefills),
+            scheduled=tuple(decodes + prefills),
+            preempted=tuple(preempted),
+            block_copies=tuple(copies),
+            num_decodes=len(decodes),
+        )
+
+    def _schedule_separate(self) -> StepPlan | None:
+        """The step before unified steps: a prefill step whenever some prefill can run, a
+        decode step otherwise (`unified=False`: for comparison)."""
+        scheduled = self._schedule_prefill(self.max_num_batched_tokens)
         if scheduled:
             return StepPlan(is_prefill=True, scheduled=tuple(scheduled), preempted=())
         preempted: list[Sequence] = []
@@ -184,23 +235,15 @@ class Scheduler:
                 preempted=tuple(preempted),
                 block_copies=tuple(copies),
             )
-        if self.has_unfinished:
-            # Unreachable while add() rejects sequences that cannot fit alone: at most one running
-            # sequence is mid-prefill and it is the newest, so decode can always preempt its way
-            # to progress. Fail loudly rather than let the engine loop spin.
-            raise RuntimeError(
-                f"scheduler made no progress: {self.num_running} running, {self.num_waiting} "
-                f"waiting, {self.block_manager.num_free_blocks} free blocks"
-            )
         return None
 
-    def _schedule_prefill(self) -> list[ScheduledSeq]:
-        """In-progress prefills first (admission order), then admissions from `waiting` (FIFO).
+    def _schedule_prefill(self, budget: int, admit: bool = True) -> list[ScheduledSeq]:
+        """In-progress prefills first (admission order), then admissions from `waiting` (FIFO)
+        unless `admit` is False, within `budget` tokens.
 
         Never preempts to make room: a prefill that finds no blocks ends the step's prefill
         planning, and decode (which frees blocks as sequences finish) goes on instead.
         """
-        budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         for seq in self.running:
             if seq.seq_id not in self._prefilling:
@@ -213,7 +256,8 @@ class Scheduler:
             scheduled.append(item)
             budget -= item.num_new_tokens
         while (
-            self.waiting
+            admit
+            and self.waiting
             and budget > 0
             and len(scheduled) < self.max_prefill_seqs
             and self._seats_taken() + self._group_size(self.waiting[0]) <= self.max_num_seqs

@@ -47,6 +47,12 @@ def _splice_tokens(host: jax.Array, previous: jax.Array, index: jax.Array) -> ja
 
 def describe(bucket: Bucket) -> str:
     """A bucket in words, for the log and the progress bar."""
+    if bucket.num_decode_seqs:
+        return (
+            f"the unified step for {bucket.num_decode_seqs} decodes and "
+            f"{bucket.num_tokens - bucket.num_decode_seqs} prefill tokens of "
+            f"{bucket.num_seqs - bucket.num_decode_seqs} sequences"
+        )
     if bucket.is_prefill:
         return f"the prefill step for {bucket.num_tokens} tokens of {bucket.num_seqs} sequences"
     return f"the decode step for {bucket.num_seqs} sequences"
@@ -67,7 +73,7 @@ class _Stage:
     layers: range
     params: dict
     kv_cache: tuple
-    jitted: dict  # decode_only -> the jitted step (last stage) or stage forward (the others)
+    jit: Callable  # (decode_rows) -> the jitted step (last stage) or stage forward (the others)
     executables: dict = field(default_factory=dict)  # Bucket -> Compiled
     writers: dict = field(default_factory=dict)  # token count -> Compiled cache writer
     block_copier: jax.stages.Compiled | None = None
@@ -110,7 +116,7 @@ class ModelRunner:
                 jit = jit_step
             else:
                 jit = jit_stage_forward
-            jitted = {d: jit(decode_only=d, **static) for d in (False, True)}
+            jitted = functools.partial(jit, **static)
             stage_cfg = dataclasses.replace(cfg, num_layers=len(layers))
             cache = kv.allocate(stage_cfg, num_blocks, block_size, model.dtype, stage_mesh)
             self.stages.append(_Stage(stage_mesh, layers, params, cache, jitted))
@@ -171,7 +177,7 @@ class ModelRunner:
                 arguments = (stage.params, stage.kv_cache)
                 if last:
                     arguments += (self.slot_state,)
-                jitted = stage.jitted[not bucket.is_prefill]
+                jitted = stage.jit(decode_rows=bucket.decode_rows)
                 executable = jitted.lower(*arguments, inputs, hidden).compile()
                 stage.executables[bucket] = executable
                 self._count(started, bucket)

@@ -26,7 +26,7 @@ def make_attention(
     inputs: StepInputs,
     *,
     scale: float,
-    decode_only: bool,
+    decode_rows: int,
     sliding_window: int | None,
     soft_cap: float | None = None,
     paged_attention: Callable = reference.paged_attention,
@@ -36,26 +36,45 @@ def make_attention(
     The model calls `attention(q, k_new, v_new, layer_cache)`; a family whose layers differ (Gemma2
     alternates sliding and global layers) passes `sliding_window=` / `soft_cap=` / `scale=` per
     call to override the model-wide defaults bound here.
+
+    `decode_rows` (static, the bucket's): the leading rows that own exactly one token each. All of
+    them: the decode formulation; none: the ragged prefill one; some (a unified step): the decode
+    rows and the prefill rows each through their own, concatenated. Split this way, a step that
+    carries 16 decodes beside a 448-token chunk does not score every decode token against every
+    prefill row's context, which is what the ragged formulation alone would do.
     """
     defaults = {"scale": scale, "sliding_window": sliding_window, "soft_cap": soft_cap}
+    tables, lengths, starts = inputs.block_tables, inputs.context_lens, inputs.query_start_loc
+    num_seqs = tables.shape[0]
 
     def attention(q, k_new, v_new, layer_cache, **overrides):
         unknown = set(overrides) - set(defaults)
         if unknown:
             raise TypeError(f"attention() got unexpected overrides {sorted(unknown)}")
         k_cache, v_cache = layer_cache
-        return paged_attention(
-            q,
-            k_new,
-            v_new,
-            k_cache,
-            v_cache,
-            inputs.block_tables,
-            inputs.context_lens,
-            inputs.query_start_loc,
-            decode_only=decode_only,
-            **(defaults | overrides),
-        )
+        options = defaults | overrides
+
+        def part(rows: slice, tokens: slice, decode_only: bool, offset: int = 0):
+            return paged_attention(
+                q[tokens],
+                k_new[tokens],
+                v_new[tokens],
+                k_cache,
+                v_cache,
+                tables[rows],
+                lengths[rows],
+                starts[rows.start : (rows.stop or num_seqs) + 1] - offset,
+                decode_only=decode_only,
+                **options,
+            )
+
+        everything = slice(0, None)
+        if decode_rows in (0, num_seqs):
+            return part(everything, everything, decode_only=decode_rows == num_seqs)
+        decode = part(slice(0, decode_rows), slice(0, decode_rows), decode_only=True)
+        rest = slice(decode_rows, None)
+        prefill = part(rest, rest, decode_only=False, offset=decode_rows)
+        return jnp.concatenate([decode, prefill], axis=0)
 
     return attention
 
@@ -68,7 +87,7 @@ def forward_hidden(
     *,
     family: ModuleType,
     model_config,
-    decode_only: bool,
+    decode_rows: int,
     paged_attention: Callable = reference.paged_attention,
     first_layer: int = 0,
 ) -> tuple[jax.Array, tuple]:
@@ -82,7 +101,7 @@ def forward_hidden(
     attention = make_attention(
         inputs,
         scale=model_config.head_dim**-0.5,
-        decode_only=decode_only,
+        decode_rows=decode_rows,
         sliding_window=model_config.sliding_window,
         paged_attention=paged_attention,
     )
@@ -121,7 +140,7 @@ def step(
     *,
     family: ModuleType,
     model_config,
-    decode_only: bool,
+    decode_rows: int,
     max_top_k: int,
     num_logprobs: int,
     paged_attention: Callable = reference.paged_attention,
@@ -146,7 +165,7 @@ def step(
         hidden_in,
         family=family,
         model_config=model_config,
-        decode_only=decode_only,
+        decode_rows=decode_rows,
         paged_attention=paged_attention,
         first_layer=first_layer,
     )
@@ -164,6 +183,7 @@ def step(
 
     next_ids = inputs.prompt_next_ids  # [T]; vocab_size where no prompt logprob is wanted
     vocab = model_config.vocab_size
+    decode_only = decode_rows == inputs.block_tables.shape[0]
     wanted = jnp.any(next_ids < vocab) if not decode_only else jnp.bool_(False)
 
     def prompt_logprobs() -> tuple:
@@ -223,7 +243,7 @@ def all_token_logits(
         hidden_in,
         family=family,
         model_config=model_config,
-        decode_only=False,
+        decode_rows=0,  # the ragged formulation holds any layout
         paged_attention=paged_attention,
         first_layer=first_layer,
     )
@@ -257,7 +277,7 @@ def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array) -> tupl
 
 
 def jit_step(**static) -> Callable:
-    """The step with its static arguments bound (family, model_config, decode_only, max_top_k,
+    """The step with its static arguments bound (family, model_config, decode_rows, max_top_k,
     num_logprobs, paged_attention, mesh, first_layer), compiled per bucket. Only the slot state is
     donated: the cache is read here and written by `write_cache` (see the module docstring)."""
     return jax.jit(functools.partial(step, **static), donate_argnums=(2,))

@@ -1,5 +1,6 @@
 """Scheduler: continuous batching, chunked prefill, preemption by recompute, against a fake device."""
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ class Limits:
     max_num_batched_tokens: int = 16
     max_prefill_seqs: int = 4
     max_model_len: int = 64
+    unified: bool = True  # False: the older prefill-or-decode alternation
 
 
 def make_scheduler(limits: Limits = Limits()) -> Scheduler:
@@ -29,6 +31,7 @@ def make_scheduler(limits: Limits = Limits()) -> Scheduler:
         max_num_batched_tokens=limits.max_num_batched_tokens,
         max_prefill_seqs=limits.max_prefill_seqs,
         max_model_len=limits.max_model_len,
+        unified=limits.unified,
     )
 
 
@@ -55,8 +58,10 @@ def check_plan(sched: Scheduler, plan: StepPlan) -> None:
     ids = [item.seq.seq_id for item in plan.scheduled]
     assert len(ids) == len(set(ids)), "a sequence scheduled twice in one step"
     if plan.is_prefill:
-        assert len(plan.scheduled) <= sched.max_prefill_seqs
-    for item in plan.scheduled:
+        assert len(plan.scheduled) - plan.num_decodes <= sched.max_prefill_seqs
+    if not sched.unified:
+        assert plan.num_decodes in (0, len(plan.scheduled)), "a unified step in separate mode"
+    for index, item in enumerate(plan.scheduled):
         seq = item.seq
         assert seq.status is SequenceStatus.RUNNING and seq in sched.running
         assert item.start == seq.num_computed_tokens
@@ -64,7 +69,7 @@ def check_plan(sched: Scheduler, plan: StepPlan) -> None:
         assert item.start + item.num_new_tokens <= seq.num_tokens
         assert item.samples == (item.start + item.num_new_tokens == seq.num_tokens)
         assert len(seq.block_table) * bm.block_size >= item.start + item.num_new_tokens
-        if not plan.is_prefill:
+        if index < plan.num_decodes:
             assert item.num_new_tokens == 1 and item.samples
     for seq in plan.preempted:
         assert seq.status is SequenceStatus.WAITING and seq.block_table == []
@@ -181,7 +186,7 @@ def test_chunked_prefill_splits_a_long_prompt() -> None:
 
 
 def test_prefill_budget_is_shared_and_in_progress_prefill_goes_first() -> None:
-    sched = make_scheduler(Limits(max_num_batched_tokens=8))
+    sched = make_scheduler(Limits(max_num_batched_tokens=8, unified=False))
     a, b, c = make_seq(0, 6, 1), make_seq(1, 6, 1), make_seq(2, 6, 1)
     for seq in (a, b, c):
         sched.add(seq)
@@ -200,7 +205,7 @@ def test_prefill_budget_is_shared_and_in_progress_prefill_goes_first() -> None:
 
 
 def test_max_prefill_seqs_limits_one_prefill_step() -> None:
-    sched = make_scheduler(Limits(max_prefill_seqs=2, max_num_batched_tokens=64))
+    sched = make_scheduler(Limits(max_prefill_seqs=2, max_num_batched_tokens=64, unified=False))
     for i in range(4):
         sched.add(make_seq(i, 3, 2))
     plan = sched.schedule()
@@ -211,7 +216,7 @@ def test_max_prefill_seqs_limits_one_prefill_step() -> None:
 
 
 def test_continuous_batching_admits_new_sequences_as_others_finish() -> None:
-    sched = make_scheduler(Limits(max_num_seqs=2))
+    sched = make_scheduler(Limits(max_num_seqs=2, unified=False))
     seqs = [make_seq(0, 3, 1), make_seq(1, 3, 3), make_seq(2, 3, 2)]
     for seq in seqs:
         sched.add(seq)
@@ -242,7 +247,7 @@ def test_full_running_set_blocks_admission() -> None:
 def test_no_blocks_for_prefill_falls_through_to_decode() -> None:
     # 4 usable blocks of 4 tokens. seq 0 (12 tokens + 4 outputs) fills the cache, so seq 1 waits
     # while seq 0 decodes rather than preempting it.
-    sched = make_scheduler(Limits(num_blocks=5, block_size=4, max_model_len=16))
+    sched = make_scheduler(Limits(num_blocks=5, block_size=4, max_model_len=16, unified=False))
     a, b = make_seq(0, 12, 4), make_seq(1, 4, 1)
     sched.add(a)
     plan = sched.schedule()
@@ -270,6 +275,51 @@ def test_waiting_sequence_waits_for_blocks_without_preempting() -> None:
     assert not plan.is_prefill and not plan.preempted and sched.num_waiting == 1
     run_to_completion(sched)
     assert b.output_token_ids == [1100]
+
+
+# ---- unified steps ------------------------------------------------------------------------------
+
+
+def test_an_arriving_prompt_rides_along_with_running_decodes() -> None:
+    sched = make_scheduler(Limits(max_num_batched_tokens=8))
+    a = make_seq(0, 3, 10)
+    sched.add(a)
+    sched.update(plan := sched.schedule(), fake_device(plan))
+    b = make_seq(1, 20, 1)
+    sched.add(b)
+    chunks = []
+    while not b.num_output_tokens:
+        plan = sched.schedule()
+        # a decodes in every step; b's prefill gets what is left of the 8-token budget
+        assert plan.num_decodes == 1 and plan.scheduled[0].seq is a
+        chunks.append(sum(i.num_new_tokens for i in plan.scheduled[1:]))
+        sched.update(plan, fake_device(plan))
+    assert chunks == [7, 7, 6] and a.num_output_tokens == 4
+
+
+def test_a_preempting_step_admits_nobody() -> None:
+    # 3 usable blocks of 2 tokens: a and b decode until a block runs out and b is preempted.
+    sched = make_scheduler(Limits(num_blocks=4, block_size=2, max_model_len=6))
+    a, b, c = make_seq(0, 2, 4), make_seq(1, 1, 4), make_seq(2, 1, 1)
+    sched.add(a)
+    sched.add(b)
+    plan = None
+    while plan is None or not plan.preempted:
+        if plan is not None and c not in sched.waiting and not c.is_finished:
+            sched.add(c)
+        plan = sched.schedule()
+        sched.update(plan, fake_device(plan))
+    assert plan.preempted == (b,) and [i.seq for i in plan.scheduled] == [a]
+    run_to_completion(sched)
+
+
+def test_unified_and_separate_steps_give_the_same_tokens() -> None:
+    requests = [(0, 5, 7), (0, 17, 3), (2, 30, 5), (3, 2, 9), (6, 25, 4)]
+    limits = Limits(max_num_batched_tokens=12, max_prefill_seqs=2)
+    unified_plans, unified = simulate(limits, requests)
+    separate_plans, separate = simulate(dataclasses.replace(limits, unified=False), requests)
+    assert [s.output_token_ids for s in unified] == [s.output_token_ids for s in separate]
+    assert len(unified_plans) < len(separate_plans)  # decodes did not wait out the prefills
 
 
 # ---- preemption --------------------------------------------------------------------------------
@@ -349,7 +399,9 @@ def test_warning_is_per_scheduler(caplog: pytest.LogCaptureFixture) -> None:
 def test_decode_preempts_a_partial_prefill() -> None:
     # seq 1 is mid-prefill holding the last free block when seq 0 needs it to decode.
     sched = make_scheduler(
-        Limits(num_blocks=5, block_size=4, max_num_batched_tokens=8, max_model_len=16)
+        Limits(
+            num_blocks=5, block_size=4, max_num_batched_tokens=8, max_model_len=16, unified=False
+        )
     )
     a, b = make_seq(0, 8, 2), make_seq(1, 12, 1)
     sched.add(a)
@@ -454,10 +506,12 @@ def simulate(limits: Limits, requests: list[tuple[int, int, int]]) -> tuple[list
     return summarize(plans), seqs
 
 
-@settings(max_examples=200, deadline=None)
-@given(workloads())
-def test_random_workloads_run_to_completion(workload) -> None:
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "separate"])
+@settings(max_examples=150, deadline=None)
+@given(workload=workloads())
+def test_random_workloads_run_to_completion(unified: bool, workload) -> None:
     limits, requests = workload
+    limits = dataclasses.replace(limits, unified=unified)
     summary, seqs = simulate(limits, requests)
     for seq in seqs:
         assert seq.is_finished and seq.finish_reason == "length" and seq.block_table == []
