@@ -66,6 +66,36 @@ def default_compilation_cache_dir() -> str | None:
     return str(Path(base).expanduser() / "jaxinfer" / "xla" / _host_cpu_tag())
 
 
+def parse_layer_partition(value: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """Layers per pipeline stage, from vLLM's `VLLM_PP_LAYER_PARTITION` form ("8,8,7,7") or a
+    sequence of ints. Every entry must be a whole number >= 1: a stage without layers has nothing
+    to run. (Whether they add up to the model's layers is checked when the model is read:
+    `runtime.pipeline.layer_partition`.)"""
+    if isinstance(value, str):
+        try:
+            counts = tuple(int(part) for part in value.split(","))
+        except ValueError:
+            raise ValueError(
+                "EngineConfig.pipeline_layer_partition must be comma-separated layer counts "
+                f"like '8,8,7,7', got {value!r}"
+            ) from None
+    elif isinstance(value, tuple | list):
+        counts = tuple(value)
+    else:
+        counts = ()
+    if not counts or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        raise ValueError(
+            "EngineConfig.pipeline_layer_partition must be layer counts per stage ('8,8,7,7' "
+            f"or a tuple of ints), got {value!r}"
+        )
+    if any(c < 1 for c in counts):
+        raise ValueError(
+            f"EngineConfig.pipeline_layer_partition {','.join(map(str, counts))}: every stage "
+            "needs at least one layer"
+        )
+    return counts
+
+
 def powers_of_two_up_to(limit: int, start: int = 1) -> tuple[int, ...]:
     """Bucket sizes start, 2*start, ... and finally `limit` itself (so the largest bucket is exact)."""
     sizes = []
@@ -116,6 +146,11 @@ class EngineConfig:
     # once, so that stages work at the same time (vLLM's virtual engines). None: one per stage;
     # 1: a single batch, stages take turns.
     pipeline_micro_batches: int | None = None
+    # Layers per pipeline stage, first stage first: "8,8,7,7" (vLLM's VLLM_PP_LAYER_PARTITION) or
+    # (8, 8, 7, 7), normalized to a tuple; one entry per stage, each >= 1, summing to the model's
+    # layers. None: vLLM's default split (runtime/pipeline.py, layer_partition), which no longer
+    # needs pipeline_parallel_size to divide the layer count.
+    pipeline_layer_partition: str | tuple[int, ...] | None = None
     # Several processes (runtime/distributed.py): jax.distributed's coordinator "host:port", the
     # process count and this process's id; None reads JAX_COORDINATOR_ADDRESS /
     # JAX_NUM_PROCESSES / JAX_PROCESS_ID, and no coordinator anywhere means one process.
@@ -202,6 +237,17 @@ class EngineConfig:
             "None or an int >= 1",
             micro,
         )
+        if self.pipeline_layer_partition is not None:
+            partition = parse_layer_partition(self.pipeline_layer_partition)
+            _check(
+                len(partition) == self.pipeline_parallel_size,
+                "pipeline_layer_partition",
+                f"one layer count per stage ({self.pipeline_parallel_size}, the "
+                "pipeline_parallel_size)",
+                self.pipeline_layer_partition,
+            )
+            # Normalized once here (construction, not a later mutation): readers see a tuple.
+            object.__setattr__(self, "pipeline_layer_partition", partition)
         _check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
         _check(
             self.max_num_batched_tokens >= 1,

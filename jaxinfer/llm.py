@@ -257,6 +257,7 @@ def _build_single(config: EngineConfig, devices) -> tuple[EngineCore | EncoderEn
         config.dtype,
         config.weight_cache_dir,
         mesh,
+        config.pipeline_layer_partition,
         check_finite=config.check_weights_finite,
     )
     tokenizer = load_tokenizer(

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from jaxinfer.config import EngineConfig
 from jaxinfer.runtime.mesh import KV_CACHE_AXES, named_sharding
+from jaxinfer.runtime.pipeline import layer_partition
 
 logger = logging.getLogger("jaxinfer")
 
@@ -24,11 +25,15 @@ logger = logging.getLogger("jaxinfer")
 _ACTIVATION_HEADROOM_BYTES = 1 << 30
 
 
-def bytes_per_block(model_config, block_size: int, dtype: str, shards: int = 1) -> int:
-    """Bytes one block takes on each device when the kv heads are split `shards` ways."""
+def bytes_per_block(
+    model_config, block_size: int, dtype: str, shards: int = 1, num_layers: int | None = None
+) -> int:
+    """Bytes one block takes on each device when the kv heads are split `shards` ways, over
+    `num_layers` layers (default: all of the model's; one pipeline stage holds fewer)."""
     itemsize = jnp.dtype(dtype).itemsize
     per_layer = 2 * block_size * model_config.num_kv_heads * model_config.head_dim * itemsize
-    return per_layer * model_config.num_layers // shards
+    layers = model_config.num_layers if num_layers is None else num_layers
+    return per_layer * layers // shards
 
 
 def _available_host_bytes() -> int:
@@ -125,9 +130,14 @@ def num_blocks_for(config: EngineConfig, model_config, dtype: str, weight_bytes:
     sequences could use."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    # Each device holds its kv-head shard (TP) of its stage's layers (PP).
-    shards = config.tensor_parallel_size * config.pipeline_parallel_size
-    per_block = bytes_per_block(model_config, config.block_size, dtype, shards)
+    # Each device holds its kv-head shard (TP) of its stage's layers (PP); the budget is one
+    # device's, so the stage with the most layers sets the size (stages may be uneven).
+    stage_layers = layer_partition(
+        model_config.num_layers, config.pipeline_parallel_size, config.pipeline_layer_partition
+    )
+    per_block = bytes_per_block(
+        model_config, config.block_size, dtype, config.tensor_parallel_size, max(stage_layers)
+    )
     from_budget = kv_budget_bytes(config, weight_bytes) // per_block
     useful = config.max_num_seqs * config.resolved_micro_batches * config.max_blocks_per_seq + 1
     num_blocks = min(from_budget, useful)

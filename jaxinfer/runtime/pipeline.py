@@ -15,27 +15,79 @@ dispatch lets stage s work on micro-batch m + 1 while stage s + 1 works on micro
 The engine keeps one step in flight per micro-batch of sequences (`EngineConfig.
 pipeline_micro_batches`, one scheduler each: `engine.scheduler.SchedulerGroup`), so in steady
 state every stage has a micro-batch to work on, for prefill and decode alike.
+
+Stages need not hold equally many layers (`layer_partition`): 30 layers over 4 stages run as
+7, 8, 8, 7. Layers are a tuple of per-layer parameter trees, not one array stacked over a stage
+axis, so a stage of 8 layers is simply a program that runs 8 layers: nothing is padded to the
+largest stage, no layer is masked or skipped at run time, and results are exactly those of one
+device. Every stage already compiles its own executables (its first layer, its weights and its
+cache are its own), so uneven stages add no compiled programs either.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxinfer.config import parse_layer_partition
 from jaxinfer.runtime.mesh import named_sharding
 
 
-def layer_ranges(num_layers: int, pipeline_parallel_size: int) -> tuple[range, ...]:
-    """P equal contiguous layer ranges; P must divide the layer count."""
+def layer_partition(
+    num_layers: int, pipeline_parallel_size: int, override: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """How many layers each of the P stages holds, first stage first.
+
+    Without `override`, vLLM's default (`get_pp_indices` in vllm/distributed/utils.py): every
+    stage gets num_layers // P, and the remainder goes one layer each to the stages counted back
+    from the second-to-last (partitions[-2], partitions[-3], ...). The last stage also runs the
+    final norm, lm_head and sampler, so it gets no extra layer; with a remainder of at most P - 2
+    the first stage (the embedding) gets none either. 30 layers over 4 stages: 7, 8, 8, 7; 3 over
+    2: 2, 1; 5 over 4: 1, 1, 2, 1.
+
+    `override` (`EngineConfig.pipeline_layer_partition`, vLLM's VLLM_PP_LAYER_PARTITION) must name
+    P stages of >= 1 layer summing to num_layers. Raises ValueError naming what is wrong.
+    """
     p = pipeline_parallel_size
-    if p < 1 or num_layers % p:
+    if p < 1:
+        raise ValueError(f"pipeline_parallel_size must be >= 1, got {p}")
+    if override is not None:
+        counts = parse_layer_partition(override)
+        shown = ",".join(map(str, counts))
+        if len(counts) != p:
+            raise ValueError(
+                f"pipeline_layer_partition {shown} names {len(counts)} stages, but "
+                f"pipeline_parallel_size is {p}"
+            )
+        if sum(counts) != num_layers:
+            raise ValueError(
+                f"pipeline_layer_partition {shown} adds up to {sum(counts)} layers, but the "
+                f"model has {num_layers}"
+            )
+        return counts
+    if num_layers < p:
         raise ValueError(
-            f"pipeline_parallel_size {p} must divide the number of layers ({num_layers})"
+            f"pipeline_parallel_size {p} exceeds the number of layers ({num_layers}): every "
+            "stage needs at least one layer"
         )
-    size = num_layers // p
-    return tuple(range(s * size, (s + 1) * size) for s in range(p))
+    counts = [num_layers // p] * p
+    for i in range(2, num_layers % p + 2):  # vLLM's loop, exactly
+        counts[-i] += 1
+    return tuple(counts)
+
+
+def layer_ranges(
+    num_layers: int, pipeline_parallel_size: int, override: Sequence[int] | None = None
+) -> tuple[range, ...]:
+    """The P contiguous layer ranges of `layer_partition`."""
+    ranges, start = [], 0
+    for count in layer_partition(num_layers, pipeline_parallel_size, override):
+        ranges.append(range(start, start + count))
+        start += count
+    return tuple(ranges)
 
 
 def stage_meshes(mesh: Mesh) -> tuple[Mesh, ...]:
@@ -57,10 +109,17 @@ class StageLayout:
     embed_params: tuple[str, ...]  # top-level parameters of the first stage
 
     @classmethod
-    def build(cls, mesh: Mesh | None, num_layers: int, embed_params: tuple[str, ...]):
+    def build(
+        cls,
+        mesh: Mesh | None,
+        num_layers: int,
+        embed_params: tuple[str, ...],
+        partition: Sequence[int] | None = None,
+    ):
+        """`partition`: layers per stage (`layer_partition`'s override); None: vLLM's default."""
         if mesh is None or mesh.shape["stage"] == 1:
-            return cls((mesh,), (range(num_layers),), embed_params)
-        ranges = layer_ranges(num_layers, mesh.shape["stage"])
+            return cls((mesh,), layer_ranges(num_layers, 1, partition), embed_params)
+        ranges = layer_ranges(num_layers, mesh.shape["stage"], partition)
         return cls(stage_meshes(mesh), ranges, embed_params)
 
     @property

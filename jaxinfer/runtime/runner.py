@@ -100,7 +100,9 @@ class ModelRunner:
         self.block_size = block_size
         self.num_logprobs = num_logprobs
         self.max_block_copies = num_slots  # at most one copy-on-write per decoding sequence
-        layout = StageLayout.build(mesh, cfg.num_layers, model.family.EMBED_PARAMS)
+        layout = StageLayout.build(
+            mesh, cfg.num_layers, model.family.EMBED_PARAMS, model.layer_partition
+        )
         stage_params = layout.stage_params(model.params, cfg.tie_word_embeddings)
         self.stages: list[_Stage] = []
         for stage_mesh, layers, params in zip(layout.meshes, layout.ranges, stage_params):

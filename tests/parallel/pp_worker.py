@@ -3,8 +3,10 @@ test_pipeline_parallel.
 
 Like tp_worker: `python -m tests.parallel.pp_worker OUT.json` with XLA_FLAGS set by the test; it
 only measures and writes JSON, and the test asserts. The single-device engine is the reference for
-a 4-layer Llama (8 query heads, 2 kv heads) under PP 2 and 4 and TP 2 x PP 2, and for 2-layer
-Gemma 2 (tied embeddings, a sliding layer then a global one) under PP 2.
+Llamas (8 query heads, 2 kv heads): 3 layers over 2 stages and 5 over 4 (vLLM's default split puts
+the extra layer before the last stage: 2,1 and 1,1,2,1), 5 layers under TP 2 x PP 2 split 2,3 by
+`pipeline_layer_partition`, and 4 layers under TP 2 x PP 2; and for 2-layer Gemma 2 (tied
+embeddings, a sliding layer then a global one) under PP 2.
 """
 
 from __future__ import annotations
@@ -27,23 +29,27 @@ SEEDED = [
     SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, ignore_eos=True, seed=seed)
     for seed in (1, 2, 3, 4)
 ]
-LLAMA_CASES = {  # name -> (tensor_parallel_size, pipeline_parallel_size)
-    "llama-pp2": (1, 2),
-    "llama-pp4": (1, 4),
-    "llama-tp2-pp2": (2, 2),
+LLAMA_CASES = {  # name -> (layers, tensor_parallel_size, pipeline_parallel_size, partition)
+    "llama3-pp2": (3, 1, 2, None),  # vLLM's default split: 2, 1
+    "llama5-pp4": (5, 1, 4, None),  # vLLM's default split: 1, 1, 2, 1
+    "llama5-tp2-pp2": (5, 2, 2, "2,3"),  # explicit, unlike the default 3, 2
+    "llama-tp2-pp2": (4, 2, 2, None),  # 2, 2
 }
 FAMILY_CHECKPOINTS = {  # what `embed` and `logits` read differs from Llama's
     "gemma2": {"tie_word_embeddings": True},  # the embedding on both ends; per-layer windows
 }
-THOROUGH_CASE = "llama-pp2"  # also: no compilation after warm-up; stages taking turns
+THOROUGH_CASE = "llama3-pp2"  # also: no compilation after warm-up; stages taking turns
+# The thorough case's buckets exercise micro-batches of 1, 2 and 4 sequences; the others compile
+# one bucket of each kind per stage (ENGINE's), which keeps the suite quick.
+THOROUGH_LAYERS = LLAMA_CASES[THOROUGH_CASE][0]
 
 
 def tokens(outputs) -> list[list[int]]:
     return [out.outputs[0].token_ids for out in outputs]
 
 
-def reference(path: str, prompts: list) -> dict:
-    with Engine(EngineConfig(model=path, **PIPELINE_ENGINE)) as single:
+def reference(path: str, prompts: list, options: dict = PIPELINE_ENGINE) -> dict:
+    with Engine(EngineConfig(model=path, **options)) as single:
         return {
             "logits": engine_prefill_logits(single, prompts, chunk_size=32),
             "greedy": tokens(single.generate(prompts, GREEDY, use_tqdm=False)),
@@ -104,9 +110,23 @@ def steps_in_flight(engine: Engine, prompts: list) -> tuple[list[list[int]], int
         del runner.dispatch, runner.collect
 
 
-def measure(path: str, prompts: list, base: dict, tp: int, pp: int, thorough: bool) -> dict:
+def measure(
+    path: str,
+    prompts: list,
+    base: dict,
+    tp: int,
+    pp: int,
+    *,
+    thorough: bool,
+    partition: str | None = None,
+    options: dict = PIPELINE_ENGINE,
+) -> dict:
     config = EngineConfig(
-        model=path, tensor_parallel_size=tp, pipeline_parallel_size=pp, **PIPELINE_ENGINE
+        model=path,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        pipeline_layer_partition=partition,
+        **options,
     )
     with Engine(config) as engine:
         logits = engine_prefill_logits(engine, prompts, chunk_size=32)
@@ -140,7 +160,8 @@ def measure(path: str, prompts: list, base: dict, tp: int, pp: int, thorough: bo
 def errors(path: str) -> dict:
     found = {}
     for name, changes in {
-        "pp3-of-4-layers": {"pipeline_parallel_size": 3},
+        "pp8-of-4-layers": {"pipeline_parallel_size": 8},
+        "partition-sum": {"pipeline_parallel_size": 2, "pipeline_layer_partition": "2,3"},
         "pp16": {"pipeline_parallel_size": 16},
         "micro0": {"pipeline_parallel_size": 2, "pipeline_micro_batches": 0},
     }.items():
@@ -151,23 +172,40 @@ def errors(path: str) -> dict:
     return found
 
 
+def llama_checkpoint(num_layers: int) -> str:
+    return str(
+        tiny_checkpoint(
+            "llama", num_kv_heads=2, num_attention_heads=8, head_dim=8, num_hidden_layers=num_layers
+        )
+    )
+
+
 def main(out_path: str) -> None:
     prompts = prompts_for(PROMPT_LENGTHS)
     results: dict = {"devices": len(jax.devices()), "cases": {}}
-    llama = str(
-        tiny_checkpoint(
-            "llama", num_kv_heads=2, num_attention_heads=8, head_dim=8, num_hidden_layers=4
+    bases: dict[int, tuple[str, dict]] = {}  # layers -> (checkpoint, one-device reference)
+    for name, (layers, tp, pp, partition) in LLAMA_CASES.items():
+        options = PIPELINE_ENGINE if layers == THOROUGH_LAYERS else ENGINE
+        if layers not in bases:
+            path = llama_checkpoint(layers)
+            bases[layers] = (path, reference(path, prompts, options))
+        path, base = bases[layers]
+        results["cases"][name] = measure(
+            path,
+            prompts,
+            base,
+            tp,
+            pp,
+            thorough=name == THOROUGH_CASE,
+            partition=partition,
+            options=options,
         )
-    )
-    base = reference(llama, prompts)
-    for name, (tp, pp) in LLAMA_CASES.items():
-        results["cases"][name] = measure(llama, prompts, base, tp, pp, name == THOROUGH_CASE)
-    for family, options in FAMILY_CHECKPOINTS.items():
-        path = str(tiny_checkpoint(family, **options))
+    for family, family_options in FAMILY_CHECKPOINTS.items():
+        path = str(tiny_checkpoint(family, **family_options))
         results["cases"][f"{family}-pp2"] = measure(
-            path, prompts, reference(path, prompts), 1, 2, thorough=False
+            path, prompts, reference(path, prompts, ENGINE), 1, 2, thorough=False, options=ENGINE
         )
-    results["errors"] = errors(llama)
+    results["errors"] = errors(bases[4][0])
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -1,7 +1,10 @@
 """Pipeline parallelism on 8 fake CPU devices against the single-device engine.
 
-Measured once in a subprocess (tests/parallel/pp_worker.py, see test_tensor_parallel for why): a
-4-layer Llama under PP 2 and 4 and TP 2 x PP 2, and 2-layer Gemma 2 (tied embeddings) under PP 2, each with one micro-batch of sequences per stage in flight (the default).
+Measured once in a subprocess (tests/parallel/pp_worker.py, see test_tensor_parallel for why):
+Llamas with stages of unequal size (3 layers over 2 stages and 5 over 4 by vLLM's default split, 5
+under TP 2 x PP 2 split 2,3 by `pipeline_layer_partition`) and 4 layers under TP 2 x PP 2, and
+2-layer Gemma 2 (tied embeddings) under PP 2, each with one micro-batch of sequences per stage in
+flight (the default).
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ import pytest
 
 from tests.parallel.fake_devices import run_worker
 
-CASES = {  # name -> (tensor_parallel_size, pipeline_parallel_size, layers)
-    "llama-pp2": (1, 2, 4),
-    "llama-pp4": (1, 4, 4),
-    "llama-tp2-pp2": (2, 2, 4),
-    "gemma2-pp2": (1, 2, 2),
+CASES = {  # name -> (tensor_parallel_size, pipeline_parallel_size, layers per stage)
+    # Uneven stages: vLLM's default split (extra layers before the last stage), or an explicit one.
+    "llama3-pp2": (1, 2, (2, 1)),
+    "llama5-pp4": (1, 4, (1, 1, 2, 1)),
+    "llama5-tp2-pp2": (2, 2, (2, 3)),
+    "llama-tp2-pp2": (2, 2, (2, 2)),
+    "gemma2-pp2": (1, 2, (1, 1)),
 }
+THOROUGH = "llama3-pp2"  # also measured: warm-up, micro-batches in flight, stages taking turns
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +43,15 @@ def test_logits_and_tokens_match_one_device(measured, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_each_stage_holds_only_its_layers(measured, case):
-    tp, pp, layers = CASES[case]
+    tp, pp, per_stage = CASES[case]
     report = measured["cases"][case]
     stages = report["stages"]
     assert len(stages) == pp
-    per_stage = layers // pp
     seen_devices: set[int] = set()
     for s, stage in enumerate(stages):
-        assert stage["layers"] == [s * per_stage, (s + 1) * per_stage]
-        assert stage["kv_cache_layers"] == per_stage
+        first = sum(per_stage[:s])
+        assert stage["layers"] == [first, first + per_stage[s]]
+        assert stage["kv_cache_layers"] == per_stage[s]
         devices = list(range(s * tp, (s + 1) * tp))  # stage s: the s-th group of T devices
         assert stage["weight_devices"] == devices
         assert stage["kv_cache_devices"] == devices
@@ -82,7 +88,7 @@ def test_tied_embedding_is_on_the_first_and_last_stage(measured):
 def test_micro_batches_compile_nothing_after_warmup_and_turns_agree(measured):
     """Micro-batches use the engine's own buckets, so warm-up covers them; one batch (stages
     taking turns) gives the same tokens as one micro-batch per stage in flight."""
-    report = measured["cases"]["llama-pp2"]
+    report = measured["cases"][THOROUGH]
     assert report["new_compilations"] == 0
     assert report["one_batch_equal"] and report["in_flight_greedy_equal"]
 
@@ -90,7 +96,7 @@ def test_micro_batches_compile_nothing_after_warmup_and_turns_agree(measured):
 def test_one_step_per_micro_batch_is_in_flight(measured):
     """With P = 2 micro-batches the engine dispatches one's step before reading the other's back,
     so both stages have work; as one batch, each step is read back before the next starts."""
-    report = measured["cases"]["llama-pp2"]
+    report = measured["cases"][THOROUGH]
     assert report["steps_in_flight"] == 2
     assert report["one_batch_steps_in_flight"] == 1
 
@@ -98,7 +104,12 @@ def test_one_step_per_micro_batch_is_in_flight(measured):
 def test_clear_errors(measured):
     found = measured["errors"]
     assert (
-        "pipeline_parallel_size 3 must divide the number of layers (4)" in found["pp3-of-4-layers"]
+        "pipeline_parallel_size 8 exceeds the number of layers (4): every stage needs at least "
+        "one layer" in found["pp8-of-4-layers"]
+    )
+    assert (
+        "pipeline_layer_partition 2,3 adds up to 5 layers, but the model has 4"
+        in found["partition-sum"]
     )
     assert "16 devices, but only 8" in found["pp16"]
     assert "pipeline_micro_batches" in found["micro0"]

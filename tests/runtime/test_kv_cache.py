@@ -76,6 +76,25 @@ def test_explicit_sizes_win(monkeypatch):
     assert _blocks(monkeypatch, 24 * GiB, 1 * GiB, kv_cache_memory_bytes=explicit) == 300
 
 
+def test_pipeline_stages_size_the_cache_by_the_largest_stage(monkeypatch):
+    """The budget is one device's; each device holds its stage's layers, so 30 layers over 4
+    stages (vLLM's split 7,8,8,7) fit as many blocks as 8 layers do, and an explicit partition
+    is followed. Even stages: exactly the whole model's blocks times the stage count."""
+    budget = 1000 * PER_BLOCK
+    per_layer = PER_BLOCK // 30
+
+    def blocks(**changes):
+        return _blocks(monkeypatch, 24 * GiB, 24 * GiB, kv_cache_memory_bytes=budget, **changes)
+
+    assert blocks() == 1000
+    assert blocks(pipeline_parallel_size=2) == 2000  # 15 layers a stage
+    assert blocks(pipeline_parallel_size=4) == budget // (8 * per_layer)
+    assert blocks(pipeline_parallel_size=4, pipeline_layer_partition="6,6,6,12") == budget // (
+        12 * per_layer
+    )
+    assert blocks(pipeline_parallel_size=2, tensor_parallel_size=3) == 6000  # kv heads / 3
+
+
 def test_budget_too_small_raises(monkeypatch):
     with pytest.raises(ValueError, match="at least 2"):
         _blocks(monkeypatch, 24 * GiB, 24 * GiB, kv_cache_memory_bytes=PER_BLOCK)
