@@ -1,7 +1,7 @@
 """`jaxinfer serve` in a subprocess on 127.0.0.1, once per session, on tiny checkpoints.
 
-The generative server runs the tiny Llama with a few small shapes (one decode and one prefill
-program) and an API key; every module shares it, and tests that need an engine of their own in
+The generative server runs the tiny Llama with a few small shapes (configs/tiny-cpu-test.yaml's)
+and an API key; every module shares it, and tests that need an engine of their own in
 this process build it from the same config file, so `LLM.generate` and the server run the same
 programs. The process is stopped with SIGTERM at the end and must exit 0.
 """
@@ -24,19 +24,13 @@ import yaml
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny-llama"
-# Small shapes, as configs/tiny-cpu-test.yaml, with room for 8 sequences at once.
+# The shapes of configs/tiny-cpu-test.yaml (4 sequences, one decode and one prefill program):
+# the README test and other engine tests use them too, so the compiled programs are shared.
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu-test.yaml"
 SERVER_CONFIG = {
-    "dtype": "float32",
-    "seed": 0,
-    "max_model_len": 128,
-    "block_size": 16,
-    "num_kv_blocks": 64,
-    "max_num_seqs": 8,
-    "max_num_batched_tokens": 64,
-    "max_prefill_seqs": 4,
-    "seq_buckets": [8],
-    "token_buckets": [64],
-    "max_logprobs": 5,
+    key: value
+    for key, value in yaml.safe_load(TINY_CONFIG.read_text()).items()
+    if key not in ("model", "sampling")
 }
 
 

@@ -69,27 +69,25 @@ def test_readme_serve_section_runs(tiny_llama, tmp_path, monkeypatch, capsys):
 
 
 def _sigterm_with_requests_in_flight(server: Server) -> None:
-    """8 streams of 100 tokens on an engine that runs 4 at a time: SIGTERM after the first
-    token, when most of the work is still to do."""
+    """8 streams of 100 tokens on an engine that runs 4 at a time: SIGTERM once all 8 are
+    accepted, when at least half of the work is still to do."""
     body = {"model": "smollm2", "prompt": "Once", "max_tokens": 100, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     results: dict[int, tuple[list[str], float]] = {}
-    first_token = threading.Event()
+    accepted = threading.Semaphore(0)
 
     def stream(index: int) -> None:
-        lines = []
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120,
                           headers={"Authorization": "Bearer secret"}) as response:  # fmt: skip
-            for line in response.iter_lines():
-                lines.append(line)
-                first_token.set()
+            accepted.release()  # the 200 and its headers: the server is running the request
+            lines = list(response.iter_lines())
         results[index] = (lines, time.monotonic())
 
     readers = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
     for reader in readers:
         reader.start()
-    assert first_token.wait(60)
-    time.sleep(0.05)  # every request is in by now (they were all sent before the first token)
+    for _ in readers:
+        assert accepted.acquire(timeout=60)
     server.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     time.sleep(0.5)
