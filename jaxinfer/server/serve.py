@@ -69,11 +69,16 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--served-model-name", default=None, help="default: MODEL as given")
-    for flag, _, kind in ENGINE_FLAGS:
+    engine = serve.add_argument_group(
+        "engine", "vLLM's engine arguments, passed to LLM() only when given (engine_args.py)"
+    )
+    for flag, name, kind in ENGINE_FLAGS:
         names = [flag, SHORT[flag]] if flag in SHORT else [flag]
-        serve.add_argument(*names, type=kind, default=None)
-    for flag, _ in SWITCHES:
-        serve.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        engine.add_argument(*names, type=kind, default=None, help=f"LLM({name}=...)")
+    for flag, name in SWITCHES:
+        engine.add_argument(
+            flag, action=argparse.BooleanOptionalAction, default=None, help=f"LLM({name}=...)"
+        )
     serve.add_argument("--no-warmup", action="store_true", help="compile shapes on first use")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds requests in flight get to finish on SIGTERM")  # fmt: skip
@@ -127,6 +132,7 @@ def _build_llm(args: argparse.Namespace):
     """-> (LLM, served model name, the config file's sampling defaults)."""
     from jaxinfer.config_file import load_config_file
     from jaxinfer.default_model import default_model_path, resolve_model_path
+    from jaxinfer.engine_args import engine_config
     from jaxinfer.llm import LLM
 
     model_arg = args.model_tag or args.model
@@ -137,11 +143,16 @@ def _build_llm(args: argparse.Namespace):
         base, sampling = loaded.engine, dict(loaded.sampling)
         if model_arg:
             engine_args["model"] = resolve_model_path(model_arg)
-        llm = LLM(base, **engine_args)
     else:
-        model = resolve_model_path(model_arg) if model_arg else str(default_model_path())
-        llm = LLM(model, **engine_args)
-    name = args.served_model_name or model_arg or Path(llm.config.model).name
+        base = resolve_model_path(model_arg) if model_arg else str(default_model_path())
+    config, task = engine_config(base, engine_args)  # what LLM(base, **engine_args) builds
+    if config.data_parallel_size > 1:
+        raise ValueError(
+            "--data-parallel-size > 1 is not served yet: the server drives one engine replica "
+            "(run one server per replica behind a load balancer)"
+        )
+    llm = LLM(config, task=task)
+    name = args.served_model_name or model_arg or Path(config.model).name
     return llm, name, sampling
 
 
@@ -152,11 +163,6 @@ def _async_engine(llm):
 
     if isinstance(llm.llm_engine, EncoderEngine):
         return AsyncEncoder(llm)
-    if llm.config.data_parallel_size > 1:
-        raise ValueError(
-            "--data-parallel-size > 1 is not served yet: the server drives one engine replica "
-            "(run one server per replica behind a load balancer)"
-        )
     return AsyncEngine(llm)
 
 
