@@ -80,6 +80,22 @@ def test_token_id_prompts_and_vllm_extra_sampling_fields(client, llm):
     assert choice.text == want.outputs[0].text
 
 
+def test_stop_strings_end_the_completion_as_in_the_engine(client, llm):
+    (free,) = llm.generate([PROMPTS[1]], SamplingParams(**SEEDED), use_tqdm=False)
+    text = free.outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # a piece of what it would say
+    assert stop.strip()
+    (want,) = llm.generate([PROMPTS[1]], SamplingParams(**SEEDED, stop=[stop]), use_tqdm=False)
+    response = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[1], stop=[stop], **SEEDED,
+        extra_body={"return_token_ids": True},
+    )  # fmt: skip
+    (choice,) = response.choices
+    assert choice.text == want.outputs[0].text and stop not in choice.text
+    assert _extra(choice, "token_ids") == want.outputs[0].token_ids
+    assert choice.finish_reason == "stop" and _extra(choice, "stop_reason") == stop
+
+
 def test_seeded_chat_equals_llm_chat(client, llm):
     (want,) = llm.chat(CHAT, SamplingParams(**SEEDED), use_tqdm=False)
     response = client.chat.completions.create(
