@@ -131,6 +131,12 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     max_prefill_seqs: int = 4  # prefill attention costs (tokens x seqs x context): keep seqs few
+    # Reuse the K/V of full blocks whose token prefix was computed before (vLLM's automatic
+    # prefix caching, on by default as in vLLM V1): engine/block_manager.py.
+    enable_prefix_caching: bool = True
+    # Unified steps (vLLM V1): running decodes and prefill chunks share each step's token budget.
+    # False: a prefill step whenever a prefill can run, else a decode step (for comparison).
+    unified_steps: bool = True
 
     # Shape buckets (None: powers of two up to the limits above; one block-table width).
     seq_buckets: tuple[int, ...] | None = None
@@ -166,15 +172,6 @@ class EngineConfig:
     )
     # Converted weights saved with orbax on first load, restored later (models/weight_cache.py).
     weight_cache_dir: str | None = None
-    # Reuse the K/V of full blocks whose token prefix was computed before (vLLM's automatic
-    # prefix caching, on by default as in vLLM V1): engine/block_manager.py.
-    enable_prefix_caching: bool = True
-    # Unified steps (vLLM V1): running decodes and prefill chunks share each step's token budget.
-    # False: a prefill step whenever a prefill can run, else a decode step (for comparison).
-    unified_steps: bool = True
-    # Reuse the K/V of full blocks whose token prefix was computed before (vLLM's automatic
-    # prefix caching, on by default as in vLLM V1): engine/block_manager.py.
-    enable_prefix_caching: bool = True
     # On CPU, keep freed host memory mapped (glibc mallopt): see runtime/host_allocator.py.
     cpu_keep_freed_memory: bool = True
     # Largest logprobs / prompt_logprobs a request may ask for (vLLM's). -1: no bound, and
