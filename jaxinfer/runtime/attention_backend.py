@@ -1,8 +1,9 @@
 """Which paged-attention implementation the compiled step calls.
 
 `EngineConfig.attention_backend`:
-  * "auto": the Pallas kernel on GPU when it supports the model's head dim, else the jnp reference
-    (XLA:CPU runs the reference far faster than interpreted Pallas).
+  * "auto": the Pallas kernel on GPU when it supports the model's head dim (and this jax still has
+    Pallas' Triton backend), else the jnp reference (XLA:CPU runs the reference far faster than
+    interpreted Pallas).
   * "pallas": the Pallas kernel, compiled for the GPU; an error anywhere it cannot run.
   * "pallas_interpret": the same kernel in Pallas' interpret mode: slow, but it runs on CPU, so CI
     checks the kernel end to end through the engine.
@@ -33,8 +34,14 @@ def resolve_backend(requested: str, head_dim: int, platform: str | None = None) 
         )
     platform = platform or jax.default_backend()
     supported = kernel.supported_head_dim(head_dim)
+    compiled = kernel.TRITON_AVAILABLE  # jax >= 0.11 deprecates it; a later jax drops it
     if requested == "auto":
-        chosen = "pallas" if platform == "gpu" and supported else "reference"
+        chosen = "pallas" if platform == "gpu" and supported and compiled else "reference"
+        if platform == "gpu" and not compiled:
+            logger.warning(
+                "jax %s has no Pallas Triton backend: using the jnp reference attention",
+                jax.__version__,
+            )
         if platform == "gpu" and not supported:
             logger.warning(
                 "head_dim %d is not supported by the Pallas kernel (powers of two 16..256): "
@@ -52,6 +59,12 @@ def resolve_backend(requested: str, head_dim: int, platform: str | None = None) 
             raise ValueError(
                 f"EngineConfig.attention_backend='pallas' supports head_dim 16..256, a power of "
                 f"two; this model has head_dim {head_dim}"
+            )
+        if not compiled:
+            raise ValueError(
+                "EngineConfig.attention_backend='pallas' compiles through Pallas' Triton "
+                f"backend, which jax {jax.__version__} no longer has; use 'reference' "
+                "(pallas_kernels/README.md: the kernel's move to Mosaic GPU)"
             )
     return requested
 

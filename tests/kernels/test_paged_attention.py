@@ -1,4 +1,5 @@
-"""The Pallas paged-attention kernel, run in interpret mode on CPU, against the jnp reference.
+"""The Pallas paged-attention kernel against the jnp reference: compiled for the GPU where JAX's
+default device is one (`benchmarks/gpu_check.sh` runs this file there), in interpret mode elsewhere.
 
 Batches come from `make_batch`: every cache slot that is not a real earlier position of its
 sequence is NaN, so a read outside a sequence's own blocks (or of a page another split owns)
@@ -33,9 +34,14 @@ SETTINGS = settings(
 )
 
 
+# The real kernel on a GPU; the same kernel body, interpreted, on CPU. (On a GPU, tests/kernels/
+# conftest.py makes float32 dots full float32, so the float32 tolerance means the same there.)
+INTERPRET = jax.default_backend() != "gpu"
+
+
 @functools.cache
 def _kernel(**static):
-    return jax.jit(functools.partial(kernel.paged_attention, interpret=True, **static))
+    return jax.jit(functools.partial(kernel.paged_attention, interpret=INTERPRET, **static))
 
 
 @functools.cache
