@@ -85,6 +85,10 @@ def main(out_path: str) -> None:
                 "type": type(engine.llm_engine).__name__,
                 "outputs": run(engine, prompts),
                 "replicas": [placement(replica) for replica in engine.llm_engine.replicas],
+                # the second call repeats the first one's prompts on the same replicas
+                "prefix_cache_hits": [
+                    r.stats.prefix_cache_hits for r in engine.llm_engine.replicas
+                ],
             }
     # Batching alone moves logprobs by ~1e-6 (a request's prefill chunks and batch-mates differ),
     # so the bitwise check gives the first replica's share of the greedy call to a fresh engine.

@@ -50,6 +50,14 @@ def test_replica_outputs_are_bitwise_one_engines_on_the_same_share(measured):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_each_replica_reuses_its_own_prefix_cache(measured, case):
+    """The sampled call repeats the greedy call's prompts, which `balance` sends to the same
+    replicas: each serves their full blocks from its own cache (and the outputs above still
+    equal one engine's)."""
+    assert all(hits > 0 for hits in measured["cases"][case]["prefix_cache_hits"])
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_each_replica_lives_on_its_own_device_group(measured, case):
     size = CASES[case]
     replicas = measured["cases"][case]["replicas"]
