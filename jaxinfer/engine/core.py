@@ -28,7 +28,8 @@ from jaxinfer.engine.batching import BucketTable, RowSampling, build_step_inputs
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.output_processor import OutputProcessor
 from jaxinfer.engine.request import Request, Sample
-from jaxinfer.engine.scheduler import Scheduler, SchedulerGroup, StepPlan
+from jaxinfer.engine.scheduler import Scheduler, StepPlan
+from jaxinfer.engine.scheduler_group import SchedulerGroup
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.engine.stop_strings import StopStringMatcher
 from jaxinfer.interrupts import uninterruptible

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from jaxinfer.engine.block_manager import BlockManager
-from jaxinfer.engine.scheduler import Scheduler, SchedulerGroup
+from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.engine.scheduler_group import SchedulerGroup
 from jaxinfer.engine.sequence import Sequence
 
 
