@@ -137,3 +137,25 @@ def test_stream_raises_naming_the_request(poisoned):
             received += output.outputs[0].token_ids
     assert received == expected["decode"][:4]
     assert _all_blocks_free(llm)
+
+
+def test_async_engine_raises_naming_the_request(poisoned):
+    """The server's engine: the generator raises (the server answers 500, as vLLM), and the
+    engine goes on serving."""
+    import asyncio
+
+    from jaxinfer.engine.async_engine import AsyncEngine
+
+    llm, prompts, expected, _ = poisoned
+
+    async def run() -> list[int]:
+        engine = AsyncEngine(llm)  # not shut down: that would free the module's engine
+        with pytest.raises(NonFiniteLogitsError, match="after 4 generated token"):
+            async for _ in engine.generate({"prompt_token_ids": prompts["decode"]}, GREEDY):
+                pass
+        async for output in engine.generate({"prompt_token_ids": prompts["good"]}, GREEDY):
+            final = output
+        return final.outputs[0].token_ids
+
+    assert asyncio.run(run()) == expected["good"]
+    assert _all_blocks_free(llm)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from jaxinfer.engine import intake
+from jaxinfer.engine import intake, offline
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
 
@@ -134,6 +134,9 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise RuntimeError("the engine loop failed") from item
                 finished = item.finished
+                # Non-finite logits ended it (finish_reason "error"): raise as generate() does;
+                # the server answers 500, as vLLM's does for such a request.
+                offline.raise_if_failed(item, 0)
                 yield item
         finally:
             self._queues.pop(request_id, None)
