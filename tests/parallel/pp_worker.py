@@ -4,9 +4,9 @@ test_pipeline_parallel.
 Like tp_worker: `python -m tests.parallel.pp_worker OUT.json` with XLA_FLAGS set by the test; it
 only measures and writes JSON, and the test asserts. The single-device engine is the reference for
 Llamas (8 query heads, 2 kv heads): 3 layers over 2 stages and 5 over 4 (vLLM's default split puts
-the extra layer before the last stage: 2,1 and 1,1,2,1), 5 layers under TP 2 x PP 2 split 2,3 by
-`pipeline_layer_partition`, and 4 layers under TP 2 x PP 2; and for 2-layer Gemma 2 (tied
-embeddings, a sliding layer then a global one) under PP 2.
+the extra layer before the last stage: 2,1 and 1,1,2,1) and 5 layers under TP 2 x PP 2 split 2,3
+by `pipeline_layer_partition`; and for 2-layer Gemma 2 (tied embeddings, a sliding layer then a
+global one) under PP 2.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ LLAMA_CASES = {  # name -> (layers, tensor_parallel_size, pipeline_parallel_size
     "llama3-pp2": (3, 1, 2, None),  # vLLM's default split: 2, 1
     "llama5-pp4": (5, 1, 4, None),  # vLLM's default split: 1, 1, 2, 1
     "llama5-tp2-pp2": (5, 2, 2, "2,3"),  # explicit, unlike the default 3, 2
-    "llama-tp2-pp2": (4, 2, 2, None),  # 2, 2
 }
 FAMILY_CHECKPOINTS = {  # what `embed` and `logits` read differs from Llama's
     "gemma2": {"tie_word_embeddings": True},  # the embedding on both ends; per-layer windows
@@ -75,6 +74,7 @@ def placement(engine: Engine) -> dict:
         stages.append(
             {
                 "layers": [stage.layers.start, stage.layers.stop],
+                "param_bytes": sum(leaf.nbytes for leaf in leaves),  # whole, not per shard
                 "params": sorted(k for k in stage.params if k != "layers"),
                 "weight_devices": sorted({d for leaf in leaves for d in device_ids(leaf)}),
                 "kv_cache_devices": sorted(
@@ -160,8 +160,8 @@ def measure(
 def errors(path: str) -> dict:
     found = {}
     for name, changes in {
-        "pp8-of-4-layers": {"pipeline_parallel_size": 8},
-        "partition-sum": {"pipeline_parallel_size": 2, "pipeline_layer_partition": "2,3"},
+        "pp8-of-5-layers": {"pipeline_parallel_size": 8},
+        "partition-sum": {"pipeline_parallel_size": 2, "pipeline_layer_partition": "2,2"},
         "pp16": {"pipeline_parallel_size": 16},
         "micro0": {"pipeline_parallel_size": 2, "pipeline_micro_batches": 0},
     }.items():
@@ -205,7 +205,7 @@ def main(out_path: str) -> None:
         results["cases"][f"{family}-pp2"] = measure(
             path, prompts, reference(path, prompts, ENGINE), 1, 2, thorough=False, options=ENGINE
         )
-    results["errors"] = errors(bases[4][0])
+    results["errors"] = errors(bases[5][0])
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 
