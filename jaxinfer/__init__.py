@@ -14,6 +14,7 @@ from jaxinfer.outputs import (
 )
 from jaxinfer.pooling_params import PoolingParams
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
+from jaxinfer.structured_outputs import GuidedDecodingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -26,11 +27,13 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineCore",
+    "GuidedDecodingParams",
     "Logprob",
     "PoolingParams",
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
+    "StructuredOutputsParams",
     "TextPrompt",
     "TokensPrompt",
     "__version__",

@@ -34,6 +34,20 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from jaxinfer.beam_search import BeamSearchParams  # noqa: F401 (vLLM's import path)
+from jaxinfer.structured_outputs import (  # re-exported: vLLM's jaxinfer.sampling_params names
+    GuidedDecodingParams,
+    StructuredOutputsParams,
+    as_structured_outputs,
+)
+
+__all__ = [
+    "GuidedDecodingParams",
+    "RequestOutputKind",
+    "SamplingParams",
+    "StructuredOutputsParams",
+]
+
 GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below this mean greedy
 LOGIT_BIAS_LIMIT = 100.0  # vLLM (like OpenAI) clamps each bias to [-100, 100]
 INT32_MAX = 2**31 - 1  # counts and token ids travel to the device as int32
@@ -138,11 +152,25 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     truncate_prompt_tokens: int | None = None
     logits_processors: None = None
+    # Constrained output (jaxinfer/structured_outputs.py); `guided_decoding` is vLLM's older name,
+    # moved into `structured_outputs` at construction.
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Frozen: normalized values are written through object.__setattr__.
         def set_(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
+
+        structured = as_structured_outputs(self.structured_outputs, "structured_outputs")
+        guided = as_structured_outputs(self.guided_decoding, "guided_decoding")
+        if structured is not None and guided is not None and structured != guided:
+            raise ValueError(
+                "SamplingParams.structured_outputs and guided_decoding (its older name) differ; "
+                "pass one of them"
+            )
+        set_("structured_outputs", structured or guided)
+        set_("guided_decoding", None)
 
         _require(_is_int32(self.n, 1), "n", f"an int in [1, {INT32_MAX}]", self.n)
         for name in ("presence_penalty", "frequency_penalty"):

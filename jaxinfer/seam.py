@@ -7,6 +7,7 @@ written in exactly one place. Shapes use the bucket's letters:
 
     T  tokens in the step (padded)        S  sequences (rows) in the step (padded)
     B  block-table width (blocks per row) K  top logprobs a step can return (engine-wide)
+    W  int32 words of a packed token mask, ceil(vocab_size / 32)
 
 Why plain dataclasses and not `flax.struct`: `flax.struct.dataclass` registers the pytree at class
 creation, which imports JAX, and this module must stay importable (and testable) without it. The
@@ -71,13 +72,14 @@ def _array(*shape: str | int, dtype: type) -> np.ndarray:
     return field(metadata={"spec": ArraySpec(tuple(shape), dtype)})
 
 
-def _sizes(bucket: Bucket, num_logprobs: int = 0) -> dict[str, int]:
+def _sizes(bucket: Bucket, num_logprobs: int = 0, vocab_size: int = 1) -> dict[str, int]:
     return {
         "T": bucket.num_tokens,
         "S": bucket.num_seqs,
         "B": bucket.num_blocks,
         "S+1": bucket.num_seqs + 1,
         "K": num_logprobs,
+        "W": -(-vocab_size // 32),
     }
 
 
@@ -93,30 +95,31 @@ class _Declared:
         return out
 
     @classmethod
-    def build(cls, bucket: Bucket, leaf, num_logprobs: int = 0):
-        """An instance whose every array field is `leaf(name, shape, dtype)`; nested classes too."""
-        sizes = _sizes(bucket, num_logprobs)
+    def build(cls, bucket: Bucket, leaf, num_logprobs: int = 0, vocab_size: int = 1):
+        """An instance whose every array field is `leaf(name, shape, dtype)`; nested classes too.
+        `vocab_size` sizes the packed token mask (W); the runner passes the model's."""
+        sizes = _sizes(bucket, num_logprobs, vocab_size)
         values = {}
         for name, spec in cls.specs().items():
             if isinstance(spec, ArraySpec):
                 shape, dtype = spec.resolve(sizes)
                 values[name] = leaf(name, shape, dtype)
             else:
-                values[name] = spec.build(bucket, leaf, num_logprobs)
+                values[name] = spec.build(bucket, leaf, num_logprobs, vocab_size)
         return cls(**values)
 
     @classmethod
-    def spec(cls, bucket: Bucket, num_logprobs: int = 0):
+    def spec(cls, bucket: Bucket, num_logprobs: int = 0, vocab_size: int = 1):
         """An instance whose leaves are (shape, dtype) pairs: the runner's abstract inputs."""
-        return cls.build(bucket, lambda _, shape, dtype: (shape, dtype), num_logprobs)
+        return cls.build(bucket, lambda _, shape, dtype: (shape, dtype), num_logprobs, vocab_size)
 
-    def check(self, bucket: Bucket, num_logprobs: int = 0) -> None:
+    def check(self, bucket: Bucket, num_logprobs: int = 0, vocab_size: int = 1) -> None:
         """Raise if any array differs from its declared shape or dtype (tests, debugging)."""
-        expected = type(self).spec(bucket, num_logprobs)
+        expected = type(self).spec(bucket, num_logprobs, vocab_size)
         for name, value in self.__dict__.items():
             want = getattr(expected, name)
             if isinstance(value, _Declared):
-                value.check(bucket, num_logprobs)
+                value.check(bucket, num_logprobs, vocab_size)
             elif (value.shape, value.dtype) != want:
                 raise ValueError(
                     f"{type(self).__name__}.{name}: {value.shape} {value.dtype} != {want}"
@@ -171,6 +174,9 @@ class StepInputs(_Declared):
     banned: np.ndarray = _array("S", MAX_BANNED_PER_STEP, dtype=np.int32)  # vocab_size = none
     # The prompt token after token t when its prompt logprob is wanted; vocab_size otherwise.
     prompt_next_ids: np.ndarray = _array("T", dtype=np.int32)
+    # Structured outputs: packed allowed-token bits (bit t % 32 of word t // 32 = token t), from
+    # the row's grammar matcher; all ones (-1) = no constraint, as every row without a grammar.
+    token_bitmask: np.ndarray = _array("S", "W", dtype=np.int32)
     sampling: SamplingScalars = field(metadata={"nested": SamplingScalars})
 
     def replace(self, **changes) -> StepInputs:

@@ -44,6 +44,8 @@ VLLM_DEFAULTS = {
     "output_kind": RequestOutputKind.CUMULATIVE,
     "truncate_prompt_tokens": None,
     "logits_processors": None,
+    "structured_outputs": None,
+    "guided_decoding": None,
 }
 
 

@@ -49,6 +49,9 @@ class RowSampling:
     seed: int  # the sample's uint32 key seed; the output position is folded in on the device
     slot: int  # its row of the device-resident sampling state (runtime/slot_state.py)
     banned: tuple[int, ...] = ()  # bad-word tokens banned at this step only
+    # Structured outputs: the packed allowed-token mask [ceil(V/32)] int32 of this step; None =
+    # no constraint (all ones). See engine/structured_output.py.
+    bitmask: np.ndarray | None = None
 
 
 # SamplingScalars fields that come straight from SamplingParams (the others are per sequence).
@@ -146,6 +149,7 @@ def build_step_inputs(
     want_logprobs = np.zeros(S, bool)
     banned = np.full((S, MAX_BANNED_PER_STEP), vocab_size, np.int32)
     prompt_next_ids = np.full(T, vocab_size, np.int32)
+    token_bitmask = np.full((S, -(-vocab_size // 32)), -1, np.int32)  # padding: no constraint
     scalars = SamplingScalars.neutral(bucket)
 
     # A unified bucket leads with D decode rows of one token each; the plan's decodes take the
@@ -186,6 +190,8 @@ def build_step_inputs(
         sampled[row] = item.samples
         want_logprobs[row] = params.logprobs is not None
         banned[row, : len(row_sampling.banned)] = row_sampling.banned[:MAX_BANNED_PER_STEP]
+        if row_sampling.bitmask is not None:
+            token_bitmask[row] = row_sampling.bitmask
         for name in _FROM_PARAMS:
             getattr(scalars, name)[row] = getattr(params, name)
         scalars.num_output_tokens[row] = seq.num_output_tokens
@@ -207,4 +213,5 @@ def build_step_inputs(
         banned=banned,
         sampling=scalars,
         prompt_next_ids=prompt_next_ids,
+        token_bitmask=token_bitmask,
     )

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,9 @@ from jaxinfer.engine.scheduler import Scheduler, StepPlan
 from jaxinfer.engine.scheduler_group import SchedulerGroup
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.engine.stop_strings import StopStringMatcher
+
+if TYPE_CHECKING:
+    from jaxinfer.engine.structured_output import StructuredOutputs
 from jaxinfer.interrupts import uninterruptible
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
@@ -145,6 +149,8 @@ class EngineCore:
         self._run_ahead_enabled = (
             config.async_scheduling and micro_batches == 1 and mesh is None and runner is not None
         )
+        # Structured outputs: llguidance's tokenizer and compiled grammars, built on first use.
+        self._structured: StructuredOutputs | None = None
         self._num_requests = 0  # requests ever added: an unseeded request's seed derives from it
         self._num_seqs = 0
 
@@ -277,8 +283,17 @@ class EngineCore:
                     include_stop_str_in_output=params.include_stop_str_in_output,
                     skip_special_tokens=params.skip_special_tokens,
                 )
+            grammar = None
+            if prepared.grammar is not None:
+                grammar = self.structured_outputs.matcher(prepared.grammar)
             request.samples.append(
-                Sample(index=i, seed=row_seed(seed, i), seq=seq, stop_matcher=matcher)
+                Sample(
+                    index=i,
+                    seed=row_seed(seed, i),
+                    seq=seq,
+                    stop_matcher=matcher,
+                    grammar=grammar,
+                )
             )
         seqs = [sample.seq for sample in request.samples]
         request.micro_batch = self.scheduler.add(seqs[0], seqs[1:])  # may raise: nothing kept
@@ -294,6 +309,17 @@ class EngineCore:
     ) -> list[RequestOutput]:
         """`LLM.generate` after intake: run validated requests to completion, in input order."""
         return offline.generate(self, prepared, use_tqdm)
+
+    @property
+    def structured_outputs(self) -> StructuredOutputs:
+        """llguidance's view of the tokenizer and the compiled grammars (built on first use)."""
+        if self._structured is None:
+            from jaxinfer.engine.structured_output import StructuredOutputs
+
+            self._structured = StructuredOutputs(
+                self.tokenizer, self.eos_token_ids, self.vocab_size
+            )
+        return self._structured
 
     @property
     def num_compilations(self) -> int:
@@ -334,8 +360,9 @@ class EngineCore:
         placeholder for the token `flight` is computing, the next step reads that token straight
         from `flight`'s outputs on the device (runner's token splice), and the placeholder is
         replaced at read-back. A sequence that stops on `flight`'s token wastes its row in the
-        next step, whose result for it is dropped. Multi-token bad words need the real previous
-        token on the host, so requests with them run in the plain loop.
+        next step, whose result for it is dropped. Multi-token bad words and structured outputs
+        need the real previous token on the host (for the ban, for the grammar's next mask), so
+        requests with them run in the plain loop.
         """
         if not self._run_ahead_enabled or flight.plan.is_prefill or len(self._in_flight) != 1:
             return None
@@ -352,6 +379,8 @@ class EngineCore:
         for seq_id in rows:
             request = self._by_seq[seq_id][0]
             if any(len(ids) > 1 for ids in request.bad_words_token_ids):
+                return None
+            if request.samples[0].grammar is not None:
                 return None
         scheduler.update(flight.plan, dict.fromkeys(rows, _PLACEHOLDER))
         self.stats.num_steps_ahead += 1
@@ -374,8 +403,11 @@ class EngineCore:
             request, sample = self._by_seq[item.seq.seq_id]
             if sample.slot is None:
                 self._install_slot(request, sample)
+            bitmask = None
+            if sample.grammar is not None and item.samples:
+                bitmask = self._grammar_mask(sample)
             sampling[item.seq.seq_id] = RowSampling(
-                request.params, sample.seed, sample.slot, request.banned_now(sample)
+                request.params, sample.seed, sample.slot, request.banned_now(sample), bitmask
             )
         bucket = self.buckets.select(plan, self.config.block_size)
         inputs = build_step_inputs(
@@ -399,6 +431,13 @@ class EngineCore:
         if plan.num_decodes and plan.is_prefill:
             self.stats.num_unified_steps += 1
         return _InFlight(micro_batch, plan, inputs, outputs, plan_rows(plan, bucket))
+
+    def _grammar_mask(self, sample: Sample) -> np.ndarray:
+        """The packed mask of the sample's next token, its grammar brought to its output first
+        (which also rebuilds it after a preemption)."""
+        out = self.structured_outputs.allocate(1)
+        sample.grammar.fill(sample.seq.output_token_ids, out, 0)
+        return out[0]
 
     def _install_slot(self, request: Request, sample: Sample) -> None:
         sample.slot = self._free_slots.pop()

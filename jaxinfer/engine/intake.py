@@ -90,6 +90,7 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    grammar: str | None = None  # llguidance grammar of params.structured_outputs, validated
 
 
 # ---- the whole call ---------------------------------------------------------------------------
@@ -213,8 +214,17 @@ def prepare_request(
     _check_bad_word_ids(bad_words, params, where, limits)
     _check_some_token_allowed(bad_words, params, where, limits)
     _check_fits_kv_cache(len(token_ids), params, where, limits)
+    grammar = None
+    if params.structured_outputs is not None:
+        from jaxinfer.engine.structured_output import compile_grammar  # llguidance: on first use
+
+        grammar = compile_grammar(params.structured_outputs, where)
     return PreparedRequest(
-        prompt=text, prompt_token_ids=token_ids, params=params, bad_words_token_ids=bad_words
+        prompt=text,
+        prompt_token_ids=token_ids,
+        params=params,
+        bad_words_token_ids=bad_words,
+        grammar=grammar,
     )
 
 

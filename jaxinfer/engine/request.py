@@ -9,9 +9,13 @@ sample's output has already been handed to the caller (for streamed deltas).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.engine.stop_strings import StopStringMatcher
+
+if TYPE_CHECKING:
+    from jaxinfer.engine.structured_output import GrammarMatcher
 from jaxinfer.outputs import Logprob
 from jaxinfer.sampling_params import SamplingParams
 
@@ -24,6 +28,7 @@ class Sample:
     seed: int  # uint32 key seed: row_seed(request seed, index)
     seq: Sequence
     stop_matcher: StopStringMatcher | None = None
+    grammar: GrammarMatcher | None = None  # structured outputs (engine/structured_output.py)
     slot: int | None = None  # its row of the device sampling state while running
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)

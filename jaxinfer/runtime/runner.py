@@ -175,7 +175,8 @@ class ModelRunner:
                 self._announce(describe(bucket))
                 started = time.perf_counter()
                 sharding = None if stage.mesh is None else replicated(stage.mesh)
-                inputs = abstract_inputs(bucket, sharding)
+                vocab_size = self.model.model_config.vocab_size
+                inputs = abstract_inputs(bucket, sharding, vocab_size=vocab_size)
                 arguments = (stage.params, stage.kv_cache)
                 if last:
                     arguments += (self.slot_state,)

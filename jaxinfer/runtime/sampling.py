@@ -432,3 +432,15 @@ def top_logprobs(
     rank = jnp.sum(raw_logprobs >= token_logprob[:, None], axis=-1, dtype=jnp.int32)
     top_values, top_ids = jax.lax.top_k(raw_logprobs, k)
     return token_logprob, rank, top_ids.astype(jnp.int32), top_values
+
+
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Structured outputs: logits [S, V] with every token whose bit is clear in the packed
+    `bitmask` [S, ceil(V/32)] int32 (bit t % 32 of word t // 32) set to -inf, as vLLM applies the
+    grammar's mask to the logits before the sampler (so the reported logprobs are the
+    constrained distribution's). An all-ones row changes nothing."""
+    num_rows, vocab_size = logits.shape
+    shifts = jnp.arange(32, dtype=jnp.int32)
+    bits = (bitmask[:, :, None] >> shifts) & 1  # [S, W, 32]; arithmetic shift, bit 31 kept by & 1
+    allowed = bits.reshape(num_rows, -1)[:, :vocab_size].astype(bool)
+    return jnp.where(allowed, logits, jnp.asarray(-jnp.inf, logits.dtype))

@@ -25,10 +25,12 @@ def _is_spec(leaf: object) -> bool:
     return isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[0], tuple)
 
 
-def abstract_inputs(bucket: Bucket, sharding: Sharding | None = None) -> StepInputs:
+def abstract_inputs(
+    bucket: Bucket, sharding: Sharding | None = None, *, vocab_size: int
+) -> StepInputs:
     """One bucket's StepInputs as ShapeDtypeStructs (placed by `sharding`, if given)."""
     return jax.tree.map(
         lambda spec: jax.ShapeDtypeStruct(spec[0], spec[1], sharding=sharding),
-        StepInputs.spec(bucket),
+        StepInputs.spec(bucket, vocab_size=vocab_size),
         is_leaf=_is_spec,
     )

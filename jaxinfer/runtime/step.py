@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer.models.family import run_layers
-from jaxinfer.runtime.sampling import sample, top_logprobs
+from jaxinfer.runtime.sampling import apply_token_bitmask, sample, top_logprobs
 from jaxinfer.runtime.slot_state import SlotState, batch_tensors, count_sampled
 from jaxinfer.seam import StepInputs, StepOutputs
 from pallas_kernels import reference
@@ -172,6 +172,8 @@ def step(
     logits = _whole_on_every_device(
         family.logits(params, model_config, hidden[inputs.logits_indices]), mesh
     )
+    logits_finite = jnp.all(jnp.isfinite(logits), axis=-1)  # the model's, before any mask
+    logits = apply_token_bitmask(logits, inputs.token_bitmask)  # structured outputs
     slots = inputs.slots
     tensors = batch_tensors(slot_state, slots, inputs.sampling, inputs.banned)
     one_device = mesh is None or mesh.size == 1  # a data-parallel replica may have a mesh of 1
@@ -205,7 +207,7 @@ def step(
         prompt_rank=prompt_rank,
         prompt_top_ids=prompt_top_ids,
         prompt_top_logprobs=prompt_top_values,
-        logits_finite=jnp.all(jnp.isfinite(logits), axis=-1),
+        logits_finite=logits_finite,
     )
     return outputs, new_kv, count_sampled(slot_state, slots, tokens, inputs.sampled)
 

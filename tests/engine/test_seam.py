@@ -42,12 +42,13 @@ def test_built_inputs_match_their_declaration_and_padding_is_neutral():
     bucket = table.select(plan, block_size=4)
     sampling = {s.seq_id: RowSampling(params, seed=9, slot=s.seq_id) for s in seqs}
     inputs = build_step_inputs(plan, bucket, 4, sampling, padding_slot=7, vocab_size=100)
-    inputs.check(bucket)  # every array has its declared shape and dtype
+    inputs.check(bucket, vocab_size=100)  # every array has its declared shape and dtype
+    assert inputs.token_bitmask.shape == (4, 4) and (inputs.token_bitmask == -1).all()
     assert inputs.sampling.top_p.tolist() == [0.5, 0.5, 0.5, 1.0]  # the padding row: neutral
     assert inputs.slots.tolist() == [0, 1, 2, 7]
     assert inputs.query_start_loc.tolist() == [0, 4, 8, 12, 12]
     with pytest.raises(ValueError, match="token_ids"):
-        inputs.replace(token_ids=np.zeros(3, np.int32)).check(bucket)
+        inputs.replace(token_ids=np.zeros(3, np.int32)).check(bucket, vocab_size=100)
 
 
 def test_progress_bar_says_what_compiles():
