@@ -5,9 +5,10 @@ The device sees only a handful of shapes, each compiled once. A bucket fixes the
 sequence); prefill buckets carry ragged chunks of up to `max_prefill_seqs` sequences; unified
 buckets lead with D decode rows and carry prefill chunks after them.
 
-Unified buckets keep the set small: D is always the largest sequence bucket (max_num_seqs), so
-they add one bucket per prefill bucket, not one per (decode width x prefill shape). Padding the
-decode part costs little: a unified step is dominated by its prefill chunk.
+Unified buckets keep the set small: D is always the largest sequence bucket (max_num_seqs) and
+the prefill part always has `max_prefill_seqs` rows, so they add one bucket per token bucket, not
+one per (decode width x prefill shape). Padding costs little: a unified step is dominated by its
+prefill chunk's tokens, and padded prefill rows have no tokens and no context.
 
 Padding is inert by construction: padded tokens write their K/V into reserved block 0, padded
 sequences have no tokens and context length 0, and padded block-table entries point at block 0.
@@ -84,10 +85,12 @@ class BucketTable:
         ]
         if not self.unified:
             return decode + prefill
-        width = self.seq_buckets[-1]
+        width, seqs = self.seq_buckets[-1], self.prefill_seq_buckets[-1]
         unified = [
-            Bucket(True, width + b.num_tokens, width + b.num_seqs, b.num_blocks, width)
-            for b in prefill
+            Bucket(True, width + t, width + seqs, b, width)
+            for t in self.token_buckets
+            if seqs <= t
+            for b in self.block_buckets
         ]
         return decode + prefill + unified
 
@@ -102,11 +105,13 @@ class BucketTable:
         num_prefills = num_seqs - plan.num_decodes
         prefill_tokens = plan.num_tokens - plan.num_decodes
         seqs = _fit(self.prefill_seq_buckets, num_prefills, "prefill sequences")
+        if plan.num_decodes:
+            if not self.unified:
+                raise ValueError("a unified step was planned, but unified buckets are off")
+            seqs = self.prefill_seq_buckets[-1]
         tokens = _fit(self.token_buckets, max(prefill_tokens, seqs), "tokens")
         if not plan.num_decodes:
             return Bucket(True, tokens, seqs, blocks)
-        if not self.unified:
-            raise ValueError("a unified step was planned, but unified buckets are off")
         width = self.seq_buckets[-1]  # holds every running decode: max_num_seqs
         return Bucket(True, width + tokens, width + seqs, blocks, width)
 
