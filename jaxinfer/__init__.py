@@ -1,5 +1,6 @@
 """jaxinfer: an LLM inference engine on JAX/XLA with vLLM's offline API."""
 
+from jaxinfer.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.async_engine import AsyncEngine
 from jaxinfer.engine.core import EngineCore
@@ -21,6 +22,9 @@ __version__ = "0.1.0"
 __all__ = [
     "LLM",
     "AsyncEngine",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "BeamSearchSequence",
     "CompletionOutput",
     "EmbeddingOutput",
     "EmbeddingRequestOutput",

@@ -18,8 +18,9 @@ from collections.abc import Sequence as SequenceABC
 
 from typing_extensions import Self
 
+from jaxinfer.beam_search import BeamSearchOutput, BeamSearchParams
 from jaxinfer.config import EngineConfig
-from jaxinfer.engine import intake, offline
+from jaxinfer.engine import beam_search, intake, offline
 from jaxinfer.engine.core import EngineCore
 from jaxinfer.engine.data_parallel import DataParallelEngine
 from jaxinfer.engine.encoder_engine import EncoderEngine
@@ -150,6 +151,30 @@ class LLM:
             chat_template_kwargs=chat_template_kwargs,
         )
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    def beam_search(
+        self,
+        prompts,
+        params: BeamSearchParams,
+        lora_request=None,
+        use_tqdm: bool = False,
+        concurrency_limit: int | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's `LLM.beam_search`: the `beam_width` best beams of each prompt, best first.
+        Each step runs every live beam as a one-token request (the prefix cache serves the
+        blocks beams share); the choices are transformers' `generate(num_beams=...)`'s
+        (engine/beam_search.py). Bad prompts or params raise before any step is queued."""
+        engine = self._generative("beam_search")
+        if lora_request is not None:
+            raise ValueError("lora_request: LoRA adapters are not supported; pass None")
+        return beam_search.run(
+            engine,
+            prompts,
+            params,
+            prepare=lambda batch, sampling: self._prepare(engine, batch, sampling),
+            use_tqdm=use_tqdm,
+            concurrency_limit=concurrency_limit,
+        )
 
     # ---- embeddings ---------------------------------------------------------------------------
 
