@@ -24,7 +24,7 @@ class BeamSearchParams:
 
     `length_penalty`: a finished beam scores `cum_logprob / generated_len ** length_penalty`
     (transformers' definition: generated tokens, eos included; vLLM counts the prompt too and
-    leaves eos out). `temperature` is accepted (>= 0) but changes nothing: the scores are the
+    leaves eos out). Wrong types raise TypeError, bad values ValueError. `temperature` is accepted (>= 0) but changes nothing: the scores are the
     raw log-softmax, as in vLLM V1 (raw logprobs) and in transformers' beam search without
     sampling. `include_stop_str_in_output` has no effect (beam search has no stop strings).
     """
@@ -39,23 +39,23 @@ class BeamSearchParams:
     def __post_init__(self) -> None:
         for name in ("beam_width", "max_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BeamSearchParams.{name} must be an int >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"BeamSearchParams.{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"BeamSearchParams.{name} must be >= 1, got {value!r}")
         for name in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(
+                raise TypeError(
                     f"BeamSearchParams.{name} must be a bool, got {getattr(self, name)!r}"
                 )
         for name in ("temperature", "length_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"BeamSearchParams.{name} must be a number, got {value!r}")
+                raise TypeError(f"BeamSearchParams.{name} must be a number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"BeamSearchParams.{name} must be finite, got {value!r}")
         if self.temperature < 0:
-            raise ValueError(
-                f"BeamSearchParams.temperature must be >= 0, got {self.temperature!r}"
-            )
+            raise ValueError(f"BeamSearchParams.temperature must be >= 0, got {self.temperature!r}")
 
 
 @dataclass

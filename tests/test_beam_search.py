@@ -147,15 +147,15 @@ def test_output_layout_and_text(llm):
 def test_bad_params_raise_before_anything_is_queued(llm):
     engine = llm.llm_engine
     steps = engine.stats.num_steps
-    for fields, name in [
-        ({"beam_width": 0, "max_tokens": 4}, "beam_width"),
-        ({"beam_width": 2, "max_tokens": 0}, "max_tokens"),
-        ({"beam_width": 2.0, "max_tokens": 4}, "beam_width"),
-        ({"beam_width": 2, "max_tokens": 4, "temperature": -1.0}, "temperature"),
-        ({"beam_width": 2, "max_tokens": 4, "length_penalty": float("nan")}, "length_penalty"),
-        ({"beam_width": 2, "max_tokens": 4, "ignore_eos": "yes"}, "ignore_eos"),
+    for fields, error, name in [
+        ({"beam_width": 0, "max_tokens": 4}, ValueError, "beam_width"),
+        ({"beam_width": 2, "max_tokens": 0}, ValueError, "max_tokens"),
+        ({"beam_width": 2.0, "max_tokens": 4}, TypeError, "beam_width"),
+        ({"beam_width": 2, "max_tokens": 4, "temperature": -1.0}, ValueError, "temperature"),
+        ({"beam_width": 2, "max_tokens": 4, "length_penalty": float("nan")}, ValueError, "length"),
+        ({"beam_width": 2, "max_tokens": 4, "ignore_eos": "yes"}, TypeError, "ignore_eos"),
     ]:
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(error, match=name):
             BeamSearchParams(**fields)
     calls = [
         # 2 * 11 candidates per beam > max_logprobs=20
@@ -200,18 +200,10 @@ SMOLLM2_QUESTIONS = ["What is the capital of France?", "What is 12 times 7?"]
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf) -> LLM:
+    # tests/models/test_smollm2.py's engine shape, so the compiled programs are shared.
     return LLM(
-        EngineConfig(model=str(smollm2_gguf), max_model_len=256, num_kv_blocks=64, max_num_seqs=8)
+        EngineConfig(model=str(smollm2_gguf), max_model_len=512, num_kv_blocks=200, max_num_seqs=16)
     )
-
-
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
 
 
 def _chat_ids(tokenizer, question: str) -> list[int]:
@@ -226,17 +218,25 @@ def _chat_ids(tokenizer, question: str) -> list[int]:
     )
 
 
-@pytest.mark.parametrize(("width", "ignore_eos"), [(2, False), (4, False), (2, True)])
-def test_smollm2_matches_transformers(smollm2, hf_smollm2, width, ignore_eos):
+@pytest.mark.parametrize(
+    ("width", "ignore_eos", "questions", "max_tokens"),
+    [
+        (2, False, SMOLLM2_QUESTIONS, 12),
+        (4, False, SMOLLM2_QUESTIONS[:1], 12),
+        (2, True, SMOLLM2_QUESTIONS[1:], 5),
+    ],
+)
+def test_smollm2_matches_transformers(
+    smollm2, hf_smollm2, width, ignore_eos, questions, max_tokens
+):
     tokenizer = smollm2.get_tokenizer()
-    prompts = [_chat_ids(tokenizer, question) for question in SMOLLM2_QUESTIONS]
-    max_tokens = 6 if ignore_eos else 12
+    prompts = [_chat_ids(tokenizer, question) for question in questions]
     params = BeamSearchParams(width, max_tokens, ignore_eos=ignore_eos)
     outputs = smollm2.beam_search([{"prompt_token_ids": p} for p in prompts], params)
     eos = None if ignore_eos else sorted(smollm2.llm_engine.eos_token_ids)
     references = [hf_beam_search(hf_smollm2, p, width, max_tokens, eos, 1.0) for p in prompts]
     _check_equal(outputs, prompts, references, 1.0)
-    if not ignore_eos:  # the short answers end on the end-of-turn token within max_tokens
+    if not ignore_eos:  # the answer ends on the end-of-turn token within max_tokens
         assert outputs[0].sequences[0].finish_reason == "stop"
         assert "Paris" in outputs[0].sequences[0].text
     engine = smollm2.llm_engine

@@ -160,7 +160,9 @@ def run(
         or not isinstance(concurrency_limit, int)
         or concurrency_limit < 1
     ):
-        raise ValueError(f"concurrency_limit must be None or an int >= 1, got {concurrency_limit!r}")
+        raise ValueError(
+            f"concurrency_limit must be None or an int >= 1, got {concurrency_limit!r}"
+        )
     limits = engine.limits
     eos = frozenset(getattr(engine, "eos_token_ids", limits.eos_token_ids))
     count = num_candidates(params.beam_width, 0 if params.ignore_eos else len(eos))

@@ -58,15 +58,6 @@ def engine(smollm2_gguf) -> Engine:
     )
 
 
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
-
-
 def _chat_ids(tokenizer, question: str, system: str | None = None) -> list[int]:
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": question})
