@@ -13,6 +13,8 @@ really end on eos.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ from transformers import GenerationConfig
 
 import jaxinfer
 from jaxinfer import LLM, BeamSearchParams, EngineConfig
+from jaxinfer.engine.beam_search import beam_search
 from tests.checkpoints import hf_model
 
 MAX_TOKENS = 10
@@ -241,3 +244,20 @@ def test_smollm2_matches_transformers(
         assert "Paris" in outputs[0].sequences[0].text
     engine = smollm2.llm_engine
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def test_eos_ranked_beyond_the_width_does_not_finish():
+    """transformers' rule, where vLLM's loop differs: an eos continuation joins the finished beams
+    only if it ranks among the best beam_width continuations of its step. Here eos ranks second
+    with width 1, so the answer is the 2-token beam even though the eos beam would score higher
+    (vLLM's `LLM.beam_search` keeps eos of any rank and would return [EOS])."""
+    eos_id = 9
+    table = {(): {5: math.log(0.6), eos_id: math.log(0.4)}, (5,): {6: math.log(0.1), 7: -5.0}}
+
+    def next_logprobs(sequences):
+        return [table[tuple(ids[1:])] for ids in sequences]  # ids[0] is the prompt
+
+    (finished,) = beam_search([[1]], BeamSearchParams(1, 2), frozenset({eos_id}), next_logprobs)
+    assert [done.beam.token_ids for done in finished] == [(5, 6)]
+    assert finished[0].finish_reason == "length"
+    assert finished[0].score == pytest.approx(math.log(0.06) / 2)
