@@ -96,12 +96,7 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_forms(cls, value: Any) -> Any:
-        if not _is_prompt(value):
-            raise ValueError(
-                "must be a string, a list of strings, a list of token ids (ints >= 0) or a list "
-                f"of token-id lists, got {_shown(value)}"
-            )
-        return value
+        return _checked_prompt(value)
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -186,12 +181,7 @@ class EmbeddingRequest(OpenAIModel):
     @field_validator("input", mode="before")
     @classmethod
     def _input_forms(cls, value: Any) -> Any:
-        if not _is_prompt(value):
-            raise ValueError(
-                "must be a string, a list of strings, a list of token ids (ints >= 0) or a list "
-                f"of token-id lists, got {_shown(value)}"
-            )
-        return value
+        return _checked_prompt(value)
 
     def check_supported(self) -> None:
         if self.dimensions is not None:
@@ -269,3 +259,13 @@ def _as_list(value) -> list:
     if isinstance(value, str) or (value and all(_is_token(t) for t in value)):
         return [value]
     return list(value)
+
+
+def _checked_prompt(value: Any) -> Any:
+    """A completion's `prompt` or an embedding's `input`: one of OpenAI's four prompt forms."""
+    if not _is_prompt(value):
+        raise ValueError(
+            "must be a string, a list of strings, a list of token ids (ints >= 0) or a list "
+            f"of token-id lists, got {_shown(value)}"
+        )
+    return value
