@@ -90,6 +90,10 @@ def run_eval(
             **(sampling or {}),
         }
         resolved = [_request_params(engine.config.seed, defaults, r) for r in requests]
+        # A rerun must be byte-identical: start from an empty prefix cache, so that which
+        # prefixes are read back from cache (a ~1e-6 different float path) depends on this run
+        # alone, not on what the engine served before.
+        engine.reset_prefix_cache()
         outputs = _generate(engine, requests, [params for params, _ in resolved], use_tqdm)
         header = _jsonable(eval_header(engine, defaults, len(requests)))
     finally:
