@@ -419,18 +419,19 @@ class EngineCore:
             vocab_size=self.vocab_size,
         )
         self.runner.copy_blocks(plan.block_copies)
+        rows = plan_rows(plan, bucket)
         token_source = None
         if previous is not None:
-            outputs, rows = previous
+            outputs, previous_rows = previous
             index = np.full(bucket.num_tokens, -1, np.int32)
-            for row, item in zip(plan_rows(plan, bucket), plan.scheduled):
-                if item.seq.seq_id in rows:
-                    index[inputs.query_start_loc[row]] = rows[item.seq.seq_id]
+            for row, item in zip(rows, plan.scheduled):
+                if item.seq.seq_id in previous_rows:
+                    index[inputs.query_start_loc[row]] = previous_rows[item.seq.seq_id]
             token_source = (outputs, index)
         outputs = self.runner.dispatch(bucket, inputs, token_source)
         if plan.num_decodes and plan.is_prefill:
             self.stats.num_unified_steps += 1
-        return _InFlight(micro_batch, plan, inputs, outputs, plan_rows(plan, bucket))
+        return _InFlight(micro_batch, plan, inputs, outputs, rows)
 
     def _grammar_mask(self, sample: Sample) -> np.ndarray:
         """The packed mask of the sample's next token, its grammar brought to its output first
