@@ -81,9 +81,13 @@ class AsyncEngine:
         """Validate and encode one prompt (`prompts[index]` in messages) without queuing it, so
         that a caller with several prompts can refuse them all before any runs."""
         params = sampling_params or self.core.default_sampling_params
-        return intake.prepare_request(
+        prepared = intake.prepare_request(
             prompt, params, index, tokenizer=self.core.tokenizer, limits=self.core.limits
         )
+        if prepared.grammar is not None:  # against the tokenizer too, before anything is queued
+            kind = prepared.params.structured_outputs.kind
+            self.core.structured_outputs.check(prepared.grammar, kind, f"prompts[{index}]")
+        return prepared
 
     def load(self) -> EngineLoad:
         """A snapshot of the queues and the KV cache. Read from the event loop while the worker

@@ -126,6 +126,18 @@ class StructuredOutputs:
             )
         return self._ll_tokenizer
 
+    def check(self, grammar: str, kind: str, where: str) -> None:
+        """What `compile_grammar` cannot see without the tokenizer (a token id past the
+        vocabulary, a special token it lacks) -> the same ValueError, so a caller that checks
+        before queuing (the server) refuses it rather than failing in `matcher` at add time."""
+        if grammar in self._compiled:
+            return
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
+        if error:
+            raise ValueError(
+                f"{where}: SamplingParams.structured_outputs.{kind} is invalid: {error}"
+            )
+
     def matcher(self, grammar: str) -> GrammarMatcher:
         template = self._compiled.get(grammar)
         if template is None:

@@ -7,8 +7,13 @@ that a mistake is a 400 naming the field instead of a silently different run:
 - strict types: `"max_tokens": "5"` or `"n": true` is refused, not coerced (OpenAI refuses them
   too; vLLM's lax pydantic models accept them);
 - unknown fields are refused by name (vLLM logs a warning and ignores them), and so are known
-  fields at values that would need a feature jaxinfer lacks (`tools`, `suffix`, a `response_format`
-  other than text, beam search): see `check_supported`.
+  fields at values that would need a feature jaxinfer lacks (`tools`, `suffix`, beam search,
+  a `guided_decoding_backend` other than llguidance): see `check_supported`.
+
+Structured outputs come as vLLM takes them: OpenAI's `response_format` (`text`, `json_object`,
+`json_schema`), vLLM's `structured_outputs` and its older `guided_json` / `guided_regex` /
+`guided_choice` / `guided_grammar`; `server/structured.py` maps them to one
+`StructuredOutputsParams` (or a 400 naming the fields when a request sets more than one).
 
 Value ranges are not repeated here: `SamplingParams` checks them and names the field
 (`server/sampling.py` maps its message back to the request's field name).
@@ -30,6 +35,32 @@ class OpenAIModel(BaseModel):
 class StreamOptions(OpenAIModel):
     include_usage: bool | None = True
     continuous_usage_stats: bool | None = False  # vLLM: usage in every chunk
+
+
+class JsonSchemaFormat(OpenAIModel):
+    """OpenAI's `response_format.json_schema`. The schema travels as `schema`, held here as
+    `json_schema` (vLLM's name too): a field called `schema` would shadow BaseModel.schema()."""
+
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # accepted: the grammar enforces the schema either way
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(OpenAIModel):
+    """vLLM's `structured_outputs` body field: the fields of `StructuredOutputsParams` (exactly
+    one set). `json` is an alias for the same reason as `schema` above."""
+
+    json_schema: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class SamplingFields(OpenAIModel):
@@ -63,10 +94,17 @@ class SamplingFields(OpenAIModel):
     prompt_logprobs: int | None = None
     return_token_ids: bool = False  # vLLM: token_ids per choice, prompt_token_ids too
     return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:N"
+    # Structured outputs (server/structured.py): OpenAI's field, vLLM's, vLLM's older ones.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # llguidance (or "auto"/"guidance"): the only one
     # Accepted at their neutral values only (check_supported).
     use_beam_search: bool = False
     priority: int = 0
-    response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         """Fields jaxinfer knows but cannot honour at the given value -> ValueError naming them."""
@@ -74,9 +112,9 @@ class SamplingFields(OpenAIModel):
             raise UnsupportedField("use_beam_search", "beam search is not supported")
         if self.priority != 0:
             raise UnsupportedField("priority", "priority scheduling is not supported; pass 0")
-        if self.response_format not in (None, {"type": "text"}):
+        if self.guided_decoding_backend not in (None, "auto", "guidance", "llguidance"):
             raise UnsupportedField(
-                "response_format", "structured output is not supported; only {'type': 'text'}"
+                "guided_decoding_backend", "llguidance is the only structured-output backend"
             )
         if self.stream_options is not None and not self.stream:
             raise UnsupportedField("stream_options", "only allowed when stream is true")

@@ -5,7 +5,8 @@ server's default (the checkpoint's generation_config.json, or a config file's `s
 OpenAI's default. Everything else has one meaning: the request's value or SamplingParams' default.
 Value ranges are checked once, by SamplingParams and the engine's intake, whose ValueErrors name
 `SamplingParams.<field>` and `prompts[i]`; `request_error` rewrites those into the names the
-client sent (`max_completion_tokens`, `top_logprobs`, `prompt[1]`, `messages`).
+client sent (`max_completion_tokens`, `top_logprobs`, `prompt[1]`, `messages`, and for an invalid
+schema or regex the field that carried it, `response_format` or `guided_regex`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from jaxinfer.server.protocol import (
     RequestError,
     SamplingFields,
 )
+from jaxinfer.server.structured import invalid_constraint, structured_outputs
 
 # vLLM's _DEFAULT_SAMPLING_PARAMS: the fields a server default may fill in (OpenAI's defaults
 # coincide with SamplingParams' own for all of them).
@@ -98,6 +100,9 @@ def request_error(
     `prompt_field`: what the request calls its prompt ("prompt", "messages", "input"); `many`:
     whether it sent a list of prompts (then "prompt[1]" names the one at fault)."""
     message = str(error)
+    constraint_error = invalid_constraint(message, request)
+    if constraint_error is not None:  # an invalid schema or regex: not the prompt's fault
+        return RequestError(*constraint_error)
     param = None
     indexed = _PROMPT_INDEX.match(message)
     if indexed:
@@ -132,6 +137,7 @@ def _build(
     fields.update(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     if request.logit_bias is not None:
         fields["logit_bias"] = _logit_bias(request.logit_bias)
+    fields["structured_outputs"] = structured_outputs(request)
     try:
         # DELTA: each step's new tokens; a non-streamed response is the deltas put together,
         # so both kinds of response see every token as it comes (and /metrics times them).
