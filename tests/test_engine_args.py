@@ -18,6 +18,7 @@ def test_neutral_vllm_arguments_become_an_engine_config():
             tokenizer_mode="auto",
             quantization=None,
             enable_lora=False,
+            max_lora_rank=16,  # lm-eval's vllm backend passes it whether or not LoRA is on
             max_num_seqs=None,
             swap_space=4,
             enforce_eager=True,
@@ -63,6 +64,7 @@ def test_vllm_documented_constructor_runs_and_task_is_checked(tiny_llama):
         task="generate",
     )
     assert llm.config.max_model_len == 128
+    assert llm.llm_engine.model_config.max_model_len == 128  # where vLLM clients read it
     llm.shutdown()
     with pytest.raises(ValueError, match="task='embed' does not fit .* a generative model"):
         LLM(model=str(tiny_llama), max_model_len=128, num_kv_blocks=16, task="embed")

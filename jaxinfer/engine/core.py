@@ -238,6 +238,13 @@ class EngineCore:
     def get_tokenizer(self):
         return self.tokenizer
 
+    @property
+    def model_config(self) -> EngineConfig:
+        """vLLM's `llm_engine.model_config`, which clients read `max_model_len` from (lm-eval's
+        vllm backend does): here the engine config, whose `max_model_len` is already resolved
+        against the model, and which also carries vLLM's `model`, `tokenizer`, `seed`, `revision`."""
+        return self.config
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (vLLM's name); False, changing nothing, while
         requests still hold blocks."""

@@ -48,6 +48,11 @@ class DataParallelEngine:
         self._num_requests = 0
 
     @property
+    def model_config(self) -> EngineConfig:
+        """vLLM's `llm_engine.model_config` (see EngineCore.model_config): the engine config."""
+        return self.config
+
+    @property
     def num_compilations(self) -> int:
         return sum(replica.num_compilations for replica in self._live_replicas())
 
