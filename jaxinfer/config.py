@@ -137,6 +137,11 @@ class EngineConfig:
     # Unified steps (vLLM V1): running decodes and prefill chunks share each step's token budget.
     # False: a prefill step whenever a prefill can run, else a decode step (for comparison).
     unified_steps: bool = True
+    # Batch-invariant mode (vLLM's VLLM_BATCH_INVARIANT=1): a request's tokens and logprobs are
+    # bitwise the same whatever else is in the batch, its row, the bucket, the chunked-prefill cuts,
+    # preemption and max_num_seqs; slower (benchmarks/RESULTS.md). How: jaxinfer/models/invariant.py
+    # and pallas_kernels/batch_invariant.py (the jnp attention; the Pallas kernel is not invariant).
+    batch_invariant: bool = False
 
     # Shape buckets (None: powers of two up to the limits above; one block-table width).
     seq_buckets: tuple[int, ...] | None = None
@@ -216,6 +221,13 @@ class EngineConfig:
             self.attention_backend in ATTENTION_BACKENDS,
             "attention_backend",
             f"one of {ATTENTION_BACKENDS}",
+            self.attention_backend,
+        )
+        _check(
+            not (self.batch_invariant and self.attention_backend.startswith("pallas")),
+            "attention_backend",
+            "'auto' or 'reference' with batch_invariant=True (the invariant attention is its own "
+            "jnp formulation; the Pallas kernel's is not invariant)",
             self.attention_backend,
         )
         _check(

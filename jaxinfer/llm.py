@@ -307,6 +307,7 @@ def _build_single(config: EngineConfig, devices) -> tuple[EngineCore | EncoderEn
         else min(config.max_logprobs, vocab_size),
         attention_backend=config.attention_backend,
         mesh=mesh,
+        batch_invariant=config.batch_invariant,
     )
     core = EngineCore(
         config,

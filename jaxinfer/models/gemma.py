@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxinfer.models import llama
 from jaxinfer.models.family import WeightSpec
+from jaxinfer.models.invariant import matmul
 from jaxinfer.models.layers import (
     check_activation,
     gated_mlp,
@@ -164,4 +165,4 @@ def logits(params: dict, cfg: GemmaConfig, hidden: jax.Array) -> jax.Array:
     """float32 logits [..., V]: final norm, lm_head, then Gemma 2's final soft cap."""
     x = rms_norm_plus_one(hidden, params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return soft_cap(jnp.dot(x, lm_head, preferred_element_type=jnp.float32), cfg.final_soft_cap)
+    return soft_cap(matmul(x, lm_head, preferred_element_type=jnp.float32), cfg.final_soft_cap)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.models.family import DecoderShape, WeightSpec, linear_specs, norm_specs
+from jaxinfer.models.invariant import matmul
 from jaxinfer.models.layers import (
     check_activation,
     dense_mlp,
@@ -144,4 +145,4 @@ def logits(params: dict, cfg: GPT2Config, hidden: jax.Array) -> jax.Array:
     """float32 logits [..., V] of last-layer hidden states [..., E] (final norm, then lm_head)."""
     x = _norm(cfg, params, "final_norm", hidden)
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+    return matmul(x, lm_head, preferred_element_type=jnp.float32)

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.models import invariant
 from jaxinfer.models.family import DecoderShape
+from jaxinfer.models.invariant import matmul
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -45,7 +47,7 @@ def check_activation(name: str, architecture: str) -> str:
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm as Hugging Face computes it: normalize in float32, cast back, then scale."""
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    normed = x32 * jax.lax.rsqrt(invariant.mean(x32 * x32) + eps)
     return weight * normed.astype(x.dtype)
 
 
@@ -53,7 +55,7 @@ def rms_norm_plus_one(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """Gemma's RMSNorm: the weight is stored as an offset from 1, and the scale is applied in
     float32 before the cast back (Llama casts first), as transformers does for Gemma."""
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    normed = x32 * jax.lax.rsqrt(invariant.mean(x32 * x32) + eps)
     return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
 
 
@@ -65,9 +67,9 @@ def layer_norm(
     `weight`/`bias` are None for norms without learned parameters (OPT's elementwise_affine=False).
     """
     x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    mean = invariant.mean(x32)
     centered = x32 - mean
-    normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
+    normed = centered * jax.lax.rsqrt(invariant.mean(centered * centered) + eps)
     if weight is not None:
         normed = normed * weight.astype(jnp.float32)
     if bias is not None:
@@ -137,7 +139,7 @@ def learned_positions(
 
 def linear(x: jax.Array, layer: Mapping[str, jax.Array], name: str) -> jax.Array:
     """x @ layer[name], plus layer[name + "_bias"] when the checkpoint declared one. [in, out]."""
-    y = x @ layer[name]
+    y = matmul(x, layer[name])
     bias = layer.get(f"{name}_bias")
     return y if bias is None else y + bias
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.models.family import DecoderShape, WeightSpec
+from jaxinfer.models.invariant import matmul
 from jaxinfer.models.layers import gated_mlp, rms_norm, rope_inverse_frequencies, self_attention
 
 ARCHITECTURES = (
@@ -168,4 +169,4 @@ def logits(params: dict, cfg: DecoderConfig, hidden: jax.Array) -> jax.Array:
     """float32 logits [..., V] of last-layer hidden states [..., E] (final norm, then lm_head)."""
     x = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+    return matmul(x, lm_head, preferred_element_type=jnp.float32)

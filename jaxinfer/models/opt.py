@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.models.family import DecoderShape, WeightSpec, linear_specs, norm_specs
+from jaxinfer.models.invariant import matmul
 from jaxinfer.models.layers import (
     check_activation,
     dense_mlp,
@@ -138,7 +139,7 @@ def embed(params: dict, cfg: OPTConfig, token_ids: jax.Array, positions: jax.Arr
     """Word embeddings (projected in, for opt-350m) plus learned positions [T, E]."""
     x = params["embed"][token_ids]  # [T, P]
     if "project_in" in params:
-        x = x @ params["project_in"]
+        x = matmul(x, params["project_in"])
     return x + learned_positions(params["positions"], positions, POSITION_OFFSET)
 
 
@@ -169,6 +170,6 @@ def logits(params: dict, cfg: OPTConfig, hidden: jax.Array) -> jax.Array:
     """float32 logits [..., V]: final norm (pre-norm models), project_out, lm_head."""
     x = _norm(cfg, params, "final_norm", hidden) if cfg.final_norm else hidden
     if "project_out" in params:
-        x = x @ params["project_out"]
+        x = matmul(x, params["project_out"])
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+    return matmul(x, lm_head, preferred_element_type=jnp.float32)

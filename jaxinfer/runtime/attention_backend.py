@@ -8,6 +8,9 @@
   * "pallas_interpret": the same kernel in Pallas' interpret mode: slow, but it runs on CPU, so CI
     checks the kernel end to end through the engine.
   * "reference": `pallas_kernels.reference.paged_attention` under XLA.
+The runner itself picks "batch_invariant" (`pallas_kernels.batch_invariant.paged_attention`) when
+`EngineConfig.batch_invariant` is on: the jnp formulation whose per-token result is independent of
+the step it runs in.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxinfer.config import ATTENTION_BACKENDS as BACKENDS
+from pallas_kernels import batch_invariant, reference
 from pallas_kernels import paged_attention as kernel
-from pallas_kernels import reference
 
 logger = logging.getLogger("jaxinfer")
 
@@ -78,6 +81,8 @@ def attention_fn(backend: str, mesh: Mesh | None = None) -> Callable:
     """
     if backend == "reference":
         local = reference.paged_attention
+    elif backend == "batch_invariant":
+        local = batch_invariant.paged_attention
     else:
         local = functools.partial(kernel.paged_attention, interpret=backend == "pallas_interpret")
     if mesh is None:

@@ -91,11 +91,17 @@ class ModelRunner:
         max_top_k: int = 256,
         attention_backend: str = "auto",
         mesh: Mesh | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.mesh = mesh
         cfg = model.model_config
-        self.attention_backend = resolve_backend(attention_backend, cfg.head_dim)
+        self.attention_backend = (
+            "batch_invariant"
+            if batch_invariant
+            else resolve_backend(attention_backend, cfg.head_dim)
+        )
+        self.batch_invariant = batch_invariant
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_logprobs = num_logprobs
@@ -112,6 +118,7 @@ class ModelRunner:
                 "paged_attention": attention_fn(self.attention_backend, stage_mesh),
                 "mesh": stage_mesh,
                 "first_layer": layers.start,
+                "batch_invariant": batch_invariant,
             }
             if layers.stop == cfg.num_layers:  # the last stage samples
                 static.update(max_top_k=max_top_k, num_logprobs=num_logprobs)
@@ -134,6 +141,7 @@ class ModelRunner:
                 model_config=cfg,
                 paged_attention=attention_fn(self.attention_backend, last.mesh),
                 first_layer=last.layers.start,
+                batch_invariant=batch_invariant,
             )
         )
         self.num_compilations = 0

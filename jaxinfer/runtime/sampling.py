@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.random import threefry_2x32
 
+from jaxinfer.models import invariant
 from jaxinfer.runtime.sampling_tensors import SamplingTensors
 from jaxinfer.sampling_params import GREEDY_TEMPERATURE
 
@@ -209,11 +210,10 @@ def top_p_threshold(weights: jax.Array, limit: jax.Array) -> jax.Array:
     """
     bits = _bisect_u32(
         lambda x: (
-            jnp.sum(
+            invariant.row_sum(
                 jnp.where(
                     weights > jax.lax.bitcast_convert_type(x, jnp.float32)[:, None], weights, 0.0
-                ),
-                axis=-1,
+                )
             )
             < limit
         ),
@@ -267,8 +267,8 @@ def _sample_random(
     kth = jnp.where(top_k_small, kth, _NEG_INF)  # large-k rows are finished on the full path
 
     # Unnormalized probabilities after top-k; their total includes tokens outside the candidates.
-    total = jnp.sum(
-        jnp.exp(jnp.where(scaled >= kth[:, None], scaled, _NEG_INF) - row_max[:, None]), axis=-1
+    total = invariant.row_sum(
+        jnp.exp(jnp.where(scaled >= kth[:, None], scaled, _NEG_INF) - row_max[:, None])
     )
     top_p_on = t.top_p < 1.0
     limit = t.top_p * total  # [S]
@@ -276,14 +276,14 @@ def _sample_random(
     # Candidate path: the mass strictly above each candidate; equal weights form one tie group.
     cand = jnp.where(values >= kth[:, None], values, _NEG_INF)  # [S, C], still descending
     weights = jnp.exp(cand - row_max[:, None])  # [S, C], non-increasing
-    above = jnp.cumsum(weights, axis=-1) - weights
+    above = invariant.cumsum(weights) - weights
     starts = jnp.arange(k_cap)[None, :] * jnp.concatenate(
         [jnp.ones((num_rows, 1), bool), weights[:, 1:] != weights[:, :-1]], axis=-1
     )
     above = jnp.take_along_axis(above, jax.lax.cummax(starts, axis=1), axis=-1)
     keep = (cand > _NEG_INF) & (~top_p_on[:, None] | (above < limit[:, None]))
     probe_weight = jnp.exp(probe - row_max)
-    mass_above_probe = jnp.sum(jnp.where(weights > probe_weight[:, None], weights, 0.0), axis=-1)
+    mass_above_probe = invariant.row_sum(jnp.where(weights > probe_weight[:, None], weights, 0.0))
     settled = (
         is_greedy
         | (probe == _NEG_INF)
@@ -302,7 +302,7 @@ def _sample_random(
         )
         kept = (scaled >= row_kth[:, None]) & (scaled > _NEG_INF)
         weights = jnp.where(kept, jnp.exp(scaled - row_max[:, None]), 0.0)  # [S, V]
-        row_limit = jnp.where(need_kth, t.top_p * jnp.sum(weights, axis=-1), limit)
+        row_limit = jnp.where(need_kth, t.top_p * invariant.row_sum(weights), limit)
         need_top_p = ~settled & top_p_on
         threshold = jax.lax.cond(
             jnp.any(need_top_p),
@@ -382,7 +382,7 @@ def sample(
     if max_top_k < 1:
         raise ValueError(f"max_top_k must be >= 1, got {max_top_k}")
     logits = logits.astype(jnp.float32)
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    raw_logprobs = invariant.log_softmax(logits)
     is_greedy = t.temperature < GREEDY_TEMPERATURE
 
     def sampled() -> jax.Array:

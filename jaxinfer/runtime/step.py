@@ -15,11 +15,25 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxinfer.models import invariant
 from jaxinfer.models.family import run_layers
 from jaxinfer.runtime.sampling import apply_token_bitmask, sample, top_logprobs
 from jaxinfer.runtime.slot_state import SlotState, batch_tensors, count_sampled
 from jaxinfer.seam import StepInputs, StepOutputs
 from pallas_kernels import reference
+
+
+def _invariant_when_asked(function: Callable) -> Callable:
+    """Give `function` the static keyword `batch_invariant`: when True it is traced under
+    `invariant.batch_invariant_ops()`, so its products and reductions take their batch-invariant
+    form (`EngineConfig.batch_invariant`; jaxinfer/models/invariant.py says why)."""
+
+    @functools.wraps(function)
+    def traced(*args, batch_invariant: bool = False, **kwargs):
+        with invariant.batch_invariant_ops(batch_invariant):
+            return function(*args, **kwargs)
+
+    return traced
 
 
 def make_attention(
@@ -131,6 +145,7 @@ def _no_top_logprobs(count: int, k: int) -> tuple:
     return jnp.zeros(count), jnp.zeros(count, jnp.int32), zeros_k, zeros_k.astype(jnp.float32)
 
 
+@_invariant_when_asked
 def step(
     params: dict,
     kv_cache: tuple,
@@ -190,7 +205,7 @@ def step(
 
     def prompt_logprobs() -> tuple:
         all_logits = _whole_on_every_device(family.logits(params, model_config, hidden), mesh)
-        raw = jax.nn.log_softmax(all_logits, axis=-1)
+        raw = invariant.log_softmax(all_logits)
         return top_logprobs(raw, jnp.minimum(next_ids, vocab - 1), num_logprobs)
 
     empty = functools.partial(_no_top_logprobs, next_ids.shape[0], num_logprobs)
@@ -225,6 +240,7 @@ def _whole_on_every_device(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
 
 
+@_invariant_when_asked
 def all_token_logits(
     params,
     kv_cache,
@@ -252,6 +268,7 @@ def all_token_logits(
     return family.logits(params, model_config, hidden)
 
 
+@_invariant_when_asked
 def stage_forward(
     params: dict,
     kv_cache: tuple,
@@ -280,7 +297,7 @@ def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array) -> tupl
 
 def jit_step(**static) -> Callable:
     """The step with its static arguments bound (family, model_config, decode_rows, max_top_k,
-    num_logprobs, paged_attention, mesh, first_layer), compiled per bucket. Only the slot state is
+    num_logprobs, paged_attention, mesh, first_layer, batch_invariant), compiled per bucket. Only the slot state is
     donated: the cache is read here and written by `write_cache` (see the module docstring)."""
     return jax.jit(functools.partial(step, **static), donate_argnums=(2,))
 
