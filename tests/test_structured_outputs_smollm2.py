@@ -1,9 +1,15 @@
-"""Structured outputs on the real SmolLM2-135M-Instruct: seeded samples of each kind parse and
-validate, checked by tools that are not llguidance (jsonschema, re.fullmatch, membership).
+"""Structured outputs on the real SmolLM2-135M-Instruct: 200 seeded samples per kind (a JSON
+schema with a nested object, an array and enums; a date regex; choices) parse and validate, checked
+by tools that are not llguidance (jsonschema, re.fullmatch, membership).
 
-The issue asks for 200 samples per kind; on the 2-core CPU this suite runs on, 8 JSON samples
-(~60 tokens each, decoded side by side) take ~21 s, so the suite draws 8 JSON, 16 regex and 16
-choice samples (~42 s in all with the model load), not 200. Raise SAMPLES on faster hardware.
+200 samples per kind is affordable on the 2-core CPU because each kind is one request with
+`n=200`: its prompt is prefilled once and its blocks shared (copy-on-write), then the 200 samples,
+each with its own seed (`seeds.row_seed(seed, i)`: independent streams) and its own matcher, decode
+as one 200-row batch. 200 separate requests (seeds 0..199) cost about twice the steps on this
+machine (41/23/16 steps for json/regex/choice against 31/12/5: admitting them ramps up over many
+steps, and a step that admits all 200 at once is slower still, prefill attention growing with the
+sequences in it). The schema's valid outputs are short (about 27 tokens, compact JSON), `max_tokens`
+is tight, and every sample must finish with "stop", so truncation cannot hide.
 """
 
 from __future__ import annotations
@@ -19,33 +25,39 @@ from jaxinfer import LLM, EngineConfig, SamplingParams, StructuredOutputsParams
 SCHEMA = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "role": {"enum": ["admin", "user", "guest"]},
-        "address": {
+        "user": {
             "type": "object",
             "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                "age": {"type": "integer", "minimum": 0, "maximum": 99},
+                "lang": {"enum": ["en", "fr"]},
             },
-            "required": ["city", "zip"],
+            "required": ["age", "lang"],
             "additionalProperties": False,
         },
-        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 2},
     },
-    "required": ["name", "age", "role", "address", "tags"],
+    "required": ["role", "user", "tags"],
     "additionalProperties": False,
     # compact JSON: free whitespace would only spend the token budget
     "x-guidance": {"whitespace_flexible": False},
 }
 DATE = r"20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
 CAPITALS = ["Paris", "London", "Berlin", "Madrid"]
-SAMPLES = {"json": 8, "regex": 16, "choice": 16}
+SAMPLES = 200  # per kind, as the issue asks
+# A 200-row decode program (and 16 rows for the single-sample calls below); prompts fit 64 tokens.
+ENGINE = {
+    "max_model_len": 128,
+    "max_num_seqs": SAMPLES,
+    "max_num_batched_tokens": 256,
+    "seq_buckets": (16, SAMPLES),
+    "token_buckets": (64, 256),
+}
 
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
-    llm = LLM(EngineConfig(model=str(smollm2_gguf), max_model_len=256, max_num_seqs=16))
+    llm = LLM(EngineConfig(model=str(smollm2_gguf), **ENGINE))
     yield llm
     llm.shutdown()
 
@@ -57,22 +69,19 @@ def chat(llm: LLM, question: str) -> str:
     )
 
 
-def sample(llm: LLM, kind: str, constraint, question: str, max_tokens: int) -> list[str]:
-    params = [
-        SamplingParams(
-            temperature=1.0, seed=seed, max_tokens=max_tokens, structured_outputs=constraint
-        )
-        for seed in range(SAMPLES[kind])
-    ]
-    outputs = llm.generate([chat(llm, question)] * len(params), params, use_tqdm=False)
-    assert all(o.outputs[0].finish_reason == "stop" for o in outputs)
-    return [o.outputs[0].text for o in outputs]
+def sample(llm: LLM, constraint, question: str, max_tokens: int) -> list[str]:
+    """SAMPLES seeded samples of one request (n=SAMPLES), every one finished by the grammar."""
+    params = SamplingParams(
+        n=SAMPLES, temperature=1.0, seed=0, max_tokens=max_tokens, structured_outputs=constraint
+    )
+    (output,) = llm.generate(chat(llm, question), params, use_tqdm=False)
+    assert len(output.outputs) == SAMPLES
+    assert all(c.finish_reason == "stop" for c in output.outputs)
+    return [c.text for c in output.outputs]
 
 
 def test_json_schema_samples_validate(smollm2):
-    texts = sample(
-        smollm2, "json", StructuredOutputsParams(json=SCHEMA), "Describe a user as JSON.", 64
-    )
+    texts = sample(smollm2, StructuredOutputsParams(json=SCHEMA), "Describe a user as JSON.", 40)
     schema = {k: v for k, v in SCHEMA.items() if k != "x-guidance"}
     for text in texts:
         jsonschema.validate(json.loads(text), schema)
@@ -80,9 +89,7 @@ def test_json_schema_samples_validate(smollm2):
 
 
 def test_regex_samples_match_in_full(smollm2):
-    texts = sample(
-        smollm2, "regex", StructuredOutputsParams(regex=DATE), "What is today's date?", 16
-    )
+    texts = sample(smollm2, StructuredOutputsParams(regex=DATE), "What is today's date?", 16)
     assert all(re.fullmatch(DATE, text) for text in texts), texts
     assert len(set(texts)) > 1
 
@@ -90,7 +97,7 @@ def test_regex_samples_match_in_full(smollm2):
 def test_choice_samples_are_members_with_renormalized_logprobs(smollm2):
     constraint = StructuredOutputsParams(choice=CAPITALS)
     prompt = chat(smollm2, "What is the capital of France?")
-    texts = sample(smollm2, "choice", constraint, "What is the capital of France?", 8)
+    texts = sample(smollm2, constraint, "What is the capital of France?", 8)
     assert set(texts) <= set(CAPITALS)
     # The mask renormalizes the first token's distribution over the allowed tokens: each allowed
     # token's logprob rises by the same log(1 / allowed mass). (llguidance allows non-canonical
