@@ -201,7 +201,9 @@ def run_jaxinfer(
     async_scheduling: bool = True,
     dtype: str = "float32",
     attention_backend: str = "auto",
+    **engine_overrides,
 ) -> dict:
+    """`engine_overrides`: more EngineConfig fields (benchmarks/batch_invariant.py sets its mode)."""
     from jaxinfer import Engine, EngineConfig, SamplingParams
 
     config = EngineConfig(
@@ -213,6 +215,7 @@ def run_jaxinfer(
         max_num_batched_tokens=spec.max_num_batched_tokens,
         block_size=BLOCK_SIZE,
         async_scheduling=async_scheduling,
+        **engine_overrides,
     )
     engine, load_s = _timed(lambda: Engine(config))
     workload = make_workload(spec, seed, engine.vocab_size)

@@ -130,3 +130,8 @@ def test_the_default_mode_is_not_invariant_so_the_checks_can_fail():
             for step_a, step_b in zip(a[1], b[1], strict=True):
                 for (ta, la, _), (tb, lb, _) in zip(step_a, step_b, strict=True):
                     assert ta == tb and la == pytest.approx(lb, abs=1e-5)
+
+
+def test_the_pallas_kernel_is_refused_with_the_field_named():
+    with pytest.raises(ValueError, match="attention_backend.*batch_invariant"):
+        EngineConfig(model="unused", batch_invariant=True, attention_backend="pallas_interpret")
