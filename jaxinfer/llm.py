@@ -219,13 +219,15 @@ class LLM:
             from jaxinfer.runtime.distributed import from_process_zero
 
             prompts, sampling_params = from_process_zero((prompts, sampling_params))
-        return intake.prepare_requests(
+        prepared = intake.prepare_requests(
             prompts,
             sampling_params,
             tokenizer=engine.tokenizer,
             limits=engine.limits,
             default_params=engine.default_sampling_params,
         )
+        engine.check_grammars(prepared)
+        return prepared
 
 
 Engine = LLM

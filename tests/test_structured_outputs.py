@@ -201,6 +201,8 @@ def test_invalid_schema_or_regex_fails_before_any_device_work(llm):
         (StructuredOutputsParams(json={"type": "objectx"}), "json"),
         (StructuredOutputsParams(json="{not json"), "json"),
         (StructuredOutputsParams(grammar="start: undefined_rule"), "grammar"),
+        # Compiles without a tokenizer; only llguidance's view of this one refuses the token id.
+        (StructuredOutputsParams(grammar="start: <[999999]>"), "grammar"),
     ]
     for constraint, field in bad:
         good = SamplingParams(max_tokens=4)

@@ -84,9 +84,7 @@ class AsyncEngine:
         prepared = intake.prepare_request(
             prompt, params, index, tokenizer=self.core.tokenizer, limits=self.core.limits
         )
-        if prepared.grammar is not None:  # against the tokenizer too, before anything is queued
-            kind = prepared.params.structured_outputs.kind
-            self.core.structured_outputs.check(prepared.grammar, kind, f"prompts[{index}]")
+        self.core.check_grammars([prepared], index)  # before anything is queued
         return prepared
 
     def load(self) -> EngineLoad:

@@ -317,6 +317,17 @@ class EngineCore:
         """`LLM.generate` after intake: run validated requests to completion, in input order."""
         return offline.generate(self, prepared, use_tqdm)
 
+    def check_grammars(self, prepared: list[intake.PreparedRequest], first_index: int = 0) -> None:
+        """Refuse a structured-output grammar the tokenizer cannot serve (a token id past the
+        vocabulary, a special token it lacks), naming `prompts[i]`, before any request is queued:
+        intake compiles each grammar without the tokenizer, which alone would let it fail at add
+        time, after earlier prompts of the call were queued."""
+        for offset, request in enumerate(prepared):
+            if request.grammar is not None:
+                kind = request.params.structured_outputs.kind
+                where = f"prompts[{first_index + offset}]"
+                self.structured_outputs.check(request.grammar, kind, where)
+
     @property
     def structured_outputs(self) -> StructuredOutputs:
         """llguidance's view of the tokenizer and the compiled grammars (built on first use)."""

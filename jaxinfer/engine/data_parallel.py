@@ -47,6 +47,10 @@ class DataParallelEngine:
         self.default_sampling_params = first.default_sampling_params
         self._num_requests = 0
 
+    def check_grammars(self, prepared: list, first_index: int = 0) -> None:
+        """EngineCore.check_grammars (the replicas share one tokenizer)."""
+        self.replicas[0].check_grammars(prepared, first_index)
+
     @property
     def model_config(self) -> EngineConfig:
         """vLLM's `llm_engine.model_config` (see EngineCore.model_config): the engine config."""
