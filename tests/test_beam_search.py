@@ -186,6 +186,23 @@ def test_no_leaks(llm):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
 
 
+def test_beams_share_the_prompt_blocks(llm):
+    """The beams of a 70-token prompt read its full blocks from the prefix cache (shared by
+    reference, as vLLM's loop shares them), so a step computes little more than each beam's
+    partial last block: at most the prompt once plus one block per later beam request."""
+    engine = llm.llm_engine
+    assert llm.reset_prefix_cache()
+    queried, hits = engine.stats.prefix_cache_queries, engine.stats.prefix_cache_hits
+    prompt = list(range(5, 75))
+    width, max_tokens = 4, 6
+    llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(width, max_tokens, True))
+    queried = engine.stats.prefix_cache_queries - queried
+    computed = queried - (engine.stats.prefix_cache_hits - hits)
+    requests = 1 + width * (max_tokens - 1)  # an upper bound: one, then <= width per step
+    assert queried >= len(prompt) * (1 + max_tokens - 1)  # every step asked for the prompt
+    assert computed <= len(prompt) + (requests - 1) * engine.config.block_size
+
+
 def test_importable_where_vllm_has_it():
     from jaxinfer.beam_search import BeamSearchOutput, BeamSearchSequence
     from jaxinfer.sampling_params import BeamSearchParams as FromSamplingParams
