@@ -195,6 +195,10 @@ class EngineConfig:
     # Check every weight for NaN and inf at load (one reduction per tensor), failing with the
     # tensor's name; False skips it (a fast load of a checkpoint already known to be sound).
     check_weights_finite: bool = True
+    # Weight-only quantization (vLLM's argument): None keeps the checkpoint's floats (a GGUF is
+    # dequantized); "int8" stores every linear weight and the embedding as int8 with one scale per
+    # output channel, quantized at load (models/quantization.py). One device, no weight cache yet.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         cache = self.compilation_cache_dir
@@ -284,6 +288,23 @@ class EngineConfig:
                 ">= 2 (a prompt of at least one token plus one generated token)",
                 self.max_model_len,
             )
+        _check(
+            self.quantization in (None, "int8"), "quantization", "None or 'int8'", self.quantization
+        )
+        if self.quantization is not None:
+            _check(
+                self.weight_cache_dir is None,
+                "weight_cache_dir",
+                "None with quantization='int8' (the weight cache holds float weights)",
+                self.weight_cache_dir,
+            )
+            for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+                _check(
+                    getattr(self, name) == 1,
+                    name,
+                    "1 with quantization='int8' (int8 weights on a mesh are untested)",
+                    getattr(self, name),
+                )
         if self.weight_cache_dir is not None:
             _check(
                 isinstance(self.weight_cache_dir, str) and bool(self.weight_cache_dir),

@@ -23,7 +23,6 @@ _NEUTRAL: dict[str, tuple[tuple, str]] = {
     ),
     "code_revision": ((None,), "no code from a checkpoint ever runs here"),
     "tokenizer_mode": (("auto",), "the tokenizer is always the checkpoint's own (fast) one"),
-    "quantization": ((None,), "quantized weights are dequantized at load (GGUF); no other scheme"),
     "enable_lora": ((False, None), "LoRA adapters are not supported"),
     "max_lora_rank": (None, ""),  # any value: sizes LoRA slots, and enable_lora=True is refused
     "skip_tokenizer_init": ((False,), "the engine needs its tokenizer"),

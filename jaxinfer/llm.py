@@ -286,6 +286,7 @@ def _build_single(config: EngineConfig, devices) -> tuple[EngineCore | EncoderEn
         mesh,
         config.pipeline_layer_partition,
         check_finite=config.check_weights_finite,
+        quantization=config.quantization,
     )
     tokenizer = load_tokenizer(
         source, config.tokenizer, config.tokenizer_revision, config.download_dir

@@ -34,7 +34,6 @@ def test_neutral_vllm_arguments_become_an_engine_config():
     ("argument", "value"),
     [
         ("trust_remote_code", True),
-        ("quantization", "awq"),
         ("enable_lora", True),
         ("tokenizer_mode", "slow"),
         ("cpu_offload_gb", 4),

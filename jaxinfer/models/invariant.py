@@ -26,6 +26,7 @@ from contextvars import ContextVar
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.models.quantization import QuantizedWeight, quantized_matmul
 from pallas_kernels.batch_invariant import tree_sum
 
 # Rows per GEMM tile. 16: a one-sequence decode pays for 16 rows (the padding rows cost FLOPs,
@@ -46,8 +47,18 @@ def batch_invariant_ops(enabled: bool = True) -> Iterator[None]:
         _active.reset(token)
 
 
-def matmul(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
-    """x [..., E] @ w [E, F] -> [..., F]."""
+def matmul(x: jax.Array, w: jax.Array | QuantizedWeight, preferred_element_type=None) -> jax.Array:
+    """x [..., E] @ w [E, F] -> [..., F]. `w` may be an int8 QuantizedWeight (models/quantization.py).
+
+    In the invariant form an int8 weight is dequantized once, before the tiles, which then run the
+    float GEMM: with the dequantizing product inside each tile, a row's logprobs still moved with
+    the row count (~1e-6; the tokens held), so invariance is bought with one float copy per step.
+    """
+    if isinstance(w, QuantizedWeight):
+        if not _active.get():
+            flat = quantized_matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type)
+            return flat.reshape(*x.shape[:-1], w.shape[-1])
+        w = jax.lax.optimization_barrier(w.dequantize())
     if not _active.get():
         return jnp.dot(x, w, preferred_element_type=preferred_element_type)
     leading, width = x.shape[:-1], x.shape[-1]

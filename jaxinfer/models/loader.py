@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from jaxinfer.models import config_checks, gguf_reader, hub
 from jaxinfer.models.placement import ONE_DEVICE, WeightPlacement
+from jaxinfer.models.quantization import is_quantized_path, quantize_for_device
 from jaxinfer.models.registry import model_family
 from jaxinfer.runtime.mesh import check_tensor_parallel, kv_head_replication
 from jaxinfer.runtime.pipeline import StageLayout
@@ -283,12 +284,15 @@ def build_params(
     ignored: tuple[str, ...] = (),
     placement: WeightPlacement = ONE_DEVICE,
     check_finite: bool = True,
+    quantization: str | None = None,
 ) -> dict:
     """Map named tensors through the declarations; fail naming anything unmapped, missing or misshapen.
 
     `ignored`: exact names the family knows its checkpoints carry and never reads (BERT's pooler).
     `placement`: one device, or each tensor's shard of a mesh (models/placement.py).
     `check_finite`: fail naming a tensor that holds NaN or inf in `dtype` (see `_check_finite`).
+    `quantization`: "int8" stores the linear weights and embeddings as int8 QuantizedWeights,
+    quantized here on the host from the `dtype` values (models/quantization.py).
     """
     by_hf_name = {spec.hf_name: (path, spec) for path, spec in specs.items()}
     params: dict = {}
@@ -314,7 +318,10 @@ def build_params(
             array = array.astype(target)
         if check_finite:
             _check_finite(hf_name, array, dtype)
-        _set_path(params, path, placement.put(path, spec, array))
+        if quantization is not None and is_quantized_path(path, spec):
+            _set_path(params, path, quantize_for_device(path, spec, array, placement))
+        else:
+            _set_path(params, path, placement.put(path, spec, array))
         loaded.add(hf_name)
     missing = sorted(set(by_hf_name) - loaded)
     if missing:
@@ -365,13 +372,15 @@ def load_model(
     mesh: Mesh | None = None,
     layer_partition: tuple[int, ...] | None = None,
     check_finite: bool = True,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """`weight_cache_dir`: restore converted weights from there, or save them (weight_cache.py).
     `mesh`: place every weight straight into its tensor-parallel shard (runtime/mesh.py), on its
     pipeline stage's devices (runtime/pipeline.py); `layer_partition`: layers per stage
     (EngineConfig.pipeline_layer_partition; None: vLLM's default split). `check_finite`: every
     converted weight is checked for NaN/inf (EngineConfig.check_weights_finite); weights restored
-    from the weight cache were checked when they were converted."""
+    from the weight cache were checked when they were converted. `quantization`: None or "int8"
+    (EngineConfig.quantization; models/quantization.py)."""
     hf_config = load_hf_config(source)
     family = model_family(hf_config)
     # Before a single layer is declared: a config claiming 10**6 layers fails here, not after
@@ -381,6 +390,7 @@ def load_model(
     )
     is_encoder = getattr(family, "IS_ENCODER", False)
     model_config = (family.EncoderConfig if is_encoder else family.DecoderConfig).from_hf(hf_config)
+    _check_quantization(quantization, is_encoder)
     dtype = resolve_dtype(dtype, hf_config, source)
     placement = ONE_DEVICE
     if mesh is not None:
@@ -389,7 +399,15 @@ def load_model(
 
     def convert() -> dict:
         return _convert_params(
-            source, hf_config, family, model_config, specs, dtype, placement, check_finite
+            source,
+            hf_config,
+            family,
+            model_config,
+            specs,
+            dtype,
+            placement,
+            check_finite,
+            quantization,
         )
 
     if weight_cache_dir is None:
@@ -433,6 +451,7 @@ def _convert_params(
     dtype: str,
     placement: WeightPlacement = ONE_DEVICE,
     check_finite: bool = True,
+    quantization: str | None = None,
 ) -> dict:
     """Read every tensor of the checkpoint and lay it out for our model code (`build_params`)."""
     if source.gguf_file is not None:
@@ -445,5 +464,19 @@ def _convert_params(
             tensors = family.rename_tensors(model_config, tensors)
     ignored = getattr(family, "IGNORED_TENSORS", ())
     return build_params(
-        specs, iter(tensors), dtype, ignored=ignored, placement=placement, check_finite=check_finite
+        specs,
+        iter(tensors),
+        dtype,
+        ignored=ignored,
+        placement=placement,
+        check_finite=check_finite,
+        quantization=quantization,
     )
+
+
+def _check_quantization(quantization: str | None, is_encoder: bool) -> None:
+    """EngineConfig checks the value and its combinations; the model's kind is known only here."""
+    if quantization not in (None, "int8"):
+        raise ValueError(f"EngineConfig.quantization must be None or 'int8', got {quantization!r}")
+    if quantization is not None and is_encoder:
+        raise ValueError("EngineConfig.quantization='int8' applies to decoder models only")
