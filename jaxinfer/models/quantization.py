@@ -13,10 +13,13 @@ same object as its tied lm_head (`.T`).
 Why the product walks blocks of `BLOCK_ROWS` output channels (measured, benchmarks/RESULTS.md,
 "Quantization"): XLA:CPU does not fuse the int8 -> float convert into the dot. `x @ values.astype`
 compiles to a `wrapped_convert` fusion that writes a float32 copy of the whole matrix, then the
-dot reads that copy: for SmolLM2's [576, 49152] lm_head that is 76 ms per call against 5.6 ms for
-the float32 weight. Converting one block of 128 channels at a time keeps the float copy in cache
-(576 x 128 x 4 bytes = 288 KiB), which brings the product back to the float32 weight's time at
-batch 1 (and ahead of it at batch 16); it still does not run at int8 bandwidth on this CPU.
+dot reads that copy, and that convert runs at ~2 ns per element: 60 ms per call for SmolLM2's
+[576, 49152] lm_head against 3.7 ms with the float32 weight. Converting one block of 128 channels
+at a time (`lax.map`) brings an isolated product back to about the float32 weight's time, but in
+the whole model the converts still dominate: on the 2-core CPU an int8 SmolLM2 decodes ~3x slower
+than float32 while holding a quarter of the bytes. What int8 buys there today is memory; a
+product that reads int8 at bandwidth needs a kernel (issue 20: jax.ffi on CPU, XLA's fused int8
+GEMM or Pallas on GPU).
 """
 
 from __future__ import annotations
