@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from dataclasses import replace
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(
         json.dumps(
             {
-                "machine": platform.processor() or platform.machine(),
+                "machine": throughput.machine_info(),
                 "model": files.name,
                 "workload": spec.__dict__,
                 "summary": summary,
