@@ -21,7 +21,7 @@ import pytest
 from jaxinfer import LLM, EngineConfig, SamplingParams
 from tests.checkpoints import tiny_checkpoint
 
-BASE = dict(dtype="float32", max_model_len=96, block_size=8)
+BASE = {"dtype": "float32", "max_model_len": 96, "block_size": 8}
 ROOMY = dict(BASE, num_kv_blocks=160, max_num_seqs=8, max_num_batched_tokens=64)
 SQUEEZED = dict(BASE, num_kv_blocks=14, max_num_seqs=4, max_num_batched_tokens=16)
 
@@ -76,8 +76,8 @@ def _signature(output) -> tuple:
     )
 
 
-def _alone_and_together(llm: LLM) -> tuple[list, list]:
-    requests = _requests()
+def _alone_and_together(llm: LLM, count: int = 20) -> tuple[list, list]:
+    requests = _requests()[:count]
     alone = [_signature(_run(llm, [request])[0]) for request in requests]
     mixed = [(i, r) for i, r in enumerate(requests)] + [(None, r) for r in _fillers(12)]
     random.Random(5).shuffle(mixed)
@@ -121,7 +121,7 @@ def test_squeezed_chunked_and_preempted_equals_alone(invariant_runs):
 def test_the_default_mode_is_not_invariant_so_the_checks_can_fail():
     llm = LLM(EngineConfig(model=str(tiny_checkpoint("llama")), **ROOMY))
     try:
-        alone, together = _alone_and_together(llm)
+        alone, together = _alone_and_together(llm, count=8)  # plenty to see the drift
     finally:
         llm.shutdown()
     assert alone != together

@@ -287,3 +287,20 @@ def test_a_matcher_follows_its_output_back_and_forth(llm):
     eos = sorted(llm.llm_engine.eos_token_ids)
     allowed = [t for t in range(structured.vocab_size) if complete[0, t // 32] >> (t % 32) & 1]
     assert allowed == eos and moving.is_stopped
+
+
+def test_a_tokenizer_llguidance_cannot_read_is_a_clear_error():
+    """A word-level tokenizer (no byte fallback): llguidance cannot build its token table, and
+    the request is refused naming the prompt and the field, not with llguidance's bare error."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxinfer.engine.structured_output import StructuredOutputs
+
+    vocab = {"<pad>": 0, "</s>": 1, "yes": 2, "no": 3}
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>")
+    outputs = StructuredOutputs(tokenizer, [1], len(vocab))
+    with pytest.raises(ValueError, match=r"prompts\[3\]: SamplingParams.structured_outputs needs"):
+        outputs.check("start: /yes|no/", "grammar", "prompts[3]")

@@ -132,7 +132,14 @@ class StructuredOutputs:
         before queuing (the server) refuses it rather than failing in `matcher` at add time."""
         if grammar in self._compiled:
             return
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
+        try:
+            tokenizer = self.ll_tokenizer
+        except ValueError as error:  # e.g. a word-level tokenizer llguidance cannot decode
+            raise ValueError(
+                f"{where}: SamplingParams.structured_outputs needs a tokenizer llguidance can "
+                f"read (byte-level BPE or SentencePiece); this model's: {error}"
+            ) from error
+        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if error:
             raise ValueError(
                 f"{where}: SamplingParams.structured_outputs.{kind} is invalid: {error}"

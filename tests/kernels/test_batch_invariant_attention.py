@@ -30,7 +30,7 @@ def _jitted(module, **static):
     return jax.jit(functools.partial(module.paged_attention, **static))
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     decode=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
@@ -74,7 +74,8 @@ class _Sequence:
 def _step(parts, *, pad_tokens: int, pad_seqs: int, width: int, rng) -> tuple:
     """A step's arguments for `parts` = [(sequence, first new position, new token count)]: the
     cache holds each sequence's positions before its new ones, in randomly placed blocks."""
-    num_blocks = 1 + sum(math.ceil((first + n) / BLOCK) for _, first, n in parts) + 3
+    num_blocks = 96  # one cache shape for every step here: one compile per step shape
+    assert 1 + sum(math.ceil((first + n) / BLOCK) for _, first, n in parts) <= num_blocks
     pool = list(rng.permutation(np.arange(1, num_blocks)))
     shape = (KV_HEADS, num_blocks, BLOCK, HEAD_DIM)
     k_cache, v_cache = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
@@ -107,7 +108,8 @@ def _rows(out: jax.Array, start: int, count: int) -> np.ndarray:
 
 
 def _outputs_of_one_sequence(module, window) -> list[np.ndarray]:
-    """Positions 100..179 of one sequence, computed six ways; -> each way's [80, H, D] output."""
+    """Positions 100..179 of one sequence computed five ways (the decode rows and one-token
+    prefill rows at every 4th and 7th position) -> each way's output rows."""
     rng = np.random.default_rng(7)
     target = _Sequence(rng, 180)
     others = [_Sequence(rng, 300) for _ in range(3)]
@@ -132,9 +134,9 @@ def _outputs_of_one_sequence(module, window) -> list[np.ndarray]:
     parts = [(others[0], 10, 3), (target, 131, 49)]
     second = _rows(prefill(*_step(parts, pad_tokens=0, pad_seqs=1, width=12, rng=rng)), 3, 49)
     ways.append(np.concatenate([first, second]))
-    # 4. Token by token as decode rows, at row 1 of 3.
+    # 4. Token by token as decode rows, at row 1 of 3 (every 4th position: the shapes are the same).
     rows = []
-    for p in range(100, 180):
+    for p in range(100, 180, 4):
         parts = [(others[1], 200, 1), (target, p, 1), (others[2], 17, 1)]
         rows.append(_rows(decode(*_step(parts, pad_tokens=1, pad_seqs=1, width=20, rng=rng)), 1, 1))
     ways.append(np.concatenate(rows))
@@ -154,13 +156,17 @@ def test_a_tokens_output_is_bitwise_the_same_in_every_step():
         ways = _outputs_of_one_sequence(batch_invariant, window)
         alone = ways[0]
         for name, got in zip(["in a batch", "chunked", "decode rows"], ways[1:4], strict=True):
-            assert np.array_equal(got, alone), f"{name} (window {window}) differs from alone"
+            want = alone[::4] if name == "decode rows" else alone
+            assert np.array_equal(got, want), f"{name} (window {window}) differs from alone"
         assert np.array_equal(ways[4], alone[::7]), "one-token prefill rows differ from alone"
 
 
 def test_the_reference_is_not_invariant_so_the_check_can_fail():
     ways = _outputs_of_one_sequence(reference, None)
     alone = ways[0]
-    assert any(not np.array_equal(got, alone) for got in ways[1:4])
-    for got in ways[1:4]:  # ...and yet they all compute the same attention
-        np.testing.assert_allclose(got, alone, atol=1e-5, rtol=1e-5)
+    assert any(
+        not np.array_equal(got, want)
+        for got, want in zip(ways[1:4], [alone, alone, alone[::4]], strict=True)
+    )
+    for got, want in zip(ways[1:4], [alone, alone, alone[::4]], strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)  # the same attention

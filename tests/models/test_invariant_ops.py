@@ -10,7 +10,9 @@ import pytest
 
 from jaxinfer.models import invariant
 
-ROWS = (1, 2, 3, 17, 33, 64)  # across XLA:CPU's GEMM and reduction strategy changes
+# Across XLA:CPU's strategy changes (measured: GEMM 1 | 2-32 | 33+ rows for K = 576; a sum of
+# 128 changes between 16 and 32 rows, one of 1,536 between 2 and 3).
+ROWS = (1, 3, 33, 64)
 
 
 def _row_in_arrays(fn, row: np.ndarray, rng) -> list[np.ndarray]:
@@ -34,7 +36,7 @@ def _row_in_arrays(fn, row: np.ndarray, rng) -> list[np.ndarray]:
         ("cumsum", invariant.cumsum, lambda x: jnp.cumsum(x, axis=-1)),
     ],
 )
-@pytest.mark.parametrize("width", [128, 1000, 1536])
+@pytest.mark.parametrize("width", [128, 1536])
 def test_reductions_are_row_invariant_and_right(name, fn, plain, width):
     rng = np.random.default_rng(width)
     row = (rng.standard_normal(width) * 3).astype(np.float32)
