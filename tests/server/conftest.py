@@ -19,8 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import yaml
+
+from jaxinfer import LLM
+from jaxinfer.config_file import engine_config_from_yaml
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny-llama"
@@ -106,3 +110,21 @@ def server(server_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     yield running
     code = running.stop()
     assert code == 0, f"exit code {code} after SIGTERM:\n{running.output()}"
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    """The official OpenAI client on the shared test server."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def llm(server_config: Path) -> Iterator[LLM]:
+    """The offline engine on the server's own config: what the server's answers must equal."""
+    with LLM(engine_config_from_yaml(server_config)) as engine:
+        yield engine
+
+
+def extra_field(obj, name: str):
+    """A field the OpenAI schema lacks (vLLM's extras: token_ids, stop_reason, ...)."""
+    return (obj.model_extra or {})[name]

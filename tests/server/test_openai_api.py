@@ -15,34 +15,18 @@ import httpx
 import openai
 import pytest
 
-from jaxinfer import LLM, SamplingParams
-from jaxinfer.config_file import engine_config_from_yaml
-from tests.server.conftest import API_KEY, MODEL_NAME
+from jaxinfer import SamplingParams
+from tests.server.conftest import API_KEY, MODEL_NAME, extra_field
 
 PROMPTS = ["Hello there", "The capital of France is"]
 SEEDED = {"temperature": 0.8, "top_p": 0.9, "seed": 7, "max_tokens": 10}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, who are you?"}]
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def llm(server_config) -> LLM:
-    with LLM(engine_config_from_yaml(server_config)) as engine:
-        yield engine
-
-
-def _extra(obj, name: str):
-    return (obj.model_extra or {})[name]
-
-
 def test_models_lists_the_served_model(client):
     (card,) = client.models.list().data
     assert card.id == MODEL_NAME
-    assert _extra(card, "max_model_len") == 128
+    assert extra_field(card, "max_model_len") == 128
 
 
 def test_seeded_completions_equal_llm_generate(client, llm):
@@ -58,8 +42,8 @@ def test_seeded_completions_equal_llm_generate(client, llm):
     for choice in response.choices:
         want = expected[choice.index // 2]
         sample = want.outputs[choice.index % 2]
-        assert _extra(choice, "token_ids") == sample.token_ids
-        assert _extra(choice, "prompt_token_ids") == want.prompt_token_ids
+        assert extra_field(choice, "token_ids") == sample.token_ids
+        assert extra_field(choice, "prompt_token_ids") == want.prompt_token_ids
         assert choice.text == sample.text
         assert choice.finish_reason == "length"
     assert response.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in expected)
@@ -76,7 +60,7 @@ def test_token_id_prompts_and_vllm_extra_sampling_fields(client, llm):
         model=MODEL_NAME, prompt=ids, **SEEDED, extra_body={"return_token_ids": True, **extras}
     )
     (choice,) = response.choices
-    assert _extra(choice, "token_ids") == want.outputs[0].token_ids
+    assert extra_field(choice, "token_ids") == want.outputs[0].token_ids
     assert choice.text == want.outputs[0].text
 
 
@@ -92,8 +76,8 @@ def test_stop_strings_end_the_completion_as_in_the_engine(client, llm):
     )  # fmt: skip
     (choice,) = response.choices
     assert choice.text == want.outputs[0].text and stop not in choice.text
-    assert _extra(choice, "token_ids") == want.outputs[0].token_ids
-    assert choice.finish_reason == "stop" and _extra(choice, "stop_reason") == stop
+    assert extra_field(choice, "token_ids") == want.outputs[0].token_ids
+    assert choice.finish_reason == "stop" and extra_field(choice, "stop_reason") == stop
 
 
 def test_seeded_chat_equals_llm_chat(client, llm):
@@ -110,8 +94,8 @@ def test_seeded_chat_equals_llm_chat(client, llm):
     (choice,) = response.choices
     assert choice.message.role == "assistant"
     assert choice.message.content == want.outputs[0].text
-    assert _extra(choice, "token_ids") == want.outputs[0].token_ids
-    assert _extra(response, "prompt_token_ids") == want.prompt_token_ids
+    assert extra_field(choice, "token_ids") == want.outputs[0].token_ids
+    assert extra_field(response, "prompt_token_ids") == want.prompt_token_ids
     assert response.usage.prompt_tokens == len(want.prompt_token_ids)
     assert response.usage.completion_tokens == len(want.outputs[0].token_ids)
 
@@ -133,11 +117,11 @@ def test_streamed_completion_is_the_same_completion_with_exact_usage(client):
             usage = chunk.usage
         for choice in chunk.choices:
             texts[choice.index] += choice.text
-            tokens[choice.index] += _extra(choice, "token_ids")
+            tokens[choice.index] += extra_field(choice, "token_ids")
     assert chunks > 3  # token by token, not one block
     for choice in whole.choices:
         assert texts[choice.index] == choice.text
-        assert tokens[choice.index] == _extra(choice, "token_ids")
+        assert tokens[choice.index] == extra_field(choice, "token_ids")
     assert usage.completion_tokens == sum(len(t) for t in tokens.values())
     assert usage.completion_tokens == whole.usage.completion_tokens
     assert usage.prompt_tokens == whole.usage.prompt_tokens

@@ -19,9 +19,8 @@ import jsonschema
 import openai
 import pytest
 
-from jaxinfer import LLM, SamplingParams, StructuredOutputsParams
-from jaxinfer.config_file import engine_config_from_yaml
-from tests.server.conftest import API_KEY, MODEL_NAME
+from jaxinfer import SamplingParams, StructuredOutputsParams
+from tests.server.conftest import MODEL_NAME, extra_field
 from tests.server.test_bad_requests import _check_error, _post
 
 # Compact JSON ("x-guidance": no free whitespace), so a random model closes the object well
@@ -52,21 +51,6 @@ RESPONSE_FORMAT = {
     "type": "json_schema",
     "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True},
 }
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def llm(server_config) -> LLM:
-    with LLM(engine_config_from_yaml(server_config)) as engine:
-        yield engine
-
-
-def _extra(obj, name: str):
-    return (obj.model_extra or {})[name]
 
 
 def test_chat_json_schema_validates_and_streams_the_same_text(client):
@@ -135,7 +119,7 @@ def test_seeded_server_equals_llm_generate(client, llm):
             extra_body={"return_token_ids": True, **extra}, **SEEDED,
         )  # fmt: skip
         for choice, sample in zip(response.choices, want.outputs, strict=True):
-            assert _extra(choice, "token_ids") == sample.token_ids
+            assert extra_field(choice, "token_ids") == sample.token_ids
             assert choice.text == sample.text
     (chat_want,) = llm.chat(USER, params, use_tqdm=False)
     response = client.chat.completions.create(
@@ -143,7 +127,7 @@ def test_seeded_server_equals_llm_generate(client, llm):
         response_format=RESPONSE_FORMAT, extra_body={"return_token_ids": True}, **SEEDED,
     )  # fmt: skip
     for choice, sample in zip(response.choices, chat_want.outputs, strict=True):
-        assert _extra(choice, "token_ids") == sample.token_ids
+        assert extra_field(choice, "token_ids") == sample.token_ids
 
 
 BAD_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}
