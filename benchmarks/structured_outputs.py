@@ -1,6 +1,7 @@
 """What structured outputs cost per step: the host's mask fill and the device's bitmask apply.
 
     python benchmarks/structured_outputs.py [--requests 16] [--max-tokens 48]
+    python benchmarks/structured_outputs.py --throughput-workload [--model llama50m] [--num-requests 256]
 
 One engine (SmolLM2-135M-Instruct GGUF, float32), warmed up, then the same prompts three ways:
 no constraint; a regex that allows any text (`(?s:.*)`, greedy with ignore_eos: exactly the same
@@ -82,12 +83,60 @@ def time_apply(num_rows: int, vocab_size: int, repeats: int = 50) -> float:
     return 1e3 * (time.perf_counter() - started) / repeats
 
 
+def throughput_workload(args: argparse.Namespace) -> None:
+    """benchmarks/throughput.py's seeded workload (greedy, `ignore_eos`) without and with the
+    permissive regex on every request: the same number of tokens, so tok/s compares the whole
+    structured-output path (a mask per row per step, and the plain loop instead of running ahead,
+    hence also the unconstrained plain loop as a third row)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import throughput
+
+    spec = throughput.QUICK if args.quick else throughput.FULL
+    if args.num_requests:
+        from dataclasses import replace
+
+        spec = replace(spec, num_requests=args.num_requests)
+    files = throughput.resolve_model(args.model, Path("~/.cache/jaxinfer/benchmarks").expanduser())
+    regex = {"structured_outputs": StructuredOutputsParams(regex="(?s:.*)")}
+    cases = {
+        "none": {},
+        "none, plain loop": {"async_scheduling": False},
+        "regex (?s:.*)": {"sampling_overrides": regex},
+    }
+    rows = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, options in cases.items():
+            result = throughput.run_jaxinfer(files, spec, 0, ttft_repeats=1, **options)
+            rows[name].append(result["output_tokens_per_s"])
+            print(f"{name:<18} {result['output_tokens_per_s']:8.1f} tok/s", flush=True)
+    summary = {name: float(np.median(values)) for name, values in rows.items()}
+    print(f"\n{files.name}, {spec.num_requests} requests (median of {args.rounds} rounds)")
+    for name, value in summary.items():
+        print(f"{name:<18} {value:8.1f} tok/s  ({100 * (value / summary['none'] - 1):+.1f}%)")
+    out = {"model": files.name, "workload": spec.__dict__, "rounds": rows, "median": summary}
+    Path(args.out).write_text(json.dumps(out, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--out", default="benchmarks/structured_outputs.json")
+    parser.add_argument(
+        "--throughput-workload",
+        action="store_true",
+        help="throughput.py's workload with and without a constraint (see throughput_workload)",
+    )
+    parser.add_argument("--model", default="llama50m", help="with --throughput-workload")
+    parser.add_argument("--num-requests", type=int, help="with --throughput-workload")
+    parser.add_argument("--rounds", type=int, default=2, help="with --throughput-workload")
+    parser.add_argument("--quick", action="store_true", help="with --throughput-workload")
     args = parser.parse_args()
+    if args.throughput_workload:
+        throughput_workload(args)
+        return
     llm = LLM(
         EngineConfig(
             model=str(smollm2_path()),

@@ -201,9 +201,12 @@ def run_jaxinfer(
     async_scheduling: bool = True,
     dtype: str = "float32",
     attention_backend: str = "auto",
+    sampling_overrides: dict | None = None,
     **engine_overrides,
 ) -> dict:
-    """`engine_overrides`: more EngineConfig fields (benchmarks/batch_invariant.py sets its mode)."""
+    """`engine_overrides`: more EngineConfig fields (benchmarks/batch_invariant.py sets its mode);
+    `sampling_overrides`: more SamplingParams fields for every request (a structured-output
+    constraint in benchmarks/structured_outputs.py)."""
     from jaxinfer import Engine, EngineConfig, SamplingParams
 
     config = EngineConfig(
@@ -223,7 +226,8 @@ def run_jaxinfer(
     compile_s = engine.llm_engine.runner.compile_seconds
 
     greedy = [
-        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **(sampling_overrides or {}))
+        for n in workload.output_lens
     ]
     stats_before = dataclasses.replace(engine.llm_engine.stats)
     outputs, wall_s = _timed(lambda: engine.generate(workload.prompts, greedy, use_tqdm=False))
