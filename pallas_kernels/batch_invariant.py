@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import reference
 from pallas_kernels.reference import _MASKED, CHUNK_POSITIONS, _finish, _gather_context, _softcap
 
 QUERY_TILE = 16
@@ -50,16 +51,7 @@ def tree_sum(x: jax.Array, axis: int = -1) -> jax.Array:
 
 def _absorb(state, scores: jax.Array, visible: jax.Array, contract):
     """`reference._absorb` (flash attention's rescaling) with the softmax sum a `tree_sum`."""
-    top, total, acc = state
-    scores = jnp.where(visible, scores, _MASKED)
-    new_top = jnp.maximum(top, scores.max(axis=-1))
-    weights = jnp.where(visible, jnp.exp(scores - new_top[..., None]), 0.0)
-    rescale = jnp.exp(top - new_top)
-    return (
-        new_top,
-        total * rescale + tree_sum(weights),
-        acc * rescale[..., None] + contract(weights),
-    )
+    return reference._absorb(state, scores, visible, contract, sum_keys=tree_sum)
 
 
 def _tiles(query_start_loc: jax.Array, num_tokens: int, rows: int):

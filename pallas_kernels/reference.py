@@ -81,9 +81,14 @@ def _start(scores: jax.Array, visible: jax.Array, contract: _Contract) -> _Runni
 
 
 def _absorb(
-    state: _Running, scores: jax.Array, visible: jax.Array, contract: _Contract
+    state: _Running,
+    scores: jax.Array,
+    visible: jax.Array,
+    contract: _Contract,
+    sum_keys: Callable[[jax.Array], jax.Array] = lambda weights: weights.sum(axis=-1),
 ) -> _Running:
-    """Fold one more set of keys into the softmax state (flash attention's rescaling)."""
+    """Fold one more set of keys into the softmax state (flash attention's rescaling).
+    `sum_keys`: how the weights are summed over keys (batch_invariant.py fixes the order)."""
     top, total, acc = state
     scores = jnp.where(visible, scores, _MASKED)
     new_top = jnp.maximum(top, scores.max(axis=-1))
@@ -91,7 +96,7 @@ def _absorb(
     rescale = jnp.exp(top - new_top)
     return (
         new_top,
-        total * rescale + weights.sum(axis=-1),
+        total * rescale + sum_keys(weights),
         acc * rescale[..., None] + contract(weights),
     )
 

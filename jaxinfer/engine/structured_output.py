@@ -129,32 +129,39 @@ class StructuredOutputs:
     def check(self, grammar: str, kind: str, where: str) -> None:
         """What `compile_grammar` cannot see without the tokenizer (a token id past the
         vocabulary, a special token it lacks) -> the same ValueError, so a caller that checks
-        before queuing (the server) refuses it rather than failing in `matcher` at add time."""
-        if grammar in self._compiled:
-            return
+        before queuing refuses it rather than failing in `matcher` at add time. The compiled
+        grammar is kept for `matcher`: each grammar is compiled once."""
         try:
-            tokenizer = self.ll_tokenizer
+            _ = self.ll_tokenizer  # built first, so that its own failure is named
         except ValueError as error:  # e.g. a word-level tokenizer llguidance cannot decode
             raise ValueError(
                 f"{where}: SamplingParams.structured_outputs needs a tokenizer llguidance can "
                 f"read (byte-level BPE or SentencePiece); this model's: {error}"
             ) from error
-        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
-        if error:
+        try:
+            self._template(grammar)
+        except ValueError as error:
             raise ValueError(
                 f"{where}: SamplingParams.structured_outputs.{kind} is invalid: {error}"
-            )
+            ) from error
 
     def matcher(self, grammar: str) -> GrammarMatcher:
+        try:
+            return GrammarMatcher(self._template(grammar))
+        except ValueError as error:
+            raise ValueError(f"structured_outputs: {error}") from error
+
+    def _template(self, grammar: str) -> llguidance.LLMatcher:
+        """The grammar compiled against the tokenizer (cached, oldest evicted first)."""
         template = self._compiled.get(grammar)
         if template is None:
             template = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
             if template.is_error():
-                raise ValueError(f"structured_outputs: {template.get_error()}")
+                raise ValueError(template.get_error())
             if len(self._compiled) >= self._max_cached:
                 self._compiled.pop(next(iter(self._compiled)))
             self._compiled[grammar] = template
-        return GrammarMatcher(template)
+        return template
 
     def allocate(self, num_rows: int) -> np.ndarray:
         """[num_rows, ceil(V/32)] int32, all ones: every token allowed."""

@@ -476,7 +476,5 @@ def _convert_params(
 
 def _check_quantization(quantization: str | None, is_encoder: bool) -> None:
     """EngineConfig checks the value and its combinations; the model's kind is known only here."""
-    if quantization not in (None, "int8"):
-        raise ValueError(f"EngineConfig.quantization must be None or 'int8', got {quantization!r}")
     if quantization is not None and is_encoder:
         raise ValueError("EngineConfig.quantization='int8' applies to decoder models only")

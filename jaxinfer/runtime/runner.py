@@ -101,7 +101,6 @@ class ModelRunner:
             if batch_invariant
             else resolve_backend(attention_backend, cfg.head_dim)
         )
-        self.batch_invariant = batch_invariant
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_logprobs = num_logprobs

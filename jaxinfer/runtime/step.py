@@ -297,8 +297,9 @@ def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array) -> tupl
 
 def jit_step(**static) -> Callable:
     """The step with its static arguments bound (family, model_config, decode_rows, max_top_k,
-    num_logprobs, paged_attention, mesh, first_layer, batch_invariant), compiled per bucket. Only the slot state is
-    donated: the cache is read here and written by `write_cache` (see the module docstring)."""
+    num_logprobs, paged_attention, mesh, first_layer, batch_invariant), compiled per bucket. Only
+    the slot state is donated: the cache is read here and written by `write_cache` (see the module
+    docstring)."""
     return jax.jit(functools.partial(step, **static), donate_argnums=(2,))
 
 
