@@ -26,6 +26,7 @@ from contextvars import ContextVar
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.kernels.int8_matmul import cpu_kernel_enabled
 from jaxinfer.models.quantization import QuantizedWeight, quantized_matmul
 from pallas_kernels.batch_invariant import tree_sum
 
@@ -50,12 +51,14 @@ def batch_invariant_ops(enabled: bool = True) -> Iterator[None]:
 def matmul(x: jax.Array, w: jax.Array | QuantizedWeight, preferred_element_type=None) -> jax.Array:
     """x [..., E] @ w [E, F] -> [..., F]. `w` may be an int8 QuantizedWeight (models/quantization.py).
 
-    In the invariant form an int8 weight is dequantized once, before the tiles, which then run the
-    float GEMM: with the dequantizing product inside each tile, a row's logprobs still moved with
-    the row count (~1e-6; the tokens held), so invariance is bought with one float copy per step.
+    In the invariant form an int8 weight goes through the CPU kernel untiled when it applies (its
+    per-row result depends on the row alone: kernels/cpu/int8_matmul.cc); otherwise it is
+    dequantized once, before the tiles, which then run the float GEMM: with XLA's dequantizing
+    product inside each tile, a row's logprobs still moved with the row count (~1e-6; the tokens
+    held), so invariance is bought with one float copy per step.
     """
     if isinstance(w, QuantizedWeight):
-        if not _active.get():
+        if not _active.get() or cpu_kernel_enabled():
             flat = quantized_matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type)
             return flat.reshape(*x.shape[:-1], w.shape[-1])
         w = jax.lax.optimization_barrier(w.dequantize())

@@ -10,16 +10,16 @@ Layout: `values` is stored with output channels as rows ([out, in], Hugging Face
 so that a block of output channels is a contiguous slice and a token-embedding table [V, E] is the
 same object as its tied lm_head (`.T`).
 
-Why the product walks blocks of `BLOCK_ROWS` output channels (measured, benchmarks/RESULTS.md,
-"Quantization"): XLA:CPU does not fuse the int8 -> float convert into the dot. `x @ values.astype`
-compiles to a `wrapped_convert` fusion that writes a float32 copy of the whole matrix, then the
-dot reads that copy, and that convert runs at ~2 ns per element: 60 ms per call for SmolLM2's
-[576, 49152] lm_head against 3.7 ms with the float32 weight. Converting one block of 128 channels
-at a time (`lax.map`) brings an isolated product back to about the float32 weight's time, but in
-the whole model the converts still dominate: on the 2-core CPU an int8 SmolLM2 decodes ~3x slower
-than float32 while holding a quarter of the bytes. What int8 buys there today is memory; a
-product that reads int8 at bandwidth needs a kernel (issue 20: jax.ffi on CPU, XLA's fused int8
-GEMM or Pallas on GPU).
+Why the product has two paths (measured, benchmarks/RESULTS.md, "Weight-only int8"): XLA:CPU
+does not fuse the int8 -> float convert into the dot. `x @ values.astype` compiles to a
+`wrapped_convert` fusion that writes a float32 copy of the whole matrix, then the dot reads that
+copy, and that convert runs at ~2 ns per element: an int8 SmolLM2 decoded ~3x slower than float32
+while holding a quarter of the bytes. So on CPU `quantized_matmul` calls a kernel behind `jax.ffi`
+(jaxinfer/kernels/int8_matmul.py) that reads the int8 rows and converts them in registers. Where
+that kernel does not apply (another backend, no compiler, `JAXINFER_CPU_KERNELS=0`) it walks blocks
+of `BLOCK_ROWS` output channels, converting and multiplying one block at a time (`lax.map`, so XLA
+keeps one block's float copy at a time): on CPU that brings an isolated product back to about the
+float32 weight's time (the GPU path too; whether XLA:GPU fuses the convert is not measured here).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.kernels.int8_matmul import cpu_kernel_enabled, int8_matmul
 from jaxinfer.models.family import WeightSpec
 
 QUANTIZATIONS = (None, "int8")
@@ -130,12 +131,15 @@ def quantized_matmul(
     w: QuantizedWeight,  # logical [in, out]
     preferred_element_type=None,
 ) -> jax.Array:
-    """x @ w -> [T, out]: blocks of BLOCK_ROWS output channels, each converted and multiplied in
-    turn (`lax.map`, so XLA keeps one block's float copy at a time), then the per-channel scale."""
+    """x @ w -> [T, out]. On CPU the int8 kernel (decided when traced; a row's result is the same
+    whatever T is, so batch-invariant mode calls it as it is); elsewhere blocks of BLOCK_ROWS
+    output channels, each converted and multiplied in turn, then the per-channel scale."""
     if not w.transposed:
         raise TypeError("matmul takes a linear weight [in, out]; pass embed.T for a tied lm_head")
     out_features, in_features = w.values.shape
     out_dtype = preferred_element_type or x.dtype
+    if cpu_kernel_enabled():
+        return int8_matmul(x, w.values, w.scale).astype(out_dtype)
 
     def block_product(block: jax.Array) -> jax.Array:  # block int8 [rows, in] -> [T, rows]
         return jax.lax.dot_general(

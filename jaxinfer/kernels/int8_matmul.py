@@ -1,0 +1,90 @@
+"""The int8 weight product on XLA:CPU through a `jax.ffi` custom call (cpu/int8_matmul.cc).
+
+    int8_matmul(x [T, in] float32, values [out, in] int8, scale [out] float32) -> [T, out] float32
+    = x @ (values * scale[:, None]).T
+
+Why: XLA:CPU converts an int8 weight into a float32 copy before its dot, so the int8 model read
+more bytes per step than the float32 one (benchmarks/RESULTS.md, "Weight-only int8"); the kernel
+reads the int8 rows themselves. It is built on first use with the system compiler
+(kernels/native_build.py) and registered for the "cpu" platform only. `cpu_kernel_enabled()` is
+what `models/quantization.quantized_matmul` asks at trace time: false on another backend, when
+the build failed (one warning, then XLA's blocked path), or when `JAXINFER_CPU_KERNELS=0`
+forces that path (tests of the fallback, comparisons).
+
+A row's result depends on that row and `in` alone (the summation order is fixed in the source),
+so the product is batch invariant as it stands.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.kernels.native_build import build_shared_library
+
+TARGET = "jaxinfer_int8_matmul"
+CPU_KERNELS_ENV = "JAXINFER_CPU_KERNELS"  # "0": XLA's paths only
+SOURCE = Path(__file__).resolve().parent / "cpu" / "int8_matmul.cc"
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_attempted = False
+
+
+def _load() -> ctypes.CDLL | None:
+    """Build (or find in the cache), load and register the kernel once per process."""
+    global _library, _attempted
+    with _lock:
+        if not _attempted:
+            _attempted = True
+            path = build_shared_library(SOURCE, include_dirs=(jax.ffi.include_dir(),))
+            if path is not None:
+                library = ctypes.CDLL(str(path))
+                jax.ffi.register_ffi_target(
+                    TARGET, jax.ffi.pycapsule(library.JaxinferInt8Matmul), platform="cpu"
+                )
+                library.JaxinferInt8MatmulIsa.restype = ctypes.c_char_p
+                _library = library
+        return _library
+
+
+def cpu_kernel_enabled() -> bool:
+    """Whether a product traced now should go through the kernel: the computation is for CPU (the
+    default backend: the engine places its weights there), the kernels are not switched off, and
+    the kernel is built."""
+    if os.environ.get(CPU_KERNELS_ENV, "1").strip() == "0":
+        return False
+    if jax.default_backend() != "cpu":
+        return False
+    return _load() is not None
+
+
+def kernel_isa() -> str | None:
+    """"avx512", "avx2" or "portable": which of the source's implementations the build holds."""
+    library = _load()
+    return None if library is None else library.JaxinferInt8MatmulIsa().decode()
+
+
+def int8_matmul(
+    x: jax.Array, values: jax.Array, scale: jax.Array, max_threads: int = 0
+) -> jax.Array:
+    """x [T, in] (cast to float32) @ (values [out, in] int8 * scale [out]).T -> float32 [T, out].
+
+    `max_threads`: at most this many threads of XLA's intra-op pool (0: all of them)."""
+    if _load() is None:
+        raise RuntimeError(f"the {TARGET} kernel is not available (see the warning logged)")
+    rows, out = x.shape[0], values.shape[0]
+    call = jax.ffi.ffi_call(
+        TARGET, jax.ShapeDtypeStruct((rows, out), jnp.float32), vmap_method="sequential"
+    )
+    return call(
+        x.astype(jnp.float32),
+        values.astype(jnp.int8),
+        scale.astype(jnp.float32),
+        max_threads=max_threads,
+    )

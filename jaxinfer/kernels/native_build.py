@@ -1,0 +1,119 @@
+"""Compile a C++ source shipped with the package into a shared library, once per machine.
+
+Why at first use and not at install: the kernels are built with `-march=native` (the int8 product
+is only faster than XLA's path when it uses the host's vector instructions), so a wheel built
+elsewhere could not carry them; and a compiler is on every machine this project runs on. The
+library lands in the user's cache folder (`$JAXINFER_KERNEL_CACHE_DIR`, else
+`$XDG_CACHE_HOME/jaxinfer/kernels/<cpu>`, next to the compilation cache), named by a hash of
+everything that changes the binary: the source, the flags, the compiler's version, the jaxlib
+version (the FFI headers) and the CPU's feature flags. It is written under a temporary name and
+renamed, so two processes building at once never load a half-written file.
+
+A missing compiler or a failed build is not an error: `build_shared_library` logs one warning
+and returns None, and the caller keeps its XLA path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from jaxinfer.config import _host_cpu_tag
+
+logger = logging.getLogger("jaxinfer")
+
+KERNEL_CACHE_ENV = "JAXINFER_KERNEL_CACHE_DIR"
+# -ffp-contract=off: only the fused multiply-adds the source asks for (the kernels' summation
+# order, and so their batch invariance, is stated in the source, not chosen by the compiler).
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off")
+BUILD_TIMEOUT_S = 300
+
+
+def kernel_cache_dir() -> Path:
+    configured = os.environ.get(KERNEL_CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "jaxinfer" / "kernels" / _host_cpu_tag()
+
+
+def find_compiler() -> str | None:
+    """`$CXX` if set, else the first C++ compiler on PATH."""
+    configured = os.environ.get("CXX")
+    if configured:
+        return shutil.which(configured)
+    for name in ("g++", "c++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _compiler_version(compiler: str) -> str:
+    result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
+    return result.stdout.strip()
+
+
+def build_shared_library(source: Path, include_dirs: tuple[str, ...] = ()) -> Path | None:
+    """-> the path of `source` compiled into a shared library (cached), or None with a warning."""
+    import jaxlib
+
+    compiler = find_compiler()
+    if compiler is None:
+        logger.warning(
+            "jaxinfer: no C++ compiler found (set CXX or install g++); %s is not built and the "
+            "XLA path is used instead",
+            source.name,
+        )
+        return None
+    command = [compiler, *FLAGS, *(f"-I{d}" for d in include_dirs)]
+    try:
+        identity = "\n".join(
+            [
+                source.read_text(),
+                " ".join(command),
+                _compiler_version(compiler),
+                jaxlib.__version__,
+                _host_cpu_tag(),
+            ]
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.warning("jaxinfer: cannot build %s (%s); using the XLA path", source.name, error)
+        return None
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    folder = kernel_cache_dir()
+    target = folder / f"{source.stem}-{digest}.so"
+    if target.exists():
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=folder)
+        os.close(handle)
+        try:
+            result = subprocess.run(
+                [*command, str(source), "-o", temporary],
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT_S,
+            )
+            if result.returncode != 0:
+                logger.warning(
+                    "jaxinfer: building %s failed, using the XLA path instead:\n%s",
+                    source.name,
+                    result.stderr.strip()[-4000:],
+                )
+                return None
+            os.replace(temporary, target)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.warning("jaxinfer: cannot build %s (%s); using the XLA path", source.name, error)
+        return None
+    logger.info("jaxinfer: built %s -> %s", source.name, target)
+    return target
