@@ -8,6 +8,10 @@ only float32 summation order separates them (measured max 1.4e-5 to 1.9e-5 over 
 variants). The quantization itself moves the logits by 0.55 to 0.59 on these checkpoints (asserted
 > 1e-2, so the int8 path cannot pass by silently keeping floats); greedy tokens equal the
 reference's. Batch-invariant mode with int8: tokens and logprobs equal alone vs batched.
+
+On CPU the engine's products go through the int8 kernel behind `jax.ffi`
+(tests/kernels/test_int8_cpu_kernel.py tests the kernel itself): every compiled step holds its
+custom call, and the same reference checks pass with `JAXINFER_CPU_KERNELS=0` (XLA's blocked path).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from jaxinfer import LLM, EngineConfig, SamplingParams
 from jaxinfer.engine_args import engine_config
+from jaxinfer.kernels.int8_matmul import TARGET, cpu_kernel_enabled
 from jaxinfer.models.quantization import QuantizedWeight, quantize_int8, quantized_matmul
 from tests.checkpoints import hf_greedy, hf_model, hf_prefill_logits, tiny_checkpoint
 from tests.parity import engine_prefill_logits
@@ -73,6 +78,36 @@ def test_int8_greedy_tokens_match_the_int8_rounded_reference(variant):
     outputs = int8.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     for prompt, output in zip(PROMPTS, outputs, strict=True):
         assert list(output.outputs[0].token_ids) == hf_greedy(rounded, prompt, 12)
+
+
+def _compiled_steps(llm) -> list[str]:
+    """The optimized HLO of every step program the engine has compiled."""
+    runner = llm.llm_engine.runner
+    return [exe.as_text() for stage in runner.stages for exe in stage.executables.values()]
+
+
+def test_int8_steps_run_through_the_cpu_kernel(variant):
+    if not cpu_kernel_enabled():
+        pytest.skip("the int8 kernel is for XLA:CPU (and must build there: tests/kernels)")
+    _, int8 = variant
+    int8.generate([{"prompt_token_ids": PROMPTS[1]}], SamplingParams(max_tokens=2), use_tqdm=False)
+    steps = _compiled_steps(int8)
+    assert steps and all(f'custom_call_target="{TARGET}"' in text for text in steps)
+
+
+def test_int8_through_xla_when_the_kernel_is_off_matches_the_reference_too(monkeypatch):
+    monkeypatch.setenv("JAXINFER_CPU_KERNELS", "0")
+    path = tiny_checkpoint(**VARIANTS["llama-tied"])
+    llm = LLM(EngineConfig(model=str(path), quantization="int8", **BASE))
+    try:
+        rounded = hf_model(path)
+        _fake_int8(rounded)
+        for prompt, logits in zip(PROMPTS, engine_prefill_logits(llm, PROMPTS), strict=True):
+            np.testing.assert_allclose(logits, hf_prefill_logits(rounded, prompt), atol=LOGIT_ATOL)
+        steps = _compiled_steps(llm)
+        assert steps and not any(TARGET in text for text in steps)
+    finally:
+        llm.shutdown()
 
 
 def test_int8_weights_stay_int8_on_the_device(variant):

@@ -59,8 +59,13 @@ def _compiler_version(compiler: str) -> str:
     return result.stdout.strip()
 
 
-def build_shared_library(source: Path, include_dirs: tuple[str, ...] = ()) -> Path | None:
-    """-> the path of `source` compiled into a shared library (cached), or None with a warning."""
+def build_shared_library(
+    source: Path, include_dirs: tuple[str, ...] = (), extra_flags: tuple[str, ...] = ()
+) -> Path | None:
+    """-> the path of `source` compiled into a shared library (cached), or None with a warning.
+
+    `extra_flags` come after FLAGS (tests build the source's other instruction-set paths with
+    `-mno-avx512f` and the like)."""
     import jaxlib
 
     compiler = find_compiler()
@@ -71,7 +76,7 @@ def build_shared_library(source: Path, include_dirs: tuple[str, ...] = ()) -> Pa
             source.name,
         )
         return None
-    command = [compiler, *FLAGS, *(f"-I{d}" for d in include_dirs)]
+    command = [compiler, *FLAGS, *extra_flags, *(f"-I{d}" for d in include_dirs)]
     try:
         identity = "\n".join(
             [
