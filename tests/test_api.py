@@ -261,8 +261,12 @@ def test_cli_default_model_runs(smollm2_gguf):
         timeout=600,
         check=True,
     )
-    assert "Paris" in result.stdout
+    assert "Paris" in result.stdout  # flushed before console_main's immediate exit
+    assert result.stdout.rstrip().endswith("finish_reason=length")
     assert "jaxinfer: compiling the decode step" in result.stderr  # the user is told why it waits
+    # One prompt: max_num_seqs defaults to 1, so the cache holds one 256-token sequence (16
+    # blocks of 16) plus the null block, not 16 sequences' worth.
+    assert "KV cache: 17 blocks x 16 tokens" in result.stderr
 
 
 def test_generation_config_supplies_default_sampling_params(tiny_llama, tmp_path):
