@@ -6,23 +6,32 @@
 1. The product alone, SmolLM2's shapes [B, 576] x [576, 1536] (an MLP projection) and
    [576, 49152] (the tied lm_head), B = 1 and 16, median ms per call:
    float32 weight; int8 converted whole (`x @ values.astype(f32) * scale`, what XLA:CPU does with
-   the obvious code); int8 by blocks of 128 output channels (the engine's `quantized_matmul`);
+   the obvious code); int8 by blocks of 128 output channels (`quantized_matmul`'s XLA path);
+   int8 through the CPU kernel behind `jax.ffi` (`quantized_matmul` on CPU;
+   jaxinfer/kernels/cpu/int8_matmul.cc), with all of XLA's intra-op threads and with one;
    int8 x int8 with a dynamically quantized activation (`preferred_element_type=int32`: W8A8, a
    different accuracy contract, shown for what XLA:CPU's integer dot can do). Also whether the
    compiled HLO of the obvious code materializes a float32 copy of the weight (a `convert` whose
-   result has the weight's shape, outside the dot).
-2. The engine: SmolLM2 decode steps at batch 1 and 16, float32 vs int8, modes interleaved
+   result has the weight's shape, outside the dot), and the kernel's int8 bytes per second.
+2. Every product of one decode step, alone: one jitted call running all of SmolLM2's linear
+   weights (30 layers and the lm_head; 135 MB in int8, far beyond the caches) at B rows, per
+   mode: ms, the weight bytes it reads, and the resulting GB/s against the measured bandwidth.
+3. The engine: SmolLM2 decode steps at batch 1 and 16: float32, int8 through XLA's blocked path
+   (`JAXINFER_CPU_KERNELS=0` while it compiles) and int8 through the kernel, modes interleaved
    (decode ms per step = (generate N tokens - generate 1 token) / (N - 1), median over rounds),
-   the weight bytes on the device, the bytes of weights read per decoded token (every weight once
-   per step, shared by the batch), and the bandwidth bound on the step (weight bytes / the
-   machine's read bandwidth, benchmarks/roofline.py). Results: a table and `--out` JSON; numbers
-   go to RESULTS.md by hand with the machine named.
+   the weight bytes on the device, the bytes of weights read per step (every weight once per
+   step, shared by the batch), and the bandwidth bound on the step (weight bytes / the machine's
+   read bandwidth, benchmarks/roofline.py). Results: tables and `--out` JSON; numbers go to
+   RESULTS.md by hand with the machine named.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,6 +45,21 @@ import throughput
 
 HIDDEN = 576
 SHAPES = {"mlp [576, 1536]": 1536, "lm_head [576, 49152]": 49152}
+MODES = ("float32", "int8 xla", "int8 kernel")
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool):
+    """`quantized_matmul` decides when traced: what is compiled inside the block keeps the path."""
+    before = os.environ.get("JAXINFER_CPU_KERNELS")
+    os.environ["JAXINFER_CPU_KERNELS"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["JAXINFER_CPU_KERNELS"]
+        else:
+            os.environ["JAXINFER_CPU_KERNELS"] = before
 
 
 def _median_ms(fn, args, repeats: int) -> float:
@@ -52,6 +76,7 @@ def product_table(repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from jaxinfer.kernels.int8_matmul import int8_matmul
     from jaxinfer.models.quantization import QuantizedWeight, quantize_int8, quantized_matmul
 
     def whole(x, values, scale):  # values [in, out]
@@ -80,20 +105,81 @@ def product_table(repeats: int) -> dict:
         materialized = f"f32[{HIDDEN},{out}]" in hlo and "convert(" in hlo
         for batch in (1, 16):
             x = jnp.asarray(rng.standard_normal((batch, HIDDEN)).astype(np.float32))
+            with cpu_kernels(False):  # a new function per path: jit caches traces by function
+                xla_blocks = jax.jit(lambda x, w: quantized_matmul(x, w))
+                xla_blocks.lower(x, blocked).compile()
+                ms_xla_blocks = _median_ms(xla_blocks, (x, blocked), repeats)
+            one_thread = functools.partial(int8_matmul, max_threads=1)
+            kernel_args = (x, blocked.values, blocked.scale)
             row = {
                 "float32": _median_ms(jax.jit(jnp.dot), (x, jnp.asarray(weight)), repeats),
                 "int8 whole convert": _median_ms(
                     jax.jit(whole), (x, values_in_out, jnp.asarray(scale)), repeats
                 ),
-                "int8 blocks (engine)": _median_ms(
-                    jax.jit(quantized_matmul), (x, blocked), repeats
-                ),
+                "int8 blocks (XLA)": ms_xla_blocks,
+                "int8 kernel": _median_ms(jax.jit(int8_matmul), kernel_args, repeats),
+                "int8 kernel 1 thread": _median_ms(jax.jit(one_thread), kernel_args, repeats),
                 "int8 x int8 (W8A8)": _median_ms(
                     jax.jit(int8_int8), (x, values_in_out, jnp.asarray(scale)), repeats
                 ),
             }
-            rows[f"{label} B={batch}"] = {"ms": row, "hlo_materializes_f32_weight": materialized}
+            rows[f"{label} B={batch}"] = {
+                "ms": row,
+                "hlo_materializes_f32_weight": materialized,
+                "kernel_int8_gb_s": values.nbytes / row["int8 kernel"] / 1e6,
+            }
     return rows
+
+
+def _linear_weights(params) -> list:
+    """Every weight a decode step multiplies by (not the embedding gather): the layers' 2-D
+    weights and the lm_head (the tied embedding's transpose when there is no lm_head)."""
+    import jax
+
+    from jaxinfer.models.quantization import QuantizedWeight
+
+    def is_leaf(x):
+        return isinstance(x, QuantizedWeight)
+
+    weights = [
+        leaf
+        for layer in params["layers"]
+        for leaf in jax.tree_util.tree_leaves(layer, is_leaf=is_leaf)
+        if is_leaf(leaf) or leaf.ndim == 2
+    ]
+    return [*weights, params["lm_head"] if "lm_head" in params else params["embed"].T]
+
+
+def step_products(llm, batch: int, kernel: bool, repeats: int) -> dict:
+    """All of one step's weight products, alone, at `batch` rows: ms and weight GB/s."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.models.quantization import QuantizedWeight, quantized_matmul
+
+    weights = _linear_weights(llm.llm_engine.model.params)
+    widths = sorted({w.shape[0] for w in weights})
+    rng = np.random.default_rng(batch)
+    xs = {n: jnp.asarray(rng.standard_normal((batch, n)).astype(np.float32)) for n in widths}
+
+    def products(xs, weights):
+        return [
+            quantized_matmul(xs[w.shape[0]], w)
+            if isinstance(w, QuantizedWeight)
+            else jnp.dot(xs[w.shape[0]], w)
+            for w in weights
+        ]
+
+    with cpu_kernels(kernel):
+        jitted = jax.jit(lambda xs, weights: products(xs, weights))
+        jitted.lower(xs, weights).compile()
+
+    def call(xs, weights):
+        return jax.block_until_ready(jitted(xs, weights))[-1]
+
+    ms = _median_ms(call, (xs, weights), repeats)
+    weight_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(weights))
+    return {"ms": ms, "weight_bytes": weight_bytes, "gb_s": weight_bytes / ms / 1e6}
 
 
 def decode_ms(llm, batch: int, new_tokens: int) -> float:
@@ -123,17 +209,22 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.new_tokens = 1, 8
 
     from jaxinfer import LLM, EngineConfig
+    from jaxinfer.kernels.int8_matmul import kernel_isa
 
+    print(f"int8 kernel build: {kernel_isa()}")
     products = product_table(repeats=5 if args.quick else 30)
     print(f"\n{'product':>26} " + " ".join(f"{k:>21}" for k in next(iter(products.values()))["ms"]))
     for label, row in products.items():
         cells = " ".join(f"{v:18.3f} ms" for v in row["ms"].values())
-        print(f"{label:>26} {cells}   float32 copy in HLO: {row['hlo_materializes_f32_weight']}")
+        print(
+            f"{label:>26} {cells}   float32 copy in HLO: {row['hlo_materializes_f32_weight']}; "
+            f"kernel reads int8 at {row['kernel_int8_gb_s']:.1f} GB/s"
+        )
 
     files = throughput.resolve_model("smollm2", Path("~/.cache/jaxinfer/benchmarks").expanduser())
-    rates = roofline.measure_machine(quick=True)
+    rates = roofline.measure_machine(quick=args.quick)
     engines = {}
-    for mode in ("float32", "int8"):
+    for mode in MODES:
         config = EngineConfig(
             model=files.path,
             dtype="float32",
@@ -143,14 +234,28 @@ def main(argv: list[str] | None = None) -> int:
             max_num_seqs=16,
         )
         engines[mode] = LLM(config)
+
+    alone = {}
+    print(f"\n{'step products alone':>22} {'batch':>5} {'ms':>8} {'weights MB':>10} {'GB/s':>6}")
+    for batch in (1, 16):
+        for mode, llm in engines.items():
+            row = step_products(llm, batch, mode != "int8 xla", repeats=3 if args.quick else 10)
+            alone[f"{mode} B={batch}"] = row
+            print(
+                f"{mode:>22} {batch:5d} {row['ms']:8.2f} {row['weight_bytes'] / 1e6:10.1f} "
+                f"{row['gb_s']:6.1f}"
+            )
+
     steps: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.rounds):
         for batch in (1, 16):
-            for mode, llm in engines.items():  # interleaved: drift hits both modes alike
-                steps.setdefault((mode, batch), []).append(decode_ms(llm, batch, args.new_tokens))
+            for mode, llm in engines.items():  # interleaved: drift hits every mode alike
+                with cpu_kernels(mode != "int8 xla"):  # what compiles here keeps its path
+                    step = decode_ms(llm, batch, args.new_tokens)
+                steps.setdefault((mode, batch), []).append(step)
     summary = {}
     print(
-        f"\n{'mode':>8} {'batch':>5} {'ms/step':>8} {'tok/s':>7} {'weights MB':>10} "
+        f"\n{'mode':>12} {'batch':>5} {'ms/step':>8} {'tok/s':>7} {'weights MB':>10} "
         f"{'read MB/token':>13} {'bound ms/step':>13} {'% of bound':>10}"
     )
     for (mode, batch), times in steps.items():
@@ -170,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         summary[f"{mode} B={batch}"] = row
         print(
-            f"{mode:>8} {batch:5d} {step_ms:8.2f} {row['tokens_per_s']:7.1f} "
+            f"{mode:>12} {batch:5d} {step_ms:8.2f} {row['tokens_per_s']:7.1f} "
             f"{weight_bytes / 1e6:10.1f} {weight_bytes / batch / 1e6:13.1f} {bound_ms:13.2f} "
             f"{100 * row['fraction_of_bound']:9.0f}%"
         )
@@ -182,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "machine": throughput.machine_info(),
                 "model": files.name,
+                "kernel_isa": kernel_isa(),
                 "bandwidth_bytes_s": rates.bandwidth_bytes_s,
                 "products": products,
+                "step_products_alone": alone,
                 "decode": summary,
             },
             indent=2,
