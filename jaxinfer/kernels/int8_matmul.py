@@ -29,6 +29,7 @@ from jaxinfer.kernels.native_build import build_shared_library
 
 TARGET = "jaxinfer_int8_matmul"
 CPU_KERNELS_ENV = "JAXINFER_CPU_KERNELS"  # "0": XLA's paths only
+THREADS_ENV = "JAXINFER_INT8_KERNEL_THREADS"  # at most this many threads per product (benchmarks)
 SOURCE = Path(__file__).resolve().parent / "cpu" / "int8_matmul.cc"
 
 _lock = threading.Lock()
@@ -65,17 +66,20 @@ def cpu_kernel_enabled() -> bool:
 
 
 def kernel_isa() -> str | None:
-    """"avx512", "avx2" or "portable": which of the source's implementations the build holds."""
+    """Which of the source's implementations the build holds: avx512, avx2 or portable."""
     library = _load()
     return None if library is None else library.JaxinferInt8MatmulIsa().decode()
 
 
 def int8_matmul(
-    x: jax.Array, values: jax.Array, scale: jax.Array, max_threads: int = 0
+    x: jax.Array, values: jax.Array, scale: jax.Array, max_threads: int | None = None
 ) -> jax.Array:
     """x [T, in] (cast to float32) @ (values [out, in] int8 * scale [out]).T -> float32 [T, out].
 
-    `max_threads`: at most this many threads of XLA's intra-op pool (0: all of them)."""
+    `max_threads`: at most this many threads of XLA's intra-op pool (0: all of them; default:
+    `$JAXINFER_INT8_KERNEL_THREADS`, else 0), read when traced."""
+    if max_threads is None:
+        max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
     if _load() is None:
         raise RuntimeError(f"the {TARGET} kernel is not available (see the warning logged)")
     rows, out = x.shape[0], values.shape[0]

@@ -55,7 +55,9 @@ def find_compiler() -> str | None:
 
 
 def _compiler_version(compiler: str) -> str:
-    result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [compiler, "--version"], check=False, capture_output=True, text=True, timeout=60
+    )
     return result.stdout.strip()
 
 
@@ -102,6 +104,7 @@ def build_shared_library(
         try:
             result = subprocess.run(
                 [*command, str(source), "-o", temporary],
+                check=False,
                 capture_output=True,
                 text=True,
                 timeout=BUILD_TIMEOUT_S,

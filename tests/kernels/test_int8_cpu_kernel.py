@@ -50,7 +50,9 @@ def _assert_within_float32_bound(got, x, values, scale) -> None:
     exact = x.astype(np.float64) @ (values.astype(np.float64) * scale[:, None]).T
     k = math.ceil(x.shape[1] / 16) + 5
     u = 2.0**-24
-    bound = k * u / (1 - k * u) * (np.abs(x).astype(np.float64) @ np.abs(values.astype(np.float64)).T)
+    bound = (
+        k * u / (1 - k * u) * (np.abs(x).astype(np.float64) @ np.abs(values.astype(np.float64)).T)
+    )
     bound *= scale
     assert got.shape == exact.shape
     assert got.dtype == np.float32
