@@ -156,3 +156,19 @@ def test_when_the_kernel_is_unavailable_quantized_matmul_keeps_the_xla_path(monk
     jitted = jax.jit(lambda x, w: quantized_matmul(x, w))
     assert TARGET not in jitted.lower(x, w).compile().as_text()
     _assert_within_float32_bound(np.asarray(jitted(x, w)), x, values, scale)
+
+
+def test_a_bfloat16_model_gets_bfloat16_out_of_the_kernel_path():
+    """x in the model's dtype is widened to float32 for the kernel; the result is rounded back to
+    it (or kept float32 when asked, as the lm_head's logits are)."""
+    x, values, scale = _problem(3, 48, 20, seed=13)
+    w = QuantizedWeight(values=values, scale=scale, transposed=True, dtype_name="bfloat16")
+    x16 = jnp.asarray(x, dtype=jnp.bfloat16)
+    wide = np.asarray(x16.astype(jnp.float32))
+    expected = np.asarray(jax.jit(int8_matmul)(wide, values, scale))
+    got = jax.jit(lambda x, w: quantized_matmul(x, w))(x16, w)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(expected, jnp.bfloat16)))
+    logits = jax.jit(lambda x, w: quantized_matmul(x, w, jnp.float32))(x16, w)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(logits), expected)
