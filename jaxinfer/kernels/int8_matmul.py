@@ -18,6 +18,7 @@ so the product is batch invariant as it stands.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
 from pathlib import Path
@@ -32,6 +33,8 @@ CPU_KERNELS_ENV = "JAXINFER_CPU_KERNELS"  # "0": XLA's paths only
 THREADS_ENV = "JAXINFER_INT8_KERNEL_THREADS"  # at most this many threads per product (benchmarks)
 SOURCE = Path(__file__).resolve().parent / "cpu" / "int8_matmul.cc"
 
+logger = logging.getLogger("jaxinfer")
+
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _attempted = False
@@ -45,12 +48,16 @@ def _load() -> ctypes.CDLL | None:
             _attempted = True
             path = build_shared_library(SOURCE, include_dirs=(jax.ffi.include_dir(),))
             if path is not None:
-                library = ctypes.CDLL(str(path))
-                jax.ffi.register_ffi_target(
-                    TARGET, jax.ffi.pycapsule(library.JaxinferInt8Matmul), platform="cpu"
-                )
-                library.JaxinferInt8MatmulIsa.restype = ctypes.c_char_p
-                _library = library
+                try:
+                    library = ctypes.CDLL(str(path))
+                    jax.ffi.register_ffi_target(
+                        TARGET, jax.ffi.pycapsule(library.JaxinferInt8Matmul), platform="cpu"
+                    )
+                except (OSError, AttributeError) as error:  # unloadable file, missing symbol
+                    logger.warning("jaxinfer: cannot load %s (%s); using the XLA path", path, error)
+                else:
+                    library.JaxinferInt8MatmulIsa.restype = ctypes.c_char_p
+                    _library = library
         return _library
 
 
