@@ -21,6 +21,11 @@ os.environ.setdefault(
     "JAXINFER_COMPILATION_CACHE_DIR",
     str(Path(tempfile.gettempdir()) / f"jaxinfer-test-xla-cache-{getpass.getuser()}"),
 )
+# The same for the C++ kernels built on first use (jaxinfer/kernels/): never the user's ~/.cache.
+os.environ.setdefault(
+    "JAXINFER_KERNEL_CACHE_DIR",
+    str(Path(tempfile.gettempdir()) / f"jaxinfer-test-kernels-{getpass.getuser()}"),
+)
 
 import pytest
 
