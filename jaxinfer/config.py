@@ -197,7 +197,8 @@ class EngineConfig:
     check_weights_finite: bool = True
     # Weight-only quantization (vLLM's argument): None keeps the checkpoint's floats (a GGUF is
     # dequantized); "int8" stores every linear weight and the embedding as int8 with one scale per
-    # output channel, quantized at load (models/quantization.py). One device, no weight cache yet.
+    # output channel, quantized at load (models/quantization.py); "gguf" keeps a GGUF's Q8_0 /
+    # Q4_0 / Q4_1 matrices in their blocks (models/gguf_weight.py). One device, no weight cache yet.
     quantization: str | None = None
 
     def __post_init__(self) -> None:
@@ -289,20 +290,23 @@ class EngineConfig:
                 self.max_model_len,
             )
         _check(
-            self.quantization in (None, "int8"), "quantization", "None or 'int8'", self.quantization
+            self.quantization in (None, "int8", "gguf"),
+            "quantization",
+            "None, 'int8' or 'gguf'",
+            self.quantization,
         )
         if self.quantization is not None:
             _check(
                 self.weight_cache_dir is None,
                 "weight_cache_dir",
-                "None with quantization='int8' (the weight cache holds float weights)",
+                f"None with quantization={self.quantization!r} (the weight cache holds floats)",
                 self.weight_cache_dir,
             )
             for name in ("tensor_parallel_size", "pipeline_parallel_size"):
                 _check(
                     getattr(self, name) == 1,
                     name,
-                    "1 with quantization='int8' (int8 weights on a mesh are untested)",
+                    f"1 with quantization={self.quantization!r} (untested on a mesh)",
                     getattr(self, name),
                 )
         if self.weight_cache_dir is not None:

@@ -162,7 +162,7 @@ def test_quantized_matmul_equals_the_product_with_the_rounded_matrix(out_feature
 
 @pytest.mark.parametrize("value", ["awq", "int4", "INT8", "fp8"])
 def test_unknown_quantization_is_refused_naming_the_field(value):
-    with pytest.raises(ValueError, match=r"EngineConfig\.quantization must be None or 'int8'"):
+    with pytest.raises(ValueError, match=r"EngineConfig\.quantization must be None, 'int8' or 'gguf'"):
         engine_config("some/model", {"quantization": value})
     with pytest.raises(ValueError, match=r"EngineConfig\.quantization"):
         EngineConfig(model="some/model", quantization=value)

@@ -24,6 +24,7 @@ import gguf
 import numpy as np
 
 from jaxinfer.models import gguf_metadata
+from jaxinfer.models.gguf_blocks import BLOCK_TYPES, GGUFBlocks
 
 GGUF_MAGIC = b"GGUF"
 
@@ -261,8 +262,13 @@ def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def read_gguf_tensors(file: Path, config) -> dict[str, np.ndarray]:
+def read_gguf_tensors(
+    file: Path, config, keep_blocks: bool = False
+) -> dict[str, np.ndarray | GGUFBlocks]:
     """All tensors of ``file`` under Hugging Face names and layouts, dequantized to float32.
+
+    ``keep_blocks`` (``quantization="gguf"``): 2-D tensors stored as Q8_0, Q4_0 or Q4_1 come back
+    as ``GGUFBlocks`` instead: the file's bytes, rows un-permuted the same way (gguf_blocks.py).
 
     ``config`` is the model's config (``load_gguf_config``); its ``num_attention_heads`` and
     ``num_key_value_heads`` undo llama.cpp's q/k permutation and ``num_hidden_layers`` bounds the
@@ -318,13 +324,22 @@ def read_gguf_tensors(file: Path, config) -> dict[str, np.ndarray]:
         # which for 2-D weights is HF's [out, in].
         shape = tuple(reversed(tensor.shape))
         data = _tensor_data(blob, tensor)
+        m = _LAYER_RE.match(tensor.name)
+        permuted = m is not None and m.group(2) in spec.permuted
+        qtype = gguf.GGMLQuantizationType(tensor.ggml_type).name
+        if keep_blocks and len(shape) == 2 and qtype in BLOCK_TYPES:
+            blocks = GGUFBlocks.split(data, qtype)
+            if permuted:  # whole rows: the blocks run along each row
+                n_head = heads[spec.permuted[m.group(2)]]
+                blocks = blocks.map_rows(lambda a, n=n_head: _reverse_permute(a, n))
+            out[hf] = blocks
+            continue
         w = gguf.quants.dequantize(data, tensor.ggml_type)
         if np.may_share_memory(w, data):
             # F32 tensors come back as views of the file's memory map: own the data instead.
             w = np.array(w, dtype=np.float32, order="C", copy=True)
         w = np.ascontiguousarray(w, dtype=np.float32).reshape(shape)
-        m = _LAYER_RE.match(tensor.name)
-        if m and m.group(2) in spec.permuted:
+        if permuted:
             w = _reverse_permute(w, heads[spec.permuted[m.group(2)]])
         out[hf] = w
     return out

@@ -26,7 +26,9 @@ from contextvars import ContextVar
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.kernels.gguf_matmul import gguf_kernel_enabled
 from jaxinfer.kernels.int8_matmul import cpu_kernel_enabled
+from jaxinfer.models.gguf_weight import GGUFBlockWeight, gguf_block_matmul
 from jaxinfer.models.quantization import QuantizedWeight, quantized_matmul
 from pallas_kernels.batch_invariant import tree_sum
 
@@ -48,8 +50,12 @@ def batch_invariant_ops(enabled: bool = True) -> Iterator[None]:
         _active.reset(token)
 
 
-def matmul(x: jax.Array, w: jax.Array | QuantizedWeight, preferred_element_type=None) -> jax.Array:
-    """x [..., E] @ w [E, F] -> [..., F]. `w` may be an int8 QuantizedWeight (models/quantization.py).
+def matmul(
+    x: jax.Array, w: jax.Array | QuantizedWeight | GGUFBlockWeight, preferred_element_type=None
+) -> jax.Array:
+    """x [..., E] @ w [E, F] -> [..., F]. `w` may be an int8 QuantizedWeight
+    (models/quantization.py) or a GGUFBlockWeight (models/gguf_weight.py: the same two paths,
+    with its own kernel).
 
     In the invariant form an int8 weight goes through the CPU kernel untiled when it applies (its
     per-row result depends on the row alone: kernels/cpu/int8_matmul.cc); otherwise it is
@@ -60,6 +66,11 @@ def matmul(x: jax.Array, w: jax.Array | QuantizedWeight, preferred_element_type=
     if isinstance(w, QuantizedWeight):
         if not _active.get() or cpu_kernel_enabled():
             flat = quantized_matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type)
+            return flat.reshape(*x.shape[:-1], w.shape[-1])
+        w = jax.lax.optimization_barrier(w.dequantize())
+    elif isinstance(w, GGUFBlockWeight):
+        if not _active.get() or gguf_kernel_enabled():
+            flat = gguf_block_matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type)
             return flat.reshape(*x.shape[:-1], w.shape[-1])
         w = jax.lax.optimization_barrier(w.dequantize())
     if not _active.get():

@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxinfer.models import config_checks, gguf_reader, hub
+from jaxinfer.models.gguf_blocks import GGUFBlocks
+from jaxinfer.models.gguf_weight import blocks_for_device
 from jaxinfer.models.placement import ONE_DEVICE, WeightPlacement
 from jaxinfer.models.quantization import is_quantized_path, quantize_for_device
 from jaxinfer.models.registry import model_family
@@ -292,7 +294,8 @@ def build_params(
     `placement`: one device, or each tensor's shard of a mesh (models/placement.py).
     `check_finite`: fail naming a tensor that holds NaN or inf in `dtype` (see `_check_finite`).
     `quantization`: "int8" stores the linear weights and embeddings as int8 QuantizedWeights,
-    quantized here on the host from the `dtype` values (models/quantization.py).
+    quantized here on the host from the `dtype` values (models/quantization.py); "gguf" keeps
+    the GGUFBlocks a GGUF reader passes (models/gguf_weight.py) as they are.
     """
     by_hf_name = {spec.hf_name: (path, spec) for path, spec in specs.items()}
     params: dict = {}
@@ -306,6 +309,14 @@ def build_params(
                 f"checkpoint tensor {hf_name!r} {tuple(array.shape)} is not used by this model"
             )
         path, spec = by_hf_name[hf_name]
+        if isinstance(array, GGUFBlocks):
+            if quantization == "gguf" and is_quantized_path(path, spec):
+                if check_finite:
+                    array.check_finite(hf_name)
+                _set_path(params, path, blocks_for_device(path, spec, array, dtype, placement))
+                loaded.add(hf_name)
+                continue
+            array = array.dequantize()
         if spec.transpose:
             array = array.T
         array = placement.layout(spec, array)
@@ -318,7 +329,7 @@ def build_params(
             array = array.astype(target)
         if check_finite:
             _check_finite(hf_name, array, dtype)
-        if quantization is not None and is_quantized_path(path, spec):
+        if quantization == "int8" and is_quantized_path(path, spec):
             _set_path(params, path, quantize_for_device(path, spec, array, placement))
         else:
             _set_path(params, path, placement.put(path, spec, array))
@@ -379,8 +390,8 @@ def load_model(
     pipeline stage's devices (runtime/pipeline.py); `layer_partition`: layers per stage
     (EngineConfig.pipeline_layer_partition; None: vLLM's default split). `check_finite`: every
     converted weight is checked for NaN/inf (EngineConfig.check_weights_finite); weights restored
-    from the weight cache were checked when they were converted. `quantization`: None or "int8"
-    (EngineConfig.quantization; models/quantization.py)."""
+    from the weight cache were checked when they were converted. `quantization`: None, "int8"
+    (EngineConfig.quantization; models/quantization.py) or "gguf" (models/gguf_weight.py)."""
     hf_config = load_hf_config(source)
     family = model_family(hf_config)
     # Before a single layer is declared: a config claiming 10**6 layers fails here, not after
@@ -390,7 +401,7 @@ def load_model(
     )
     is_encoder = getattr(family, "IS_ENCODER", False)
     model_config = (family.EncoderConfig if is_encoder else family.DecoderConfig).from_hf(hf_config)
-    _check_quantization(quantization, is_encoder)
+    _check_quantization(quantization, is_encoder, source)
     dtype = resolve_dtype(dtype, hf_config, source)
     placement = ONE_DEVICE
     if mesh is not None:
@@ -455,7 +466,8 @@ def _convert_params(
 ) -> dict:
     """Read every tensor of the checkpoint and lay it out for our model code (`build_params`)."""
     if source.gguf_file is not None:
-        tensors = gguf_reader.read_gguf_tensors(source.gguf_file, hf_config).items()
+        keep_blocks = quantization == "gguf"
+        tensors = gguf_reader.read_gguf_tensors(source.gguf_file, hf_config, keep_blocks).items()
         if model_config.tie_word_embeddings:
             tensors = ((k, v) for k, v in tensors if k != "lm_head.weight")
     else:
@@ -474,7 +486,17 @@ def _convert_params(
     )
 
 
-def _check_quantization(quantization: str | None, is_encoder: bool) -> None:
-    """EngineConfig checks the value and its combinations; the model's kind is known only here."""
+def _check_quantization(
+    quantization: str | None, is_encoder: bool, source: CheckpointSource
+) -> None:
+    """EngineConfig checks the value and its combinations; the model's kind and whether it is a
+    GGUF are known only here (before any tensor is read)."""
     if quantization is not None and is_encoder:
-        raise ValueError("EngineConfig.quantization='int8' applies to decoder models only")
+        raise ValueError(
+            f"EngineConfig.quantization={quantization!r} applies to decoder models only"
+        )
+    if quantization == "gguf" and source.gguf_file is None:
+        raise ValueError(
+            "EngineConfig.quantization='gguf' keeps a GGUF file's quantized blocks, but "
+            f"{source.folder} is not a GGUF checkpoint: use quantization='int8' or None"
+        )

@@ -1,0 +1,110 @@
+"""Products with a GGUF weight kept in its Q8_0 / Q4_0 / Q4_1 blocks, on XLA:CPU through
+`jax.ffi` custom calls (cpu/gguf_matmul.cc).
+
+    gguf_matmul(qtype, x [T, in], quants, scales, mins) -> float32 [T, out] = x @ W.T
+
+with W [out, in] the float32 matrix gguf-py's `dequantize` gives for those blocks (the layout of
+the split arrays: models/gguf_weight.py). Why a kernel: decode reads every weight once per step,
+and the blocks are 0.56 to 1.06 bytes per weight against 4 for the dequantized float32 matrix.
+
+Built on first use like the int8 kernel (kernels/native_build.py), registered for "cpu" only;
+`gguf_kernel_enabled()` is false on another backend, when the build failed (one warning) or with
+`JAXINFER_CPU_KERNELS=0`, and then models/gguf_weight.py dequantizes with jnp instead. A row's
+result depends on that row and `in` alone (fixed summation order), so the product is batch
+invariant as it stands.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.kernels.int8_matmul import CPU_KERNELS_ENV, THREADS_ENV
+from jaxinfer.kernels.native_build import build_shared_library
+
+SOURCE = Path(__file__).resolve().parent / "cpu" / "gguf_matmul.cc"
+# GGUF type name -> (FFI target, symbol in the library).
+TARGETS = {
+    "Q8_0": ("jaxinfer_gguf_q8_0_matmul", "JaxinferQ8_0Matmul"),
+    "Q4_0": ("jaxinfer_gguf_q4_0_matmul", "JaxinferQ4_0Matmul"),
+    "Q4_1": ("jaxinfer_gguf_q4_1_matmul", "JaxinferQ4_1Matmul"),
+}
+
+logger = logging.getLogger("jaxinfer")
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_attempted = False
+
+
+def _load() -> ctypes.CDLL | None:
+    """Build (or find in the cache), load and register the three handlers once per process."""
+    global _library, _attempted
+    with _lock:
+        if not _attempted:
+            _attempted = True
+            path = build_shared_library(SOURCE, include_dirs=(jax.ffi.include_dir(),))
+            if path is not None:
+                try:
+                    library = ctypes.CDLL(str(path))
+                    for target, symbol in TARGETS.values():
+                        handler = jax.ffi.pycapsule(getattr(library, symbol))
+                        jax.ffi.register_ffi_target(target, handler, platform="cpu")
+                except (OSError, AttributeError) as error:
+                    logger.warning("jaxinfer: cannot load %s (%s); using the XLA path", path, error)
+                else:
+                    library.JaxinferGgufMatmulIsa.restype = ctypes.c_char_p
+                    _library = library
+        return _library
+
+
+def gguf_kernel_enabled() -> bool:
+    """Whether a product traced now goes through the kernel (as int8's `cpu_kernel_enabled`)."""
+    if os.environ.get(CPU_KERNELS_ENV, "1").strip() == "0":
+        return False
+    if jax.default_backend() != "cpu":
+        return False
+    return _load() is not None
+
+
+def kernel_isa() -> str | None:
+    """Which implementation the build holds: avx512, avx2 or portable."""
+    library = _load()
+    return None if library is None else library.JaxinferGgufMatmulIsa().decode()
+
+
+def gguf_matmul(
+    qtype: str,
+    x: jax.Array,
+    quants: jax.Array,
+    scales: jax.Array,
+    mins: jax.Array | None = None,
+    max_threads: int | None = None,
+) -> jax.Array:
+    """x [T, in] (cast to float32) @ W.T -> float32 [T, out], W given by its blocks.
+
+    `quants`: int8 [out, in] (Q8_0) or uint8 [out, in / 2] (Q4_0, Q4_1); `scales` and (Q4_1 only)
+    `mins`: float16 [out, in / 32]. `max_threads`: as `int8_matmul`'s."""
+    if qtype not in TARGETS:
+        raise ValueError(f"gguf_matmul: qtype must be one of {sorted(TARGETS)}, got {qtype!r}")
+    if (mins is not None) != (qtype == "Q4_1"):
+        raise ValueError(f"gguf_matmul: mins go with Q4_1 only (qtype {qtype!r})")
+    if max_threads is None:
+        max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
+    if _load() is None:
+        raise RuntimeError(f"the {SOURCE.name} kernels are not available (see the warning logged)")
+    rows, out = x.shape[0], quants.shape[0]
+    call = jax.ffi.ffi_call(
+        TARGETS[qtype][0], jax.ShapeDtypeStruct((rows, out), jnp.float32), vmap_method="sequential"
+    )
+    quant_dtype = jnp.int8 if qtype == "Q8_0" else jnp.uint8
+    operands = [x.astype(jnp.float32), quants.astype(quant_dtype), scales.astype(jnp.float16)]
+    if mins is not None:
+        operands.append(mins.astype(jnp.float16))
+    return call(*operands, max_threads=max_threads)
