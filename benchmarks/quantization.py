@@ -1,4 +1,5 @@
-"""What weight-only int8 (`EngineConfig.quantization="int8"`) does on this machine.
+"""What weight-only int8 (`EngineConfig.quantization="int8"`) and a GGUF kept in its blocks
+(`quantization="gguf"`) do on this machine.
 
     python benchmarks/quantization.py            # SmolLM2-135M (GGUF), 2 rounds
     python benchmarks/quantization.py --quick    # checks the script
@@ -15,9 +16,11 @@
    result has the weight's shape, outside the dot), and the kernel's int8 bytes per second.
 2. Every product of one decode step, alone: one jitted call running all of SmolLM2's linear
    weights (30 layers and the lm_head; 135 MB in int8, far beyond the caches) at B rows, per
-   mode: ms, the weight bytes it reads, and the resulting GB/s against the measured bandwidth.
+   mode: ms, the weight bytes it reads, and the resulting GB/s against the measured bandwidth
+   (the "gguf" mode's lm_head is the Q8_0 token table's transpose).
 3. The engine: SmolLM2 decode steps at batch 1 and 16: float32, int8 through XLA's blocked path
-   (`JAXINFER_CPU_KERNELS=0` while it compiles) and int8 through the kernel, modes interleaved
+   (`JAXINFER_CPU_KERNELS=0` while it compiles), int8 through the kernel and the GGUF's own
+   Q4_1 / Q8_0 blocks through their kernel (jaxinfer/kernels/cpu/gguf_matmul.cc), interleaved
    (decode ms per step = (generate N tokens - generate 1 token) / (N - 1), median over rounds),
    the weight bytes on the device, the bytes of weights read per step (every weight once per
    step, shared by the batch), and the bandwidth bound on the step (weight bytes / the machine's
@@ -45,7 +48,8 @@ import throughput
 
 HIDDEN = 576
 SHAPES = {"mlp [576, 1536]": 1536, "lm_head [576, 49152]": 49152}
-MODES = ("float32", "int8 xla", "int8 kernel")
+MODES = ("float32", "int8 xla", "int8 kernel", "gguf blocks")
+QUANTIZATION = {"float32": None, "int8 xla": "int8", "int8 kernel": "int8", "gguf blocks": "gguf"}
 
 
 @contextlib.contextmanager
@@ -136,10 +140,11 @@ def _linear_weights(params) -> list:
     weights and the lm_head (the tied embedding's transpose when there is no lm_head)."""
     import jax
 
+    from jaxinfer.models.gguf_weight import GGUFBlockWeight
     from jaxinfer.models.quantization import QuantizedWeight
 
     def is_leaf(x):
-        return isinstance(x, QuantizedWeight)
+        return isinstance(x, QuantizedWeight | GGUFBlockWeight)
 
     weights = [
         leaf
@@ -155,7 +160,7 @@ def step_products(llm, batch: int, kernel: bool, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxinfer.models.quantization import QuantizedWeight, quantized_matmul
+    from jaxinfer.models.invariant import matmul
 
     weights = _linear_weights(llm.llm_engine.model.params)
     widths = sorted({w.shape[0] for w in weights})
@@ -163,12 +168,7 @@ def step_products(llm, batch: int, kernel: bool, repeats: int) -> dict:
     xs = {n: jnp.asarray(rng.standard_normal((batch, n)).astype(np.float32)) for n in widths}
 
     def products(xs, weights):
-        return [
-            quantized_matmul(xs[w.shape[0]], w)
-            if isinstance(w, QuantizedWeight)
-            else jnp.dot(xs[w.shape[0]], w)
-            for w in weights
-        ]
+        return [matmul(xs[w.shape[0]], w) for w in weights]  # the step's own dispatch
 
     with cpu_kernels(kernel):
         jitted = jax.jit(lambda xs, weights: products(xs, weights))
@@ -209,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.new_tokens = 1, 8
 
     from jaxinfer import LLM, EngineConfig
+    from jaxinfer.kernels.gguf_matmul import kernel_isa as gguf_kernel_isa
     from jaxinfer.kernels.int8_matmul import kernel_isa
 
-    print(f"int8 kernel build: {kernel_isa()}")
+    print(f"int8 kernel build: {kernel_isa()}; gguf block kernels: {gguf_kernel_isa()}")
     products = product_table(repeats=5 if args.quick else 30)
     print(f"\n{'product':>26} " + " ".join(f"{k:>21}" for k in next(iter(products.values()))["ms"]))
     for label, row in products.items():
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         config = EngineConfig(
             model=files.path,
             dtype="float32",
-            quantization=None if mode == "float32" else "int8",
+            quantization=QUANTIZATION[mode],
             max_model_len=256,
             num_kv_blocks=160,
             max_num_seqs=16,

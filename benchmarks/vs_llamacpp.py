@@ -31,8 +31,9 @@ the work does not depend on what the model says; greedy; no stop at EOS):
     another (each a `generate` from a reset context): what a user of that API gets.
 
 Engines: jaxinfer with the default dtype (the GGUF dequantized to float32 at load), jaxinfer with
-`quantization="int8"` (weight-only int8 with per-channel scales, through the public API), and
-llama.cpp reading the file's own blocks (Q4_1, token embedding Q8_0). Each measurement runs in
+`quantization="int8"` (weight-only int8 with per-channel scales, through the public API), jaxinfer
+with `quantization="gguf"` (the file's Q4_1 / Q8_0 blocks kept on the device; only when --model is
+a GGUF), and llama.cpp reading the file's own blocks (Q4_1, token embedding Q8_0). Each measurement runs in
 rounds that interleave the engines (A, B, C, A, B, C ...), so drift in the machine's load hits all
 of them alike; the table reports medians over rounds. Every round draws fresh prompts (seed +
 round), the same ones for every engine, so no prefix cache serves a repeated prompt.
@@ -405,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--skip-llamacpp", action="store_true")
     p.add_argument("--skip-int8", action="store_true")
+    p.add_argument("--skip-gguf", action="store_true")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--workload-rounds", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -449,6 +451,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.skip_int8:
             print("loading jaxinfer (int8) ...", flush=True)
             engines.append(Jaxinfer("jaxinfer int8", args.model, plan, "int8"))
+        if args.model.endswith(".gguf") and not args.skip_gguf:
+            print("loading jaxinfer (gguf blocks) ...", flush=True)
+            engines.append(Jaxinfer("jaxinfer gguf", args.model, plan, "gguf"))
         if llamacpp_note is None:
             print("loading llama.cpp ...", flush=True)
             engines.append(LlamaCpp(args.llamacpp_python, llamacpp_model, plan))
