@@ -49,8 +49,13 @@ def _gguf_name(hf_name: str) -> str:
     return f"{_GLOBAL_NAMES[stem]}.{kind}"
 
 
-def write_llama_gguf(checkpoint: Path, file: Path, **metadata: int) -> Path:
+def write_llama_gguf(
+    checkpoint: Path, file: Path, *, matrix_type: str = "F32", **metadata: int
+) -> Path:
     """`checkpoint` (a float32 Llama folder from tests/checkpoints.py) as one GGUF `file`.
+
+    `matrix_type`: "Q8_0", "Q4_0", ...: every 2-D tensor quantized to that ggml type by gguf-py
+    (as llama.cpp's quantize would store it); norms stay F32.
 
     `metadata`: values written instead of the config's, by llama.cpp's key after "llama."
     (`block_count=3`; dotted keys through a dict: `**{"attention.head_count": 0}`), to make a file
@@ -77,7 +82,12 @@ def write_llama_gguf(checkpoint: Path, file: Path, **metadata: int) -> Path:
             array = _permute(array, heads)
         elif hf_name.endswith("k_proj.weight"):
             array = _permute(array, kv_heads)
-        writer.add_tensor(_gguf_name(hf_name), np.ascontiguousarray(array, np.float32))
+        array = np.ascontiguousarray(array, np.float32)
+        if matrix_type != "F32" and array.ndim == 2:
+            qtype = gguf.GGMLQuantizationType[matrix_type]
+            writer.add_tensor(_gguf_name(hf_name), gguf.quants.quantize(array, qtype), None, qtype)
+        else:
+            writer.add_tensor(_gguf_name(hf_name), array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

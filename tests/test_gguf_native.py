@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from pathlib import Path
 
 import gguf
 import jax
@@ -39,6 +40,7 @@ from jaxinfer.models import gguf_metadata
 from jaxinfer.models.gguf_blocks import BLOCK_TYPES, GGUFBlocks
 from jaxinfer.models.gguf_weight import GGUFBlockWeight, dequantize_blocks, gguf_block_matmul
 from tests.checkpoints import tiny_checkpoint
+from tests.gguf_checkpoint import write_llama_gguf
 from tests.parity import engine_prefill_logits
 
 on_cpu = pytest.mark.skipif(
@@ -230,6 +232,43 @@ def test_gguf_quantization_is_refused_for_a_safetensors_checkpoint_naming_the_fi
 def test_gguf_quantization_is_refused_with_a_weight_cache_or_a_mesh(field, value):
     with pytest.raises(ValueError, match=rf"EngineConfig\.{field}.*quantization='gguf'"):
         EngineConfig(model="some.gguf", quantization="gguf", **{field: value})
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized_ggufs(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("quantized-gguf")
+    return {
+        qtype: write_llama_gguf(tiny_llama, folder / f"tiny-{qtype}.gguf", matrix_type=qtype)
+        for qtype in ("Q4_0", "Q8_0")
+    }
+
+
+@pytest.mark.parametrize(("qtype", "kernels"), [("Q4_0", "1"), ("Q8_0", "0")])
+def test_a_tiny_gguf_in_blocks_matches_its_dequantized_self(
+    tiny_quantized_ggufs, tiny_llama, monkeypatch, qtype, kernels
+):
+    """Q4_0 through the kernel, Q8_0 through the jnp path (`JAXINFER_CPU_KERNELS=0`, what another
+    backend runs), an untied lm_head; the same float32 weights as the default path, so logits
+    within the float parity tolerance 1e-4 and the same greedy tokens."""
+    monkeypatch.setenv("JAXINFER_CPU_KERNELS", kernels)
+    file, prompts = tiny_quantized_ggufs[qtype], [[5, 17, 300, 2], list(range(40, 73))]
+    base = {"tokenizer": str(tiny_llama), "max_model_len": 64, "num_kv_blocks": 32}
+    runs = []
+    for quantization in (None, "gguf"):
+        llm = LLM(EngineConfig(model=str(file), quantization=quantization, **base))
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+            outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+            layer = llm.llm_engine.model.params["layers"][1]
+            assert isinstance(layer["q"], GGUFBlockWeight) == (quantization == "gguf")
+            tokens = [list(o.outputs[0].token_ids) for o in outputs]
+            runs.append((tokens, engine_prefill_logits(llm, prompts)))
+        finally:
+            llm.shutdown()
+    (float_tokens, float_logits), (block_tokens, block_logits) = runs
+    assert block_tokens == float_tokens
+    for ours, reference in zip(block_logits, float_logits, strict=True):
+        np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
 
 
 # --------------------------------------------------------------------------- SmolLM2 Q4_1
