@@ -197,6 +197,27 @@ def test_the_jnp_path_without_the_kernel_is_correct_too(monkeypatch, qtype):
     _assert_within_float32_bound(jnp_result, x, values)
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_batch_invariant_matmul_takes_block_weights(monkeypatch, kernels):
+    """`invariant.matmul` (what the families call) in batch-invariant mode: the kernel as it is,
+    or without it the weight dequantized once and the fixed-shape tiles; a row alone equals the
+    same row in a batch of 5, bitwise."""
+    from jaxinfer.models.invariant import batch_invariant_ops, matmul
+
+    monkeypatch.setenv("JAXINFER_CPU_KERNELS", kernels)
+    blocks, values = _blocks("Q4_1", 70, 64, seed=14)
+    x = np.random.default_rng(15).standard_normal((5, 64)).astype(np.float32)
+
+    def invariant_product(x, w):
+        with batch_invariant_ops():
+            return matmul(x, w)
+
+    jitted = jax.jit(invariant_product)
+    whole = np.asarray(jitted(x, _weight(blocks)))
+    _assert_within_float32_bound(whole, x, values)
+    np.testing.assert_array_equal(np.asarray(jitted(x[2:3], _weight(blocks)))[0], whole[2])
+
+
 def test_an_unbuildable_kernel_leaves_the_jnp_path(monkeypatch):
     monkeypatch.setattr(kernel_module, "_load", lambda: None)
     assert not gguf_kernel_enabled()
