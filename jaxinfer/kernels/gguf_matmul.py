@@ -17,16 +17,14 @@ invariant as it stands.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.kernels.int8_matmul import CPU_KERNELS_ENV, THREADS_ENV
-from jaxinfer.kernels.native_build import build_shared_library
+from jaxinfer.kernels.int8_matmul import THREADS_ENV
+from jaxinfer.kernels.native_build import FfiKernelLibrary, cpu_kernels_wanted
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "gguf_matmul.cc"
 # GGUF type name -> (FFI target, symbol in the library).
@@ -36,47 +34,22 @@ TARGETS = {
     "Q4_1": ("jaxinfer_gguf_q4_1_matmul", "JaxinferQ4_1Matmul"),
 }
 
-logger = logging.getLogger("jaxinfer")
-
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_attempted = False
+_LIBRARY = FfiKernelLibrary(SOURCE, dict(TARGETS.values()), "JaxinferGgufMatmulIsa")
 
 
 def _load() -> ctypes.CDLL | None:
     """Build (or find in the cache), load and register the three handlers once per process."""
-    global _library, _attempted
-    with _lock:
-        if not _attempted:
-            _attempted = True
-            path = build_shared_library(SOURCE, include_dirs=(jax.ffi.include_dir(),))
-            if path is not None:
-                try:
-                    library = ctypes.CDLL(str(path))
-                    for target, symbol in TARGETS.values():
-                        handler = jax.ffi.pycapsule(getattr(library, symbol))
-                        jax.ffi.register_ffi_target(target, handler, platform="cpu")
-                except (OSError, AttributeError) as error:
-                    logger.warning("jaxinfer: cannot load %s (%s); using the XLA path", path, error)
-                else:
-                    library.JaxinferGgufMatmulIsa.restype = ctypes.c_char_p
-                    _library = library
-        return _library
+    return _LIBRARY.load()
 
 
 def gguf_kernel_enabled() -> bool:
     """Whether a product traced now goes through the kernel (as int8's `cpu_kernel_enabled`)."""
-    if os.environ.get(CPU_KERNELS_ENV, "1").strip() == "0":
-        return False
-    if jax.default_backend() != "cpu":
-        return False
-    return _load() is not None
+    return cpu_kernels_wanted() and _load() is not None
 
 
 def kernel_isa() -> str | None:
     """Which implementation the build holds: avx512, avx2 or portable."""
-    library = _load()
-    return None if library is None else library.JaxinferGgufMatmulIsa().decode()
+    return _LIBRARY.isa()
 
 
 def gguf_matmul(

@@ -18,64 +18,35 @@ so the product is batch invariant as it stands.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.kernels.native_build import build_shared_library
+from jaxinfer.kernels.native_build import FfiKernelLibrary, cpu_kernels_wanted
 
 TARGET = "jaxinfer_int8_matmul"
-CPU_KERNELS_ENV = "JAXINFER_CPU_KERNELS"  # "0": XLA's paths only
 THREADS_ENV = "JAXINFER_INT8_KERNEL_THREADS"  # at most this many threads per product (benchmarks)
 SOURCE = Path(__file__).resolve().parent / "cpu" / "int8_matmul.cc"
 
-logger = logging.getLogger("jaxinfer")
-
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_attempted = False
+_LIBRARY = FfiKernelLibrary(SOURCE, {TARGET: "JaxinferInt8Matmul"}, "JaxinferInt8MatmulIsa")
 
 
 def _load() -> ctypes.CDLL | None:
     """Build (or find in the cache), load and register the kernel once per process."""
-    global _library, _attempted
-    with _lock:
-        if not _attempted:
-            _attempted = True
-            path = build_shared_library(SOURCE, include_dirs=(jax.ffi.include_dir(),))
-            if path is not None:
-                try:
-                    library = ctypes.CDLL(str(path))
-                    jax.ffi.register_ffi_target(
-                        TARGET, jax.ffi.pycapsule(library.JaxinferInt8Matmul), platform="cpu"
-                    )
-                except (OSError, AttributeError) as error:  # unloadable file, missing symbol
-                    logger.warning("jaxinfer: cannot load %s (%s); using the XLA path", path, error)
-                else:
-                    library.JaxinferInt8MatmulIsa.restype = ctypes.c_char_p
-                    _library = library
-        return _library
+    return _LIBRARY.load()
 
 
 def cpu_kernel_enabled() -> bool:
-    """Whether a product traced now should go through the kernel: the computation is for CPU (the
-    default backend: the engine places its weights there), the kernels are not switched off, and
-    the kernel is built."""
-    if os.environ.get(CPU_KERNELS_ENV, "1").strip() == "0":
-        return False
-    if jax.default_backend() != "cpu":
-        return False
-    return _load() is not None
+    """Whether a product traced now goes through the kernel: CPU, kernels not switched off, and
+    the kernel built."""
+    return cpu_kernels_wanted() and _load() is not None
 
 
 def kernel_isa() -> str | None:
     """Which of the source's implementations the build holds: avx512, avx2 or portable."""
-    library = _load()
-    return None if library is None else library.JaxinferInt8MatmulIsa().decode()
+    return _LIBRARY.isa()
 
 
 def int8_matmul(

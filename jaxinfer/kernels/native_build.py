@@ -15,12 +15,14 @@ and returns None, and the caller keeps its XLA path.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 from jaxinfer.config import _host_cpu_tag
@@ -125,3 +127,61 @@ def build_shared_library(
         return None
     logger.info("jaxinfer: built %s -> %s", source.name, target)
     return target
+
+
+CPU_KERNELS_ENV = "JAXINFER_CPU_KERNELS"  # "0": XLA's paths only
+
+
+def cpu_kernels_wanted() -> bool:
+    """Whether a product traced now may go through a CPU kernel: the computation is for CPU (the
+    default backend: the engine places its weights there) and `JAXINFER_CPU_KERNELS=0` does not
+    switch the kernels off. The caller also needs its library loaded."""
+    import jax
+
+    if os.environ.get(CPU_KERNELS_ENV, "1").strip() == "0":
+        return False
+    return jax.default_backend() == "cpu"
+
+
+class FfiKernelLibrary:
+    """One C++ source's FFI handlers: built, loaded and registered for "cpu" once per process.
+
+    `targets` maps each FFI target name to its handler symbol; `isa_symbol` names the function
+    that says which instruction-set implementation the build holds. Both kernel modules
+    (int8_matmul, gguf_matmul) are one of these plus their `ffi_call` wrappers."""
+
+    def __init__(self, source: Path, targets: dict[str, str], isa_symbol: str) -> None:
+        self.source = source
+        self.targets = dict(targets)
+        self.isa_symbol = isa_symbol
+        self._lock = threading.Lock()
+        self._library: ctypes.CDLL | None = None
+        self._attempted = False
+
+    def load(self) -> ctypes.CDLL | None:
+        """The loaded library, or None (one warning) when it cannot be built or loaded."""
+        import jax
+
+        with self._lock:
+            if not self._attempted:
+                self._attempted = True
+                path = build_shared_library(self.source, include_dirs=(jax.ffi.include_dir(),))
+                if path is not None:
+                    try:
+                        library = ctypes.CDLL(str(path))
+                        for target, symbol in self.targets.items():
+                            handler = jax.ffi.pycapsule(getattr(library, symbol))
+                            jax.ffi.register_ffi_target(target, handler, platform="cpu")
+                        getattr(library, self.isa_symbol).restype = ctypes.c_char_p
+                    except (OSError, AttributeError) as error:  # unloadable file, missing symbol
+                        logger.warning(
+                            "jaxinfer: cannot load %s (%s); using the XLA path", path, error
+                        )
+                    else:
+                        self._library = library
+            return self._library
+
+    def isa(self) -> str | None:
+        """Which of the source's implementations the build holds: avx512, avx2 or portable."""
+        library = self.load()
+        return None if library is None else getattr(library, self.isa_symbol)().decode()
