@@ -25,13 +25,14 @@ import jax.numpy as jnp
 from jaxinfer.kernels.gguf_matmul import gguf_kernel_enabled, gguf_matmul
 from jaxinfer.models.family import WeightSpec
 from jaxinfer.models.gguf_blocks import BLOCK, GGUFBlocks
+from jaxinfer.models.quantization import StoredMatrix
 
 BLOCK_ROWS = 128  # output channels dequantized per step of the jnp path
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True, kw_only=True)
-class GGUFBlockWeight:
+class GGUFBlockWeight(StoredMatrix):
     """A GGUF matrix in blocks on the device, standing for a float matrix.
 
     The stored matrix is [rows, cols] with blocks along cols (ggml's and Hugging Face's [out, in]
@@ -47,17 +48,9 @@ class GGUFBlockWeight:
     dtype_name: str = dataclasses.field(metadata={"static": True})
 
     @property
-    def dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype_name)
-
-    @property
     def shape(self) -> tuple[int, int]:
         rows, blocks = self.scales.shape
         return (blocks * BLOCK, rows) if self.transposed else (rows, blocks * BLOCK)
-
-    @property
-    def T(self) -> GGUFBlockWeight:  # a tied lm_head is embed.T
-        return dataclasses.replace(self, transposed=not self.transposed)
 
     @property
     def nbytes(self) -> int:

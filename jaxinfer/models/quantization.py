@@ -44,9 +44,26 @@ BLOCK_ROWS = 128
 _TOP_LEVEL_LINEAR = ("embed", "lm_head", "project_in", "project_out")
 
 
+class StoredMatrix:
+    """What the quantized weight pytrees share (QuantizedWeight here, GGUFBlockWeight in
+    models/gguf_weight.py): the float dtype they stand for, and `.T`, numpy's name, so that a
+    tied lm_head is `embed.T` whatever the storage."""
+
+    transposed: bool
+    dtype_name: str
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype_name)
+
+    @property
+    def T(self):
+        return dataclasses.replace(self, transposed=not self.transposed)
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True, kw_only=True)
-class QuantizedWeight:
+class QuantizedWeight(StoredMatrix):
     """An int8 matrix with one float32 scale per row of `values`, standing for a float matrix.
 
     `transposed`: the logical matrix is `(values * scale[:, None]).T`, a linear weight [in, out]
@@ -61,17 +78,9 @@ class QuantizedWeight:
     dtype_name: str = dataclasses.field(metadata={"static": True})
 
     @property
-    def dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype_name)
-
-    @property
     def shape(self) -> tuple[int, int]:
         rows, cols = self.values.shape
         return (cols, rows) if self.transposed else (rows, cols)
-
-    @property
-    def T(self) -> QuantizedWeight:  # numpy's name: a tied lm_head is embed.T
-        return dataclasses.replace(self, transposed=not self.transposed)
 
     def __getitem__(self, rows: jax.Array) -> jax.Array:
         """Rows of an embedding table [..., cols], dequantized (only the gathered rows)."""
