@@ -14,6 +14,8 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
+from tests.gguf_kquant_encode import ENCODERS as K_ENCODERS
+
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
@@ -49,13 +51,26 @@ def _gguf_name(hf_name: str) -> str:
     return f"{_GLOBAL_NAMES[stem]}.{kind}"
 
 
+def _quantize(array: np.ndarray, qtype: str) -> np.ndarray:
+    if qtype in K_ENCODERS:  # gguf-py has no quantize for the K-quants
+        return K_ENCODERS[qtype](array)
+    return gguf.quants.quantize(array, gguf.GGMLQuantizationType[qtype])
+
+
 def write_llama_gguf(
-    checkpoint: Path, file: Path, *, matrix_type: str = "F32", **metadata: int
+    checkpoint: Path,
+    file: Path,
+    *,
+    matrix_type: str = "F32",
+    matrix_types: dict[str, str] | None = None,
+    **metadata: int,
 ) -> Path:
     """`checkpoint` (a float32 Llama folder from tests/checkpoints.py) as one GGUF `file`.
 
-    `matrix_type`: "Q8_0", "Q4_0", ...: every 2-D tensor quantized to that ggml type by gguf-py
-    (as llama.cpp's quantize would store it); norms stay F32.
+    `matrix_type`: "Q8_0", "Q4_0", "Q4_K", ...: every 2-D tensor quantized to that ggml type by
+    gguf-py (the K-quants by tests/gguf_kquant_encode.py), as llama.cpp's quantize would store it;
+    norms stay F32. `matrix_types`: a type per llama.cpp tensor kind instead (`{"attn_v": "Q6_K",
+    "output": "Q6_K"}`: llama.cpp's Q4_K_M mixes Q4_K and Q6_K that way).
 
     `metadata`: values written instead of the config's, by llama.cpp's key after "llama."
     (`block_count=3`; dotted keys through a dict: `**{"attention.head_count": 0}`), to make a file
@@ -83,11 +98,14 @@ def write_llama_gguf(
         elif hf_name.endswith("k_proj.weight"):
             array = _permute(array, kv_heads)
         array = np.ascontiguousarray(array, np.float32)
-        if matrix_type != "F32" and array.ndim == 2:
-            qtype = gguf.GGMLQuantizationType[matrix_type]
-            writer.add_tensor(_gguf_name(hf_name), gguf.quants.quantize(array, qtype), None, qtype)
+        name = _gguf_name(hf_name)
+        kind = name.split(".")[-2]  # blk.0.attn_v.weight -> attn_v, output.weight -> output
+        qtype = (matrix_types or {}).get(kind, matrix_type)
+        if qtype != "F32" and array.ndim == 2:
+            ggml_type = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(name, _quantize(array, qtype), None, ggml_type)
         else:
-            writer.add_tensor(_gguf_name(hf_name), array)
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

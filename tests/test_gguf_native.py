@@ -6,11 +6,9 @@ Python port of the block formats) for the values, numpy float64 for the products
 dequantize-first path (the GGUF read as float32, itself tested against transformers in
 tests/models) for SmolLM2.
 
-Kernel tolerance, derived: the kernel decodes each weight to the float32 value gguf-py gives
-(exact: d * q has at most 19 significant bits), forms each x * w exactly in a fused multiply-add,
-adds ceil(in / 16) of them per lane and the 16 lanes in a 4-level tree, so with u = 2^-24 the
-recursive-summation bound is |y - y_exact| <= k u / (1 - k u) * sum_i |x_i w_i|, k = ceil(in / 16)
-+ 5, against the float64 product of the dequantized matrix. Asserted element by element.
+Kernel tolerance, derived (tests/gguf_block_checks.py): the float32 recursive-summation bound of
+the kernel's order against the float64 product of the dequantized matrix, element by element.
+The K-quants (Q4_K, Q6_K): tests/test_gguf_kquants.py.
 
 SmolLM2 tolerance, measured: the two paths multiply bitwise the same float32 weights (asserted
 below through `dequantize`), so only the summation order of each product differs. Prefill logits
@@ -23,7 +21,6 @@ prompts equal; measured 16 of 16. The module takes ~35 s on the 2-core machine w
 from __future__ import annotations
 
 import ctypes
-import math
 from pathlib import Path
 
 import gguf
@@ -40,8 +37,12 @@ from jaxinfer.models import gguf_metadata
 from jaxinfer.models.gguf_blocks import BLOCK_TYPES, GGUFBlocks
 from jaxinfer.models.gguf_weight import GGUFBlockWeight, dequantize_blocks, gguf_block_matmul
 from tests.checkpoints import tiny_checkpoint
+from tests.gguf_block_checks import assert_within_float32_bound, block_weight, kernel_product
 from tests.gguf_checkpoint import write_llama_gguf
 from tests.parity import engine_prefill_logits
+
+# The 32-element block types (gguf-py quantizes them); the K-quants: tests/test_gguf_kquants.py.
+SMALL_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")
 
 on_cpu = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="the GGUF block kernels are registered for XLA:CPU"
@@ -56,36 +57,7 @@ def _blocks(qtype: str, rows: int, cols: int, seed: int) -> tuple[GGUFBlocks, np
     return GGUFBlocks.split(stored, qtype), values
 
 
-def _weight(blocks: GGUFBlocks, transposed: bool = True) -> GGUFBlockWeight:
-    return GGUFBlockWeight(
-        quants=jnp.asarray(blocks.quants),
-        scales=jnp.asarray(blocks.scales),
-        mins=None if blocks.mins is None else jnp.asarray(blocks.mins),
-        qtype=blocks.qtype,
-        transposed=transposed,
-        dtype_name="float32",
-    )
-
-
-def _kernel(blocks: GGUFBlocks, x: np.ndarray) -> np.ndarray:
-    return np.asarray(
-        jax.jit(gguf_matmul, static_argnums=0)(
-            blocks.qtype, x, blocks.quants, blocks.scales, blocks.mins
-        )
-    )
-
-
-def _assert_within_float32_bound(got: np.ndarray, x: np.ndarray, values: np.ndarray) -> None:
-    exact = x.astype(np.float64) @ values.astype(np.float64).T
-    k = math.ceil(x.shape[1] / 16) + 5
-    u = 2.0**-24
-    bound = k * u / (1 - k * u) * (np.abs(x).astype(np.float64) @ np.abs(values).T)
-    assert got.shape == exact.shape and got.dtype == np.float32
-    excess = np.abs(got - exact) - bound
-    assert (excess <= 0).all(), f"max error over the bound {excess.max()}"
-
-
-@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+@pytest.mark.parametrize("qtype", SMALL_BLOCK_TYPES)
 def test_split_blocks_hold_the_files_bytes_and_gguf_pys_values(qtype):
     matrix = np.random.default_rng(1).standard_normal((7, 96)).astype(np.float32)
     stored = gguf.quants.quantize(matrix, gguf.GGMLQuantizationType[qtype])
@@ -100,7 +72,7 @@ def test_split_blocks_hold_the_files_bytes_and_gguf_pys_values(qtype):
 
 
 @on_cpu
-@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+@pytest.mark.parametrize("qtype", SMALL_BLOCK_TYPES)
 @pytest.mark.parametrize("rows", [1, 3, 16, 65])
 @pytest.mark.parametrize(("in_features", "out_features"), [(576, 1536), (32, 3), (96, 333)])
 def test_kernel_matches_float64_within_the_float32_summation_bound(
@@ -108,19 +80,21 @@ def test_kernel_matches_float64_within_the_float32_summation_bound(
 ):
     blocks, values = _blocks(qtype, out_features, in_features, seed=rows + in_features)
     x = np.random.default_rng(rows).standard_normal((rows, in_features)).astype(np.float32)
-    _assert_within_float32_bound(_kernel(blocks, x), x, values)
+    assert_within_float32_bound(kernel_product(blocks, x), x, values)
 
 
 @on_cpu
-@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+@pytest.mark.parametrize("qtype", SMALL_BLOCK_TYPES)
 def test_a_rows_result_is_bitwise_the_same_for_1_to_64_rows(qtype):
     """Row tiles of 4, chunks of 64 rows and channel blocks must not change a row's sums."""
     blocks, _ = _blocks(qtype, 1000, 192, seed=3)
     x = np.random.default_rng(4).standard_normal((130, 192)).astype(np.float32)
-    whole = _kernel(blocks, x)
+    whole = kernel_product(blocks, x)
     counts = range(1, 65) if qtype == "Q4_1" else (1, 2, 3, 5, 17, 64)
     for count in counts:
-        np.testing.assert_array_equal(_kernel(blocks, x[:count]), whole[:count], f"T={count}")
+        np.testing.assert_array_equal(
+            kernel_product(blocks, x[:count]), whole[:count], f"T={count}"
+        )
     for threads in (1, 2):
         got = jax.jit(lambda x, q, s, m, t=threads: gguf_matmul(qtype, x, q, s, m, max_threads=t))(
             x, blocks.quants, blocks.scales, blocks.mins
@@ -163,7 +137,7 @@ def test_other_instruction_sets_give_the_same_bits(isa, flags):
     library.JaxinferGgufMatmulIsa.restype = ctypes.c_char_p
     assert library.JaxinferGgufMatmulIsa().decode() == isa
     x = np.random.default_rng(6).standard_normal((7, 96)).astype(np.float32)
-    for qtype in BLOCK_TYPES:
+    for qtype in SMALL_BLOCK_TYPES:
         target, symbol = TARGETS[qtype]
         name = f"{target}_test_{isa}"
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
@@ -171,20 +145,20 @@ def test_other_instruction_sets_give_the_same_bits(isa, flags):
         call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((7, 21), jnp.float32))
         arrays = [a for a in (blocks.quants, blocks.scales, blocks.mins) if a is not None]
         got = np.asarray(jax.jit(lambda *a, c=call: c(*a, max_threads=0))(x, *arrays))
-        expected = _kernel(blocks, x)
+        expected = kernel_product(blocks, x)
         np.testing.assert_array_equal(got, expected, err_msg=qtype)
-        _assert_within_float32_bound(expected, x, blocks.dequantize())
+        assert_within_float32_bound(expected, x, blocks.dequantize())
 
 
 def _compiled_and_result(monkeypatch, kernels: str, blocks: GGUFBlocks, x: np.ndarray):
     monkeypatch.setenv("JAXINFER_CPU_KERNELS", kernels)
     jitted = jax.jit(lambda x, w: gguf_block_matmul(x, w))  # a new function: a new trace
-    w = _weight(blocks)
+    w = block_weight(blocks)
     return jitted.lower(x, w).compile().as_text(), np.asarray(jitted(x, w))
 
 
 @on_cpu
-@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+@pytest.mark.parametrize("qtype", SMALL_BLOCK_TYPES)
 def test_the_jnp_path_without_the_kernel_is_correct_too(monkeypatch, qtype):
     """`JAXINFER_CPU_KERNELS=0` (and any other backend) dequantizes 128 channels at a time."""
     blocks, values = _blocks(qtype, 300, 64, seed=8)  # two whole steps of 128 and a tail
@@ -193,8 +167,8 @@ def test_the_jnp_path_without_the_kernel_is_correct_too(monkeypatch, qtype):
     without, jnp_result = _compiled_and_result(monkeypatch, "0", blocks, x)
     assert f'custom_call_target="{TARGETS[qtype][0]}"' in with_kernel
     assert not any(target in without for target, _ in TARGETS.values())
-    _assert_within_float32_bound(kernel_result, x, values)
-    _assert_within_float32_bound(jnp_result, x, values)
+    assert_within_float32_bound(kernel_result, x, values)
+    assert_within_float32_bound(jnp_result, x, values)
 
 
 @pytest.mark.parametrize("kernels", ["1", "0"])
@@ -213,9 +187,9 @@ def test_batch_invariant_matmul_takes_block_weights(monkeypatch, kernels):
             return matmul(x, w)
 
     jitted = jax.jit(invariant_product)
-    whole = np.asarray(jitted(x, _weight(blocks)))
-    _assert_within_float32_bound(whole, x, values)
-    np.testing.assert_array_equal(np.asarray(jitted(x[2:3], _weight(blocks)))[0], whole[2])
+    whole = np.asarray(jitted(x, block_weight(blocks)))
+    assert_within_float32_bound(whole, x, values)
+    np.testing.assert_array_equal(np.asarray(jitted(x[2:3], block_weight(blocks)))[0], whole[2])
 
 
 def test_an_unbuildable_kernel_leaves_the_jnp_path(monkeypatch):
@@ -224,19 +198,19 @@ def test_an_unbuildable_kernel_leaves_the_jnp_path(monkeypatch):
     blocks, values = _blocks("Q4_1", 40, 64, seed=10)
     x = np.random.default_rng(11).standard_normal((2, 64)).astype(np.float32)
     jitted = jax.jit(lambda x, w: gguf_block_matmul(x, w))
-    assert "jaxinfer_gguf" not in jitted.lower(x, _weight(blocks)).compile().as_text()
-    _assert_within_float32_bound(np.asarray(jitted(x, _weight(blocks))), x, values)
+    assert "jaxinfer_gguf" not in jitted.lower(x, block_weight(blocks)).compile().as_text()
+    assert_within_float32_bound(np.asarray(jitted(x, block_weight(blocks))), x, values)
 
 
 def test_embedding_rows_and_the_tied_lm_head_read_the_same_blocks():
     blocks, values = _blocks("Q8_0", 50, 64, seed=12)  # a token table [V, E]
-    table = _weight(blocks, transposed=False)
+    table = block_weight(blocks, transposed=False)
     ids = jnp.asarray([[3, 0], [49, 3]])
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda t, i: t[i])(table, ids)), values[ids])
     assert table.shape == (50, 64) and table.T.shape == (64, 50)
     hidden = np.random.default_rng(13).standard_normal((4, 64)).astype(np.float32)
     logits = jax.jit(lambda h, t: gguf_block_matmul(h, t.T, jnp.float32))(hidden, table)
-    _assert_within_float32_bound(np.asarray(logits), hidden, values)
+    assert_within_float32_bound(np.asarray(logits), hidden, values)
     with pytest.raises(TypeError, match="linear weight"):
         gguf_block_matmul(hidden, table)
 

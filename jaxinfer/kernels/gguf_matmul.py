@@ -1,11 +1,12 @@
-"""Products with a GGUF weight kept in its Q8_0 / Q4_0 / Q4_1 blocks, on XLA:CPU through
-`jax.ffi` custom calls (cpu/gguf_matmul.cc).
+"""Products with a GGUF weight kept in its Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks, on XLA:CPU
+through `jax.ffi` custom calls (cpu/gguf_matmul.cc).
 
-    gguf_matmul(qtype, x [T, in], quants, scales, mins) -> float32 [T, out] = x @ W.T
+    gguf_matmul(qtype, x [T, in], quants, scales, mins, sub_scales) -> float32 [T, out] = x @ W.T
 
 with W [out, in] the float32 matrix gguf-py's `dequantize` gives for those blocks (the layout of
-the split arrays: models/gguf_weight.py). Why a kernel: decode reads every weight once per step,
-and the blocks are 0.56 to 1.06 bytes per weight against 4 for the dequantized float32 matrix.
+the split arrays: models/gguf_blocks.py, models/gguf_kquants.py). Why a kernel: decode reads every
+weight once per step, and the blocks are 0.56 to 1.06 bytes per weight (Q4_K 0.56, Q6_K 0.82)
+against 4 for the dequantized float32 matrix.
 
 Built on first use like the int8 kernel (kernels/native_build.py), registered for "cpu" only;
 `gguf_kernel_enabled()` is false on another backend, when the build failed (one warning) or with
@@ -32,13 +33,17 @@ TARGETS = {
     "Q8_0": ("jaxinfer_gguf_q8_0_matmul", "JaxinferQ8_0Matmul"),
     "Q4_0": ("jaxinfer_gguf_q4_0_matmul", "JaxinferQ4_0Matmul"),
     "Q4_1": ("jaxinfer_gguf_q4_1_matmul", "JaxinferQ4_1Matmul"),
+    "Q4_K": ("jaxinfer_gguf_q4_k_matmul", "JaxinferQ4_KMatmul"),
+    "Q6_K": ("jaxinfer_gguf_q6_k_matmul", "JaxinferQ6_KMatmul"),
 }
+_WITH_MINS = ("Q4_1", "Q4_K")
+_WITH_SUB_SCALES = ("Q4_K", "Q6_K")
 
 _LIBRARY = FfiKernelLibrary(SOURCE, dict(TARGETS.values()), "JaxinferGgufMatmulIsa")
 
 
 def _load() -> ctypes.CDLL | None:
-    """Build (or find in the cache), load and register the three handlers once per process."""
+    """Build (or find in the cache), load and register the handlers once per process."""
     return _LIBRARY.load()
 
 
@@ -58,16 +63,21 @@ def gguf_matmul(
     quants: jax.Array,
     scales: jax.Array,
     mins: jax.Array | None = None,
+    sub_scales: jax.Array | None = None,
     max_threads: int | None = None,
 ) -> jax.Array:
     """x [T, in] (cast to float32) @ W.T -> float32 [T, out], W given by its blocks.
 
-    `quants`: int8 [out, in] (Q8_0) or uint8 [out, in / 2] (Q4_0, Q4_1); `scales` and (Q4_1 only)
-    `mins`: float16 [out, in / 32]. `max_threads`: as `int8_matmul`'s."""
+    `quants`: int8 [out, in] (Q8_0) or uint8 [out, in / 2] (Q4_0, Q4_1), [out, in / 2] (Q4_K),
+    [out, in * 3 / 4] (Q6_K); `scales` and (Q4_1, Q4_K) `mins`: float16 [out, blocks];
+    `sub_scales` (K-quants): uint8 [out, in / 256 * 12] (Q4_K) or int8 [out, in / 16] (Q6_K).
+    `max_threads`: as `int8_matmul`'s."""
     if qtype not in TARGETS:
         raise ValueError(f"gguf_matmul: qtype must be one of {sorted(TARGETS)}, got {qtype!r}")
-    if (mins is not None) != (qtype == "Q4_1"):
-        raise ValueError(f"gguf_matmul: mins go with Q4_1 only (qtype {qtype!r})")
+    if (mins is not None) != (qtype in _WITH_MINS):
+        raise ValueError(f"gguf_matmul: mins go with {_WITH_MINS} only (qtype {qtype!r})")
+    if (sub_scales is not None) != (qtype in _WITH_SUB_SCALES):
+        raise ValueError(f"gguf_matmul: sub_scales go with {_WITH_SUB_SCALES} only ({qtype!r})")
     if max_threads is None:
         max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
     if _load() is None:
@@ -80,4 +90,6 @@ def gguf_matmul(
     operands = [x.astype(jnp.float32), quants.astype(quant_dtype), scales.astype(jnp.float16)]
     if mins is not None:
         operands.append(mins.astype(jnp.float16))
+    if sub_scales is not None:
+        operands.append(sub_scales.astype(jnp.int8 if qtype == "Q6_K" else jnp.uint8))
     return call(*operands, max_threads=max_threads)

@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 
 from jaxinfer.models import gguf_metadata
-from jaxinfer.models.gguf_blocks import BLOCK_TYPES, GGUFBlocks
+from jaxinfer.models.gguf_blocks import BLOCK_TYPES, LAYOUTS, GGUFBlocks
 
 GGUF_MAGIC = b"GGUF"
 
@@ -267,8 +267,10 @@ def read_gguf_tensors(
 ) -> dict[str, np.ndarray | GGUFBlocks]:
     """All tensors of ``file`` under Hugging Face names and layouts, dequantized to float32.
 
-    ``keep_blocks`` (``quantization="gguf"``): 2-D tensors stored as Q8_0, Q4_0 or Q4_1 come back
-    as ``GGUFBlocks`` instead: the file's bytes, rows un-permuted the same way (gguf_blocks.py).
+    ``keep_blocks`` (``quantization="gguf"``): 2-D tensors stored as Q8_0, Q4_0, Q4_1, Q4_K or
+    Q6_K come back as ``GGUFBlocks`` instead: the file's bytes, rows un-permuted the same way
+    (gguf_blocks.py). A row must be whole blocks (a K-quant's 256-element super-blocks: ggml
+    itself stores K-quants only for such rows); a tensor that is not is dequantized as without.
 
     ``config`` is the model's config (``load_gguf_config``); its ``num_attention_heads`` and
     ``num_key_value_heads`` undo llama.cpp's q/k permutation and ``num_hidden_layers`` bounds the
@@ -327,7 +329,12 @@ def read_gguf_tensors(
         m = _LAYER_RE.match(tensor.name)
         permuted = m is not None and m.group(2) in spec.permuted
         qtype = gguf.GGMLQuantizationType(tensor.ggml_type).name
-        if keep_blocks and len(shape) == 2 and qtype in BLOCK_TYPES:
+        if (
+            keep_blocks
+            and len(shape) == 2
+            and qtype in BLOCK_TYPES
+            and shape[1] % LAYOUTS[qtype].elements == 0
+        ):
             blocks = GGUFBlocks.split(data, qtype)
             if permuted:  # whole rows: the blocks run along each row
                 n_head = heads[spec.permuted[m.group(2)]]

@@ -1,8 +1,9 @@
-"""`EngineConfig.quantization="gguf"`: a GGUF's Q8_0 / Q4_0 / Q4_1 matrices stay in their blocks
-on the device, and the products read the blocks (vLLM's name for GGUF-quantized weights).
+"""`EngineConfig.quantization="gguf"`: a GGUF's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K matrices stay in
+their blocks on the device, and the products read the blocks (vLLM's name for GGUF-quantized
+weights).
 
 A `GGUFBlockWeight` holds the arrays of models/gguf_blocks.py (quants, float16 scales, Q4_1's
-float16 mins), exactly the file's bytes. On CPU `gguf_block_matmul` calls the kernel behind
+float16 mins, the K-quants' dmin and raw sub-block scale bytes), exactly the file's bytes. On CPU `gguf_block_matmul` calls the kernel behind
 `jax.ffi` (kernels/gguf_matmul.py), which decodes each block in registers into the float32 values
 gguf-py's dequantize gives: the product multiplies the very weights the dequantize-first path
 multiplies, in another summation order. Elsewhere (another backend, no compiler,
@@ -10,7 +11,7 @@ multiplies, in another summation order. Elsewhere (another backend, no compiler,
 at a time and multiplied (correct; not faster than float32). The embedding gathers rows of blocks
 and dequantizes only those; a tied lm_head is `embed.T`, the same blocks read as a linear weight.
 
-Other GGUF types (F32/F16 tensors, the K-quants Q4_K / Q6_K ...) are dequantized at load as
+Other GGUF types (F32/F16 tensors, the K-quants Q2_K / Q3_K / Q5_K) are dequantized at load as
 without quantization; norms stay float32.
 """
 
@@ -23,8 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.kernels.gguf_matmul import gguf_kernel_enabled, gguf_matmul
+from jaxinfer.models import gguf_kquants
 from jaxinfer.models.family import WeightSpec
-from jaxinfer.models.gguf_blocks import BLOCK, GGUFBlocks
+from jaxinfer.models.gguf_blocks import BLOCK, LAYOUTS, GGUFBlocks
 from jaxinfer.models.quantization import StoredMatrix
 
 BLOCK_ROWS = 128  # output channels dequantized per step of the jnp path
@@ -40,41 +42,53 @@ class GGUFBlockWeight(StoredMatrix):
     transpose, a linear weight [in, out]. `dtype_name`: the dtype the model computes in.
     """
 
-    quants: jax.Array  # int8 [rows, cols] (Q8_0) or uint8 [rows, cols / 2]
-    scales: jax.Array  # float16 [rows, cols / 32]
-    mins: jax.Array | None  # float16 [rows, cols / 32] (Q4_1), else None
+    quants: jax.Array  # int8 [rows, cols] (Q8_0) or uint8 [rows, blocks * quant bytes]
+    scales: jax.Array  # float16 [rows, blocks]
+    mins: jax.Array | None  # float16 [rows, blocks] (Q4_1, Q4_K), else None
     qtype: str = dataclasses.field(metadata={"static": True})
     transposed: bool = dataclasses.field(metadata={"static": True})
     dtype_name: str = dataclasses.field(metadata={"static": True})
+    sub_scales: jax.Array | None = None  # [rows, blocks * 12 | 16] (Q4_K, Q6_K), else None
+
+    @property
+    def arrays(self) -> tuple[jax.Array | None, ...]:
+        return (self.quants, self.scales, self.mins, self.sub_scales)
 
     @property
     def shape(self) -> tuple[int, int]:
         rows, blocks = self.scales.shape
-        return (blocks * BLOCK, rows) if self.transposed else (rows, blocks * BLOCK)
+        cols = blocks * LAYOUTS[self.qtype].elements
+        return (cols, rows) if self.transposed else (rows, cols)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.quants, self.scales, self.mins) if a is not None)
+        return sum(a.nbytes for a in self.arrays if a is not None)
 
     def __getitem__(self, rows: jax.Array) -> jax.Array:
         """Rows of a token table [..., cols], dequantized (only the gathered rows)."""
         if self.transposed:
             raise TypeError("a transposed GGUFBlockWeight is a linear weight; it has no rows")
-        mins = None if self.mins is None else self.mins[rows]
-        picked = dequantize_blocks(self.qtype, self.quants[rows], self.scales[rows], mins)
-        return picked.astype(self.dtype)
+        picked = [None if a is None else a[rows] for a in self.arrays]
+        return dequantize_blocks(self.qtype, *picked).astype(self.dtype)
 
     def dequantize(self) -> jax.Array:
         """The float matrix this weight stands for (tests, references, the invariant fallback)."""
-        matrix = dequantize_blocks(self.qtype, self.quants, self.scales, self.mins)
+        matrix = dequantize_blocks(self.qtype, *self.arrays)
         return (matrix.T if self.transposed else matrix).astype(self.dtype)
 
 
 def dequantize_blocks(
-    qtype: str, quants: jax.Array, scales: jax.Array, mins: jax.Array | None
+    qtype: str,
+    quants: jax.Array,
+    scales: jax.Array,
+    mins: jax.Array | None,
+    sub_scales: jax.Array | None = None,
 ) -> jax.Array:
     """[..., cols] float32 from blocks with any leading axes: gguf-py's values (d * q is exact in
-    float32, so Q4_1's d * q + m rounds once whether or not XLA fuses it)."""
+    float32, so Q4_1's d * q + m rounds once whether or not XLA fuses it; the K-quants:
+    models/gguf_kquants.py)."""
+    if qtype in gguf_kquants.K_QUANTS:
+        return gguf_kquants.dequantize(jnp, qtype, quants, scales, mins, sub_scales)
     *lead, blocks = scales.shape
     d = scales.astype(jnp.float32)[..., None]
     if qtype == "Q8_0":
@@ -109,6 +123,7 @@ def blocks_for_device(path: str, spec: WeightSpec, blocks: GGUFBlocks, dtype: st
         quants=put(blocks.quants),
         scales=put(blocks.scales),
         mins=put(blocks.mins),
+        sub_scales=put(blocks.sub_scales),
         qtype=blocks.qtype,
         transposed=spec.transpose,
         dtype_name=dtype,
@@ -126,18 +141,17 @@ def gguf_block_matmul(
         raise TypeError("matmul takes a linear weight [in, out]; pass embed.T for a tied lm_head")
     out_dtype = preferred_element_type or x.dtype
     if gguf_kernel_enabled():
-        return gguf_matmul(w.qtype, x, w.quants, w.scales, w.mins).astype(out_dtype)
+        return gguf_matmul(w.qtype, x, *w.arrays).astype(out_dtype)
 
     def block_product(arrays) -> jax.Array:  # the blocks of some output channels -> [T, rows]
-        quants, scales, mins = arrays
-        matrix = dequantize_blocks(w.qtype, quants, scales, mins).astype(x.dtype)
+        matrix = dequantize_blocks(w.qtype, *arrays).astype(x.dtype)
         return jax.lax.dot_general(
             x, matrix, (((1,), (1,)), ((), ())), preferred_element_type=preferred_element_type
         )
 
     out_features = w.scales.shape[0]
     whole = out_features - out_features % BLOCK_ROWS
-    arrays = (w.quants, w.scales, w.mins)
+    arrays = w.arrays
     parts = []
     if whole:
         stacked = jax.tree.map(

@@ -1,12 +1,20 @@
-// y[T, out] = x[T, in] @ W^T where W[out, in] is a GGUF weight kept in its 32-element blocks
-// (Q8_0, Q4_0 or Q4_1): an XLA FFI custom call for XLA:CPU (jaxinfer/kernels/gguf_matmul.py
-// builds it on first use with the system compiler and registers "jaxinfer_gguf_<type>_matmul").
+// y[T, out] = x[T, in] @ W^T where W[out, in] is a GGUF weight kept in its blocks (Q8_0, Q4_0 or
+// Q4_1: 32 elements; the K-quants Q4_K and Q6_K: 256-element super-blocks): an XLA FFI custom call
+// for XLA:CPU (jaxinfer/kernels/gguf_matmul.py builds it on first use with the system compiler and
+// registers "jaxinfer_gguf_<type>_matmul").
 //
 // Why: a GGUF dequantized at load holds 4 bytes per weight; these blocks hold 1.06 (Q8_0), 0.56
 // (Q4_0) or 0.63 (Q4_1), and decode reads every weight once per step. The blocks arrive split
 // into arrays (jaxinfer/models/gguf_weight.py): quants [out, in] int8 (Q8_0) or [out, in / 2]
 // uint8 (Q4: byte j of a block holds element j in its low nibble and element j + 16 in its high
 // nibble, ggml's layout), scales d [out, in / 32] and, for Q4_1, mins m [out, in / 32], float16.
+// A K-quant super-block arrives as the same arrays plus its raw sub-block scale bytes
+// (jaxinfer/models/gguf_kquants.py says which bytes go where):
+//   Q4_K: quants [out, in / 256 * 128] (ggml's nibbles), scales d and mins dmin [out, in / 256]
+//         float16, sub_scales [out, in / 256 * 12] uint8: eight 6-bit scales and eight 6-bit mins
+//         packed as ggml's get_scale_min_k4 unpacks them, decoded here once per block and channel.
+//   Q6_K: quants [out, in / 256 * 192] (128 bytes ql, 64 bytes qh), scales d [out, in / 256]
+//         float16, sub_scales [out, in / 256 * 16] int8 (one per 16 elements).
 //
 // Values: each 16-element half of a block is decoded in registers to the float32 weights ggml
 // (and gguf-py's dequantize, and so the dequantize-first path) gives: Q8_0 d * q, Q4_0
@@ -14,10 +22,15 @@
 // one rounding is the same whether computed as fma(d, q, m) or as gguf-py's (d * q) + m. The
 // kernel therefore multiplies bitwise the weights the float path multiplies: only the summation
 // order differs.
+// The K-quants too: Q4_K's weight is round(D q - M) with D = d sc and M = dmin m exact in float32
+// (11 + 6 significant bits) and D q exact (+ 4 bits), so fma(q, D, -M) rounds once like gguf-py's
+// (d * sc) * q - dmin * m; Q6_K's d * scale * (q - 32) is exact in any order (11 + 7 + 5 bits), and
+// fma(q, D, -0) returns that product, signed zeros included.
 //
 // Summation order (batch invariance): as in int8_matmul.cc, y[t, o] is accumulated in 16 float
 // lanes, lane l holding sum over i = l (mod 16) of x[t, i] * w[o, i] by one fused multiply-add per
-// element in increasing i (`in` is a whole number of blocks, so there is no tail), then the lanes
+// element in increasing i (`in` is a whole number of blocks, so there is no tail; each block is
+// decoded 16 consecutive elements at a time, a "group"), then the lanes
 // are added in the fixed tree (l + 8, + 4, + 2, + 1). That depends on `in` alone: not on T, the
 // row's position, its tile or its thread. The AVX-512, AVX2+FMA and plain C++ paths compute that
 // same sequence; -ffp-contract=off keeps the compiler from fusing anything on its own.
@@ -32,6 +45,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -43,16 +57,28 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kLanes = 16;
-constexpr int64_t kBlock = 32;  // elements per GGUF block of these three types
+constexpr int64_t kLanes = 16;  // also the elements of one decoded group
 #ifndef JAXINFER_PREFETCH
 #define JAXINFER_PREFETCH 4096
 #endif
 
-enum class Format { kQ8_0, kQ4_0, kQ4_1 };
+enum class Format { kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K };
 
 template <Format F>
-constexpr int64_t kQuantBytes = F == Format::kQ8_0 ? 32 : 16;  // quant bytes per block
+constexpr bool kIsK = F == Format::kQ4_K || F == Format::kQ6_K;
+template <Format F>
+constexpr int64_t kBlockElements = kIsK<F> ? 256 : 32;
+template <Format F>
+constexpr int64_t kGroups = kBlockElements<F> / kLanes;  // 16-element groups per block
+template <Format F>  // quant bytes per block
+constexpr int64_t kQuantBytes = F == Format::kQ8_0   ? 32
+                                : F == Format::kQ4_K ? 128
+                                : F == Format::kQ6_K ? 192
+                                                     : 16;
+template <Format F>  // sub-block scale bytes per block (K-quants)
+constexpr int64_t kSubScaleBytes = F == Format::kQ4_K ? 12 : F == Format::kQ6_K ? 16 : 0;
+template <Format F>  // a float16 min (Q4_1's m, Q4_K's dmin) per block
+constexpr bool kHasMins = F == Format::kQ4_1 || F == Format::kQ4_K;
 
 // float16 -> float32 (exact). F16C where the build has it, else the bit manipulation.
 inline float HalfToFloat(uint16_t h) {
@@ -133,6 +159,11 @@ inline Lanes Decode(const uint8_t* quants, int half, float d, float m) {
     }
   }
 }
+using Quants16 = __m128i;  // a K-quant group's 16 quants as int8
+inline Lanes AffineGroup(Quants16 q, float scale, float offset) {
+  return {_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(scale),
+                          _mm512_set1_ps(offset))};
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr const char* kIsa = "avx2";
 constexpr int kTileRows = 2;
@@ -171,6 +202,12 @@ inline Lanes Decode(const uint8_t* quants, int half, float d, float m) {
     bytes = _mm_and_si128(bytes, _mm_set1_epi8(0x0f));
   }
   return {DecodeEight<F>(bytes, scale, min), DecodeEight<F>(_mm_srli_si128(bytes, 8), scale, min)};
+}
+using Quants16 = __m128i;
+inline Lanes AffineGroup(Quants16 q, float scale, float offset) {
+  const __m256 s = _mm256_set1_ps(scale), b = _mm256_set1_ps(offset);
+  return {_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s, b),
+          _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), s, b)};
 }
 #else
 constexpr const char* kIsa = "portable";
@@ -214,48 +251,156 @@ inline Lanes Decode(const uint8_t* quants, int half, float d, float m) {
   }
   return out;
 }
+struct Quants16 {
+  int8_t v[kLanes];
+};
+inline Lanes AffineGroup(Quants16 q, float scale, float offset) {
+  Lanes out;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    out.v[l] = std::fma(static_cast<float>(q.v[l]), scale, offset);
+  }
+  return out;
+}
 #endif
+
+// ---- K-quant groups: 16 consecutive elements of a 256-element super-block ----
+
+// Group g's 16 quants as int8: Q4_K's nibble (0..15), Q6_K's 6-bit value less 32 (-32..31).
+// Q4_K: 32-element sub-block j = g / 2 lies in bytes 32 (j / 2) .. + 31, low nibbles for even j,
+// high for odd. Q6_K: half h = g / 8 of the block (128 elements) takes ql bytes 64 h .. + 63
+// (element r of the half: byte r % 64, low nibble for r < 64) and qh bytes 128 + 32 h .. + 31
+// (element r: byte r % 32, bits 2 (r / 32) and up).
+template <Format F>
+inline Quants16 GroupQuants(const uint8_t* block, int g) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m128i low4 = _mm_set1_epi8(0x0f);
+  if constexpr (F == Format::kQ4_K) {
+    const __m128i bytes =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 32 * (g / 4) + 16 * (g % 2)));
+    return _mm_and_si128(_mm_srl_epi16(bytes, _mm_cvtsi32_si128(4 * ((g / 2) % 2))), low4);
+  } else {
+    const int h = g / 8, r = g % 8;
+    __m128i ql = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 64 * h + 16 * (r % 4)));
+    __m128i qh =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 128 + 32 * h + 16 * (r % 2)));
+    ql = _mm_and_si128(_mm_srl_epi16(ql, _mm_cvtsi32_si128(4 * (r / 4))), low4);
+    qh = _mm_and_si128(_mm_srl_epi16(qh, _mm_cvtsi32_si128(2 * (r / 2))), _mm_set1_epi8(0x03));
+    // qh holds 2 bits per byte: shifting the 16-bit lanes by 4 moves nothing across bytes.
+    return _mm_sub_epi8(_mm_or_si128(ql, _mm_slli_epi16(qh, 4)), _mm_set1_epi8(32));
+  }
+#else
+  Quants16 out;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    if constexpr (F == Format::kQ4_K) {
+      const int byte = block[32 * (g / 4) + 16 * (g % 2) + l];
+      out.v[l] = static_cast<int8_t>((byte >> (4 * ((g / 2) % 2))) & 0x0f);
+    } else {
+      const int h = g / 8, r = g % 8;
+      const int ql = (block[64 * h + 16 * (r % 4) + l] >> (4 * (r / 4))) & 0x0f;
+      const int qh = (block[128 + 32 * h + 16 * (r % 2) + l] >> (2 * (r / 2))) & 0x03;
+      out.v[l] = static_cast<int8_t>((ql | (qh << 4)) - 32);
+    }
+  }
+  return out;
+#endif
+}
+
+// What one block's header decodes to, once per block and output channel.
+struct BlockScales {  // Q8_0, Q4_0, Q4_1: d (and m)
+  float d, m;
+};
+struct GroupScales {  // K-quants: weight = fma(q, scale[g], offset[g]) for group g
+  float scale[16], offset[16];
+};
+template <Format F>
+using Header = std::conditional_t<kIsK<F>, GroupScales, BlockScales>;
 
 // ---- one tile: R rows of x against C output channels ----
 
 struct Problem {
-  const float* x;          // [rows, in]
-  const uint8_t* quants;   // [out, blocks * quant bytes]
-  const uint16_t* scales;  // [out, blocks] float16
-  const uint16_t* mins;    // [out, blocks] float16 (Q4_1), else null
-  float* y;                // [rows, out]
+  const float* x;            // [rows, in]
+  const uint8_t* quants;     // [out, blocks * quant bytes]
+  const uint16_t* scales;    // [out, blocks] float16
+  const uint16_t* mins;      // [out, blocks] float16 (Q4_1, Q4_K), else null
+  const uint8_t* sub_scales;  // [out, blocks * sub-scale bytes] (Q4_K, Q6_K), else null
+  float* y;                  // [rows, out]
   int64_t rows, in, out;
 };
 
+// Block b of output channel o: d (and m), or a K-quant's per-group scale and offset, which
+// multiply out exactly in float32 (see the top of the file).
+template <Format F>
+inline Header<F> ReadHeader(const Problem& p, int64_t o, int64_t b) {
+  const int64_t at = o * (p.in / kBlockElements<F>) + b;
+  const float d = HalfToFloat(p.scales[at]);
+  const float m = kHasMins<F> ? HalfToFloat(p.mins[at]) : 0.0f;
+  if constexpr (F == Format::kQ4_K) {
+    // ggml's get_scale_min_k4: bytes 0..3 hold scales 0..3 (low 6 bits), 4..7 mins 0..3; bytes
+    // 8..11 the low 4 bits of scales 4..7 and, high nibble, of mins 4..7, whose top 2 bits are
+    // the top bits of bytes 0..3 (scales) and 4..7 (mins).
+    const uint8_t* s = p.sub_scales + at * kSubScaleBytes<F>;
+    GroupScales out;
+    for (int j = 0; j < 8; ++j) {
+      const int sc = j < 4 ? s[j] & 0x3f : (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+      const int mn = j < 4 ? s[j + 4] & 0x3f : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+      const float scale = d * static_cast<float>(sc), min = m * static_cast<float>(mn);
+      out.scale[2 * j] = out.scale[2 * j + 1] = scale;
+      out.offset[2 * j] = out.offset[2 * j + 1] = -min;
+    }
+    return out;
+  } else if constexpr (F == Format::kQ6_K) {
+    const auto* s = reinterpret_cast<const int8_t*>(p.sub_scales + at * kSubScaleBytes<F>);
+    GroupScales out;
+    for (int g = 0; g < 16; ++g) {
+      out.scale[g] = d * static_cast<float>(s[g]);
+      out.offset[g] = -0.0f;  // x + -0 == x for every x, +0 included
+    }
+    return out;
+  } else {
+    return {d, m};
+  }
+}
+
+template <Format F>
+inline Lanes DecodeGroup(const uint8_t* block, int g, const Header<F>& h) {
+  if constexpr (kIsK<F>) {
+    return AffineGroup(GroupQuants<F>(block, g), h.scale[g], h.offset[g]);
+  } else {
+    return Decode<F>(block, g, h.d, h.m);
+  }
+}
+
 template <Format F, int R, int C>
 void Tile(const Problem& p, int64_t t, int64_t o) {
-  constexpr int64_t kQB = kQuantBytes<F>;
-  const int64_t blocks = p.in / kBlock, row_bytes = blocks * kQB;
+  constexpr int64_t kQB = kQuantBytes<F>, kElements = kBlockElements<F>;
+  const int64_t blocks = p.in / kElements, row_bytes = blocks * kQB;
   Lanes acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = Zero();
   const float* x = p.x + t * p.in;
   const uint8_t* quants = p.quants + o * row_bytes;
-  const uint16_t* scales = p.scales + o * blocks;
-  const uint16_t* mins = F == Format::kQ4_1 ? p.mins + o * blocks : nullptr;
   for (int64_t b = 0; b < blocks; ++b) {
 #if JAXINFER_PREFETCH > 0
-    if ((b * kQB) % 64 == 0) {
+    // One prefetch per 64-byte line of quants: a K-quant block's 2 or 3 lines, else at the
+    // blocks that start a line.
+    if constexpr (kQB >= 64) {
+      for (int64_t line = 0; line < kQB; line += 64) {
+        for (int c = 0; c < C; ++c)
+          __builtin_prefetch(quants + c * row_bytes + b * kQB + line + JAXINFER_PREFETCH, 0, 3);
+      }
+    } else if ((b * kQB) % 64 == 0) {
       for (int c = 0; c < C; ++c)
         __builtin_prefetch(quants + c * row_bytes + b * kQB + JAXINFER_PREFETCH, 0, 3);
     }
 #endif
-    float d[C], m[C];
-    for (int c = 0; c < C; ++c) {
-      d[c] = HalfToFloat(scales[c * blocks + b]);
-      m[c] = F == Format::kQ4_1 ? HalfToFloat(mins[c * blocks + b]) : 0.0f;
-    }
-    for (int half = 0; half < 2; ++half) {
+    Header<F> header[C];
+    for (int c = 0; c < C; ++c) header[c] = ReadHeader<F>(p, o + c, b);
+    for (int g = 0; g < kGroups<F>; ++g) {
       Lanes weights[C];
       for (int c = 0; c < C; ++c)
-        weights[c] = Decode<F>(quants + c * row_bytes + b * kQB, half, d[c], m[c]);
+        weights[c] = DecodeGroup<F>(quants + c * row_bytes + b * kQB, g, header[c]);
       for (int r = 0; r < R; ++r) {
-        Lanes xs = LoadX(x + r * p.in + b * kBlock + half * kLanes);
+        Lanes xs = LoadX(x + r * p.in + b * kElements + g * kLanes);
         for (int c = 0; c < C; ++c) acc[r][c] = Fma(xs, weights[c], acc[r][c]);
       }
     }
@@ -321,7 +466,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const Problem& problem, int64_t max_thread
   auto work = std::make_shared<Work<F>>();
   work->problem = problem;
   constexpr int64_t kStep = std::max(kTileCols, kSingleRowCols);
-  const int64_t row_bytes = problem.in / kBlock * kQuantBytes<F>;
+  const int64_t row_bytes = problem.in / kBlockElements<F> * kQuantBytes<F>;
   int64_t per_block = std::max<int64_t>(kBlockBytes / std::max<int64_t>(row_bytes, 1), kStep);
   per_block -= per_block % kStep;
   work->channels_per_block = per_block;
@@ -336,22 +481,26 @@ ffi::Error Run(ffi::ThreadPool& pool, const Problem& problem, int64_t max_thread
   return ffi::Error::Success();
 }
 
-// Shapes: x [T, in], quants [out, in / 32 * quant bytes], scales (and mins) [out, in / 32].
+// Shapes, with n = in / block elements: x [T, in], quants [out, n * quant bytes], scales (and
+// mins) [out, n], sub_scales [out, n * sub-scale bytes].
 template <Format F, typename QuantBuffer>
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, QuantBuffer quants,
                   ffi::Buffer<ffi::F16> scales, const uint16_t* mins,
-                  ffi::Span<const int64_t> mins_dims, ffi::ResultBuffer<ffi::F32> y,
+                  ffi::Span<const int64_t> mins_dims, const uint8_t* sub_scales,
+                  ffi::Span<const int64_t> sub_dims, ffi::ResultBuffer<ffi::F32> y,
                   int64_t max_threads) {
   auto x_dims = x.dimensions(), q_dims = quants.dimensions(), s_dims = scales.dimensions();
   if (x_dims.size() != 2 || q_dims.size() != 2 || s_dims.size() != 2) {
     return ffi::Error::InvalidArgument("jaxinfer_gguf_matmul: x [T, in], quants and scales 2-D");
   }
   const int64_t rows = x_dims[0], in = x_dims[1], out = q_dims[0];
-  const bool mins_agree =
-      F != Format::kQ4_1 || (mins_dims.size() == 2 && mins_dims[0] == out &&
-                             mins_dims[1] == in / kBlock);
-  if (in % kBlock != 0 || q_dims[1] != in / kBlock * kQuantBytes<F> || s_dims[0] != out ||
-      s_dims[1] != in / kBlock || !mins_agree || y->dimensions()[0] != rows ||
+  const int64_t blocks = in / kBlockElements<F>;
+  const bool mins_agree = !kHasMins<F> || (mins_dims.size() == 2 && mins_dims[0] == out &&
+                                           mins_dims[1] == blocks);
+  const bool subs_agree = !kIsK<F> || (sub_dims.size() == 2 && sub_dims[0] == out &&
+                                       sub_dims[1] == blocks * kSubScaleBytes<F>);
+  if (in % kBlockElements<F> != 0 || q_dims[1] != blocks * kQuantBytes<F> || s_dims[0] != out ||
+      s_dims[1] != blocks || !mins_agree || !subs_agree || y->dimensions()[0] != rows ||
       y->dimensions()[1] != out) {
     return ffi::Error::InvalidArgument("jaxinfer_gguf_matmul: shapes do not agree");
   }
@@ -359,6 +508,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, QuantBuffer qua
                         reinterpret_cast<const uint8_t*>(quants.typed_data()),
                         scales.typed_data(),
                         mins,
+                        sub_scales,
                         y->typed_data(),
                         rows,
                         in,
@@ -369,20 +519,36 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, QuantBuffer qua
 ffi::Error Q8_0Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> quants,
                       ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y,
                       int64_t max_threads) {
-  return Matmul<Format::kQ8_0>(pool, x, quants, scales, nullptr, {}, y, max_threads);
+  return Matmul<Format::kQ8_0>(pool, x, quants, scales, nullptr, {}, nullptr, {}, y, max_threads);
 }
 
 ffi::Error Q4_0Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> quants,
                       ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y,
                       int64_t max_threads) {
-  return Matmul<Format::kQ4_0>(pool, x, quants, scales, nullptr, {}, y, max_threads);
+  return Matmul<Format::kQ4_0>(pool, x, quants, scales, nullptr, {}, nullptr, {}, y, max_threads);
 }
 
 ffi::Error Q4_1Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> quants,
                       ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::F16> mins,
                       ffi::ResultBuffer<ffi::F32> y, int64_t max_threads) {
-  return Matmul<Format::kQ4_1>(pool, x, quants, scales, mins.typed_data(), mins.dimensions(), y,
-                               max_threads);
+  return Matmul<Format::kQ4_1>(pool, x, quants, scales, mins.typed_data(), mins.dimensions(),
+                               nullptr, {}, y, max_threads);
+}
+
+ffi::Error Q4_KMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> quants,
+                      ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::F16> mins,
+                      ffi::Buffer<ffi::U8> sub_scales, ffi::ResultBuffer<ffi::F32> y,
+                      int64_t max_threads) {
+  return Matmul<Format::kQ4_K>(pool, x, quants, scales, mins.typed_data(), mins.dimensions(),
+                               sub_scales.typed_data(), sub_scales.dimensions(), y, max_threads);
+}
+
+ffi::Error Q6_KMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> quants,
+                      ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::S8> sub_scales,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t max_threads) {
+  return Matmul<Format::kQ6_K>(pool, x, quants, scales, nullptr, {},
+                               reinterpret_cast<const uint8_t*>(sub_scales.typed_data()),
+                               sub_scales.dimensions(), y, max_threads);
 }
 
 }  // namespace
@@ -412,6 +578,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferQ4_1Matmul, Q4_1Matmul,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferQ4_KMatmul, Q4_KMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferQ6_KMatmul, Q6_KMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("max_threads"));
 
