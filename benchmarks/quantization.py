@@ -14,6 +14,9 @@
    different accuracy contract, shown for what XLA:CPU's integer dot can do). Also whether the
    compiled HLO of the obvious code materializes a float32 copy of the weight (a `convert` whose
    result has the weight's shape, outside the dot), and the kernel's int8 bytes per second.
+   Then the GGUF block kernel per type (Q8_0, Q4_1, Q4_K, Q6_K) on SmolLM2's down projection
+   [B, 1536] x [1536, 576] (the K-quants need `in` a multiple of 256; 576 is not), against float32.
+   `--products-only` stops here.
 2. Every product of one decode step, alone: one jitted call running all of SmolLM2's linear
    weights (30 layers and the lm_head; 135 MB in int8, far beyond the caches) at B rows, per
    mode: ms, the weight bytes it reads, and the resulting GB/s against the measured bandwidth
@@ -135,6 +138,57 @@ def product_table(repeats: int) -> dict:
     return rows
 
 
+BLOCK_PRODUCT = (1536, 576)  # [in, out]
+BLOCK_TYPES_TIMED = ("Q8_0", "Q4_1", "Q4_K", "Q6_K")
+
+
+def _timing_blocks(qtype: str, rows: int, cols: int, rng):
+    """GGUFBlocks [rows, cols] to time: gguf-py's quantization of a Gaussian matrix, or for the
+    K-quants (gguf-py cannot quantize them) random bytes with a finite float16 d (and dmin)."""
+    import gguf
+
+    from jaxinfer.models.gguf_blocks import LAYOUTS, GGUFBlocks
+
+    ggml_type = gguf.GGMLQuantizationType[qtype]
+    if qtype in ("Q4_K", "Q6_K"):
+        _, size = gguf.GGML_QUANT_SIZES[ggml_type]
+        stored = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+        at, width = LAYOUTS[qtype].scale, 4 if qtype == "Q4_K" else 2
+        halves = np.full((rows, cols // 256, width // 2), 0.01, np.float16)
+        stored[..., at : at + width] = halves.view(np.uint8)
+        stored = stored.reshape(rows, -1)
+    else:
+        stored = gguf.quants.quantize(
+            rng.standard_normal((rows, cols)).astype(np.float32), ggml_type
+        )
+    return GGUFBlocks.split(stored, qtype)
+
+
+def block_product_table(repeats: int) -> dict:
+    """The GGUF block kernel alone per type on one [in, out] product: median ms and GB/s."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.kernels.gguf_matmul import gguf_matmul
+
+    rng = np.random.default_rng(1)
+    in_features, out_features = BLOCK_PRODUCT
+    weight = jnp.asarray(rng.standard_normal((in_features, out_features)).astype(np.float32))
+    blocks = {q: _timing_blocks(q, out_features, in_features, rng) for q in BLOCK_TYPES_TIMED}
+    rows = {}
+    for batch in (1, 16):
+        x = jnp.asarray(rng.standard_normal((batch, in_features)).astype(np.float32))
+        ms = {"float32": _median_ms(jax.jit(jnp.dot), (x, weight), repeats)}
+        gb_s = {"float32": weight.nbytes / ms["float32"] / 1e6}
+        for qtype, block in blocks.items():
+            arrays = [None if a is None else jnp.asarray(a) for a in block.arrays]
+            product = jax.jit(functools.partial(gguf_matmul, qtype))
+            ms[qtype] = _median_ms(product, (x, *arrays), repeats)
+            gb_s[qtype] = block.nbytes / ms[qtype] / 1e6
+        rows[f"[{in_features}, {out_features}] B={batch}"] = {"ms": ms, "weight_gb_s": gb_s}
+    return rows
+
+
 def _linear_weights(params) -> list:
     """Every weight a decode step multiplies by (not the embedding gather): the layers' 2-D
     weights and the lm_head (the tied embedding's transpose when there is no lm_head)."""
@@ -203,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--products-only", action="store_true", help="only the product tables")
     p.add_argument("--out", default=str(here / "quantization.json"))
     args = p.parse_args(argv)
     if args.quick:
@@ -221,6 +276,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{label:>26} {cells}   float32 copy in HLO: {row['hlo_materializes_f32_weight']}; "
             f"kernel reads int8 at {row['kernel_int8_gb_s']:.1f} GB/s"
         )
+    block_products = block_product_table(repeats=5 if args.quick else 30)
+    print(
+        f"\n{'GGUF block kernel':>26} "
+        + " ".join(f"{k:>15}" for k in ("float32", *BLOCK_TYPES_TIMED))
+    )
+    for label, row in block_products.items():
+        cells = " ".join(f"{row['ms'][k]:12.3f} ms" for k in ("float32", *BLOCK_TYPES_TIMED))
+        rates_cells = ", ".join(f"{k} {v:.1f}" for k, v in row["weight_gb_s"].items())
+        print(f"{label:>26} {cells}   weight GB/s: {rates_cells}")
+    if args.products_only:
+        out = {"machine": throughput.machine_info(), "products": products}
+        Path(args.out).write_text(json.dumps({**out, "block_products": block_products}, indent=2))
+        print(f"wrote {args.out}")
+        return 0
 
     files = throughput.resolve_model("smollm2", Path("~/.cache/jaxinfer/benchmarks").expanduser())
     rates = roofline.measure_machine(quick=args.quick)
@@ -291,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kernel_isa": kernel_isa(),
                 "bandwidth_bytes_s": rates.bandwidth_bytes_s,
                 "products": products,
+                "block_products": block_products,
                 "step_products_alone": alone,
                 "decode": summary,
             },
