@@ -309,8 +309,9 @@ inline Quants16 GroupQuants(const uint8_t* block, int g) {
 struct BlockScales {  // Q8_0, Q4_0, Q4_1: d (and m)
   float d, m;
 };
-struct GroupScales {  // K-quants: weight = fma(q, scale[g], offset[g]) for group g
-  float scale[16], offset[16];
+struct GroupScales {  // K-quants: group g's weights are fma(q, scale, offset) (see DecodeGroup)
+  float scale[16];     // Q4_K: d sc[j] for sub-block j = g / 2; Q6_K: d scale[g]
+  float offset[8];     // Q4_K: -dmin m[j]; Q6_K: unused (-0)
 };
 template <Format F>
 using Header = std::conditional_t<kIsK<F>, GroupScales, BlockScales>;
@@ -337,24 +338,49 @@ inline Header<F> ReadHeader(const Problem& p, int64_t o, int64_t b) {
   if constexpr (F == Format::kQ4_K) {
     // ggml's get_scale_min_k4: bytes 0..3 hold scales 0..3 (low 6 bits), 4..7 mins 0..3; bytes
     // 8..11 the low 4 bits of scales 4..7 and, high nibble, of mins 4..7, whose top 2 bits are
-    // the top bits of bytes 0..3 (scales) and 4..7 (mins).
+    // the top bits of bytes 0..3 (scales) and 4..7 (mins). Four bytes at a time, as ggml unpacks
+    // them (little-endian words: byte k of a word is byte k of the block).
+    uint32_t low, high, rest;
     const uint8_t* s = p.sub_scales + at * kSubScaleBytes<F>;
-    GroupScales out;
+    std::memcpy(&low, s, 4);
+    std::memcpy(&high, s + 4, 4);
+    std::memcpy(&rest, s + 8, 4);
+    const uint32_t words[4] = {low & 0x3f3f3f3fu,
+                               (rest & 0x0f0f0f0fu) | ((low >> 2) & 0x30303030u),
+                               high & 0x3f3f3f3fu,
+                               ((rest >> 4) & 0x0f0f0f0fu) | ((high >> 2) & 0x30303030u)};
+    GroupScales out;  // the same products either way: one float32 rounding each (exact here)
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m128i sc_mn = _mm_set_epi32(static_cast<int>(words[3]), static_cast<int>(words[2]),
+                                        static_cast<int>(words[1]), static_cast<int>(words[0]));
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc_mn));
+    const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sc_mn, 8)));
+    _mm256_storeu_ps(out.scale, _mm256_mul_ps(sc, _mm256_set1_ps(d)));
+    const __m256 sign = _mm256_set1_ps(-0.0f);  // negation: flip the sign bit, exactly
+    _mm256_storeu_ps(out.offset, _mm256_xor_ps(_mm256_mul_ps(mn, _mm256_set1_ps(m)), sign));
+#else
+    uint8_t sc_mn[16];  // sc[0..7], m[0..7]
+    std::memcpy(sc_mn, words, 16);
     for (int j = 0; j < 8; ++j) {
-      const int sc = j < 4 ? s[j] & 0x3f : (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
-      const int mn = j < 4 ? s[j + 4] & 0x3f : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-      const float scale = d * static_cast<float>(sc), min = m * static_cast<float>(mn);
-      out.scale[2 * j] = out.scale[2 * j + 1] = scale;
-      out.offset[2 * j] = out.offset[2 * j + 1] = -min;
+      out.scale[j] = d * static_cast<float>(sc_mn[j]);
+      out.offset[j] = -(m * static_cast<float>(sc_mn[8 + j]));
     }
+#endif
     return out;
   } else if constexpr (F == Format::kQ6_K) {
     const auto* s = reinterpret_cast<const int8_t*>(p.sub_scales + at * kSubScaleBytes<F>);
     GroupScales out;
-    for (int g = 0; g < 16; ++g) {
-      out.scale[g] = d * static_cast<float>(s[g]);
-      out.offset[g] = -0.0f;  // x + -0 == x for every x, +0 included
-    }
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+    const __m256 scale = _mm256_set1_ps(d);
+    _mm256_storeu_ps(out.scale,
+                     _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale));
+    _mm256_storeu_ps(out.scale + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                      _mm_srli_si128(bytes, 8))),
+                                                  scale));
+#else
+    for (int g = 0; g < 16; ++g) out.scale[g] = d * static_cast<float>(s[g]);
+#endif
     return out;
   } else {
     return {d, m};
@@ -363,8 +389,10 @@ inline Header<F> ReadHeader(const Problem& p, int64_t o, int64_t b) {
 
 template <Format F>
 inline Lanes DecodeGroup(const uint8_t* block, int g, const Header<F>& h) {
-  if constexpr (kIsK<F>) {
-    return AffineGroup(GroupQuants<F>(block, g), h.scale[g], h.offset[g]);
+  if constexpr (F == Format::kQ4_K) {
+    return AffineGroup(GroupQuants<F>(block, g), h.scale[g / 2], h.offset[g / 2]);
+  } else if constexpr (F == Format::kQ6_K) {
+    return AffineGroup(GroupQuants<F>(block, g), h.scale[g], -0.0f);  // x + -0 == x, +0 too
   } else {
     return Decode<F>(block, g, h.d, h.m);
   }
@@ -395,6 +423,7 @@ void Tile(const Problem& p, int64_t t, int64_t o) {
 #endif
     Header<F> header[C];
     for (int c = 0; c < C; ++c) header[c] = ReadHeader<F>(p, o + c, b);
+#pragma GCC unroll 16
     for (int g = 0; g < kGroups<F>; ++g) {
       Lanes weights[C];
       for (int c = 0; c < C; ++c)
