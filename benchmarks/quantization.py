@@ -165,7 +165,8 @@ def _timing_blocks(qtype: str, rows: int, cols: int, rng):
 
 
 def block_product_table(repeats: int) -> dict:
-    """The GGUF block kernel alone per type on one [in, out] product: median ms and GB/s."""
+    """The GGUF block kernel alone per type on one [in, out] product: median ms and GB/s, the
+    types interleaved in every repeat (so that the shared machine's drift hits them alike)."""
     import jax
     import jax.numpy as jnp
 
@@ -178,13 +179,21 @@ def block_product_table(repeats: int) -> dict:
     rows = {}
     for batch in (1, 16):
         x = jnp.asarray(rng.standard_normal((batch, in_features)).astype(np.float32))
-        ms = {"float32": _median_ms(jax.jit(jnp.dot), (x, weight), repeats)}
-        gb_s = {"float32": weight.nbytes / ms["float32"] / 1e6}
+        calls = {"float32": (jax.jit(jnp.dot), (x, weight), weight.nbytes)}
         for qtype, block in blocks.items():
             arrays = [None if a is None else jnp.asarray(a) for a in block.arrays]
             product = jax.jit(functools.partial(gguf_matmul, qtype))
-            ms[qtype] = _median_ms(product, (x, *arrays), repeats)
-            gb_s[qtype] = block.nbytes / ms[qtype] / 1e6
+            calls[qtype] = (product, (x, *arrays), block.nbytes)
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for fn, args, _ in calls.values():
+            fn(*args).block_until_ready()  # compile
+        for _ in range(repeats):
+            for name, (fn, args, _) in calls.items():
+                started = time.perf_counter()
+                fn(*args).block_until_ready()
+                times[name].append(time.perf_counter() - started)
+        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        gb_s = {name: calls[name][2] / ms[name] / 1e6 for name in calls}
         rows[f"[{in_features}, {out_features}] B={batch}"] = {"ms": ms, "weight_gb_s": gb_s}
     return rows
 
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{label:>26} {cells}   float32 copy in HLO: {row['hlo_materializes_f32_weight']}; "
             f"kernel reads int8 at {row['kernel_int8_gb_s']:.1f} GB/s"
         )
-    block_products = block_product_table(repeats=5 if args.quick else 30)
+    block_products = block_product_table(repeats=5 if args.quick else 200)
     print(
         f"\n{'GGUF block kernel':>26} "
         + " ".join(f"{k:>15}" for k in ("float32", *BLOCK_TYPES_TIMED))
