@@ -1,7 +1,8 @@
-"""benchmarks/vs_llamacpp.py and benchmarks/step_profile.py stay runnable: their quick runs fill
-every column they report. A tiny checkpoint stands in for SmolLM2 on the jaxinfer side; llama.cpp
-(a benchmark-only dependency in its own venv, never in the test requirements) runs SmolLM2's GGUF
-when that venv exists, and only its column is left out when it does not."""
+"""benchmarks/vs_llamacpp.py, benchmarks/step_profile.py and benchmarks/quantization.py's product
+tables stay runnable: their quick runs fill every column they report. A tiny checkpoint stands in
+for SmolLM2 on the jaxinfer side; llama.cpp (a benchmark-only dependency in its own venv, never in
+the test requirements) runs SmolLM2's GGUF when that venv exists, and only its column is left out
+when it does not."""
 
 from __future__ import annotations
 
@@ -64,3 +65,16 @@ def test_step_profile_quick_run_splits_the_step(tiny_llama, tmp_path):
         assert set(row["pieces_ms"]) == set(module.PIECES)
         assert all(ms > 0 and math.isfinite(ms) for ms in row["pieces_ms"].values())
         assert not row["bucket"]["is_prefill"]
+
+
+def test_quantization_products_only_quick_run_times_every_block_type(tmp_path):
+    """benchmarks/quantization.py's product tables alone (the engine sections need SmolLM2)."""
+    module = _load("quantization")
+    out = tmp_path / "products.json"
+    assert module.main(["--quick", "--products-only", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["products"]) == 4 and len(result["block_products"]) == 2
+    for row in result["block_products"].values():
+        assert set(row["ms"]) == {"float32", *module.BLOCK_TYPES_TIMED}
+        for value in (*row["ms"].values(), *row["weight_gb_s"].values()):
+            assert value > 0 and math.isfinite(value)
