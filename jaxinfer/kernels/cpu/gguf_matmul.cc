@@ -4,8 +4,8 @@
 // registers "jaxinfer_gguf_<type>_matmul").
 //
 // Why: a GGUF dequantized at load holds 4 bytes per weight; these blocks hold 1.06 (Q8_0), 0.56
-// (Q4_0) or 0.63 (Q4_1), and decode reads every weight once per step. The blocks arrive split
-// into arrays (jaxinfer/models/gguf_weight.py): quants [out, in] int8 (Q8_0) or [out, in / 2]
+// (Q4_0, Q4_K), 0.63 (Q4_1) or 0.82 (Q6_K), and decode reads every weight once per step. The blocks
+// arrive split into arrays (jaxinfer/models/gguf_blocks.py): quants [out, in] int8 (Q8_0) or [out, in / 2]
 // uint8 (Q4: byte j of a block holds element j in its low nibble and element j + 16 in its high
 // nibble, ggml's layout), scales d [out, in / 32] and, for Q4_1, mins m [out, in / 32], float16.
 // A K-quant super-block arrives as the same arrays plus its raw sub-block scale bytes
@@ -16,7 +16,7 @@
 //   Q6_K: quants [out, in / 256 * 192] (128 bytes ql, 64 bytes qh), scales d [out, in / 256]
 //         float16, sub_scales [out, in / 256 * 16] int8 (one per 16 elements).
 //
-// Values: each 16-element half of a block is decoded in registers to the float32 weights ggml
+// Values: each 16-element group (half a 32-element block) is decoded in registers to the float32 weights ggml
 // (and gguf-py's dequantize, and so the dequantize-first path) gives: Q8_0 d * q, Q4_0
 // d * (q - 8), Q4_1 d * q + m. d * q is exact in float32 (11 + 8 significant bits), so Q4_1's
 // one rounding is the same whether computed as fma(d, q, m) or as gguf-py's (d * q) + m. The
@@ -29,11 +29,11 @@
 //
 // Summation order (batch invariance): as in int8_matmul.cc, y[t, o] is accumulated in 16 float
 // lanes, lane l holding sum over i = l (mod 16) of x[t, i] * w[o, i] by one fused multiply-add per
-// element in increasing i (`in` is a whole number of blocks, so there is no tail; each block is
-// decoded 16 consecutive elements at a time, a "group"), then the lanes
-// are added in the fixed tree (l + 8, + 4, + 2, + 1). That depends on `in` alone: not on T, the
-// row's position, its tile or its thread. The AVX-512, AVX2+FMA and plain C++ paths compute that
-// same sequence; -ffp-contract=off keeps the compiler from fusing anything on its own.
+// element in increasing i (`in` is a whole number of blocks, so there is no tail; a block is
+// decoded 16 consecutive elements, a group, at a time), then the lanes are added in the fixed
+// tree (l + 8, + 4, + 2, + 1). That depends on `in` alone: not on T, the row's position, its
+// tile or its thread. The AVX-512, AVX2+FMA and plain C++ paths compute that same sequence;
+// -ffp-contract=off keeps the compiler from fusing anything on its own.
 //
 // Threads: blocks of output channels handed out through an atomic counter to the calling thread
 // and tasks on XLA's intra-op pool, as in int8_matmul.cc.
@@ -310,8 +310,8 @@ struct BlockScales {  // Q8_0, Q4_0, Q4_1: d (and m)
   float d, m;
 };
 struct GroupScales {  // K-quants: group g's weights are fma(q, scale, offset) (see DecodeGroup)
-  float scale[16];     // Q4_K: d sc[j] for sub-block j = g / 2; Q6_K: d scale[g]
-  float offset[8];     // Q4_K: -dmin m[j]; Q6_K: unused (-0)
+  float scale[16];  // Q4_K: d sc[j] for sub-block j = g / 2; Q6_K: d scale[g]
+  float offset[8];  // Q4_K: -dmin m[j]; Q6_K: unused (-0)
 };
 template <Format F>
 using Header = std::conditional_t<kIsK<F>, GroupScales, BlockScales>;
@@ -319,12 +319,12 @@ using Header = std::conditional_t<kIsK<F>, GroupScales, BlockScales>;
 // ---- one tile: R rows of x against C output channels ----
 
 struct Problem {
-  const float* x;            // [rows, in]
-  const uint8_t* quants;     // [out, blocks * quant bytes]
-  const uint16_t* scales;    // [out, blocks] float16
-  const uint16_t* mins;      // [out, blocks] float16 (Q4_1, Q4_K), else null
+  const float* x;             // [rows, in]
+  const uint8_t* quants;      // [out, blocks * quant bytes]
+  const uint16_t* scales;     // [out, blocks] float16
+  const uint16_t* mins;       // [out, blocks] float16 (Q4_1, Q4_K), else null
   const uint8_t* sub_scales;  // [out, blocks * sub-scale bytes] (Q4_K, Q6_K), else null
-  float* y;                  // [rows, out]
+  float* y;                   // [rows, out]
   int64_t rows, in, out;
 };
 
