@@ -40,8 +40,8 @@ class BlockLayout:
     sub_scale_dtype: str = "uint8"
 
 
-# Types kept in blocks by quantization="gguf" (the other K-quants, Q2_K / Q3_K / Q5_K, and the
-# float types are dequantized at load).
+# Types kept in blocks by quantization="gguf" (Q5_0, Q5_1, the other K-quants Q2_K / Q3_K / Q5_K
+# and the float types are dequantized at load).
 LAYOUTS = {
     "Q8_0": BlockLayout(elements=32, quants=(2, 34), scale=0, quant_dtype="int8"),
     "Q4_0": BlockLayout(elements=32, quants=(2, 18), scale=0),
@@ -67,6 +67,7 @@ class GGUFBlocks:
 
     @property
     def arrays(self) -> tuple[np.ndarray | None, ...]:
+        """(quants, scales, mins, sub_scales): the order the kernel and `dequantize` take."""
         return (self.quants, self.scales, self.mins, self.sub_scales)
 
     @property
