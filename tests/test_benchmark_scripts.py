@@ -78,3 +78,23 @@ def test_quantization_products_only_quick_run_times_every_block_type(tmp_path):
         assert set(row["ms"]) == {"float32", *module.BLOCK_TYPES_TIMED}
         for value in (*row["ms"].values(), *row["weight_gb_s"].values()):
             assert value > 0 and math.isfinite(value)
+
+
+def test_scoring_quick_run_scores_with_both_engines_and_they_agree(tiny_llama, tmp_path):
+    module = _load("scoring")
+    out = tmp_path / "scoring.json"
+    result = module.main(["--quick", "--model", str(tiny_llama), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = {row["engine"]: row for row in result["rows"]}
+    batch = module.QUICK.hf_batch_size
+    assert set(rows) == {"jaxinfer", "transformers per request", f"transformers batched ({batch})"}
+    for row in rows.values():
+        assert row["warm_s"] > 0 and math.isfinite(row["tokens_per_s"]), row["engine"]
+        assert len(row["rounds_s"]) == module.QUICK.rounds
+    assert rows["jaxinfer"]["first_compile_s"] > 0  # the first run compiled the step shapes
+    requests = module.QUICK.contexts * module.CONTINUATIONS
+    for per_round in result["agreement"].values():
+        for check in per_round:
+            assert check["requests"] == requests
+            assert check["max_abs_logprob_diff"] <= module.AGREEMENT_TOL
+            assert check["is_greedy_equal"] == requests
