@@ -102,9 +102,20 @@ def log_softmax(x: jax.Array) -> jax.Array:
     """log_softmax over the last axis (as `jax.nn.log_softmax`: shift by the max, log-sum-exp)."""
     if not _active.get():
         return jax.nn.log_softmax(x, axis=-1)
+    shift, log_sum = log_normalizer(x)
+    return (x - shift) - log_sum
+
+
+def log_normalizer(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(shift, log_sum), each [..., 1], with `log_softmax(x) == (x - shift) - log_sum` bit for bit
+    in either mode: for the few entries of a wide row that are wanted (prompt logprobs), without
+    writing the whole log-softmax out."""
     top = jnp.max(x, axis=-1, keepdims=True)
-    shifted = x - jnp.where(jnp.isfinite(top), top, 0.0)
-    return shifted - jnp.log(tree_sum(jnp.exp(shifted)))[..., None]
+    if not _active.get():  # jax.nn.log_softmax's own steps
+        shifted = x - jax.lax.stop_gradient(top)
+        return top, jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+    shift = jnp.where(jnp.isfinite(top), top, 0.0)
+    return shift, jnp.log(tree_sum(jnp.exp(x - shift)))[..., None]
 
 
 def cumsum(x: jax.Array) -> jax.Array:

@@ -17,7 +17,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer.models import invariant
 from jaxinfer.models.family import run_layers
-from jaxinfer.runtime.sampling import apply_token_bitmask, sample, top_logprobs
+from jaxinfer.runtime.sampling import (
+    apply_token_bitmask,
+    sample,
+    top_logprobs,
+    top_logprobs_of_logits,
+)
 from jaxinfer.runtime.slot_state import SlotState, batch_tensors, count_sampled
 from jaxinfer.seam import StepInputs, StepOutputs
 from pallas_kernels import reference
@@ -205,8 +210,7 @@ def step(
 
     def prompt_logprobs() -> tuple:
         all_logits = _whole_on_every_device(family.logits(params, model_config, hidden), mesh)
-        raw = invariant.log_softmax(all_logits)
-        return top_logprobs(raw, jnp.minimum(next_ids, vocab - 1), num_logprobs)
+        return top_logprobs_of_logits(all_logits, jnp.minimum(next_ids, vocab - 1), num_logprobs)
 
     empty = functools.partial(_no_top_logprobs, next_ids.shape[0], num_logprobs)
     prompt_logprob, prompt_rank, prompt_top_ids, prompt_top_values = jax.lax.cond(

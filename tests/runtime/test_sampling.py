@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.models import invariant
 from jaxinfer.runtime import sampling
 from jaxinfer.runtime.sampling import (
     argmax,
@@ -26,6 +27,7 @@ from jaxinfer.runtime.sampling import (
     sample,
     token_gumbel,
     top_logprobs,
+    top_logprobs_of_logits,
     top_p_threshold,
     vocab_gumbel,
 )
@@ -483,6 +485,33 @@ def test_top_logprobs_ranks_like_vllm():
     np.testing.assert_array_equal(top_logprobs(raw, jnp.array([0, 4]), 0)[1], [1, 1])
     np.testing.assert_array_equal(ids[:, 0], [0, 4])
     np.testing.assert_allclose(values, np.sort(np.asarray(raw), -1)[:, ::-1][:, :2])
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_top_logprobs_of_logits_equals_top_logprobs_of_the_log_softmax(batch_invariant):
+    """Prompt logprobs skip writing the [S, V] log-softmax: the same logprobs and ranks, bitwise,
+    in both modes; rows with ties, -inf entries (a masked vocabulary) and a huge shift included."""
+    rng = np.random.default_rng(11)
+    logits = rng.normal(scale=4.0, size=(37, 1000)).astype(np.float32)  # 37: not a tile multiple
+    logits[1, ::3] = -np.inf
+    logits[2, :] = 1.5  # every token tied
+    logits[3] += 1e4
+    logits[4, 10:20] = logits[4].max() + 1.0  # a tie at the top
+    tokens = rng.integers(0, 1000, size=37).astype(np.int32)
+    tokens[1] = 3  # an -inf entry: logprob -inf, last rank
+    tokens[4] = 12
+
+    def both(x, t):
+        ours = top_logprobs_of_logits(x, t, 5)
+        return ours, top_logprobs(invariant.log_softmax(x), t, 5)
+
+    with invariant.batch_invariant_ops(batch_invariant):
+        ours, reference = jax.jit(both)(jnp.asarray(logits), jnp.asarray(tokens))
+    names = ("token_logprob", "rank", "top_ids", "top_logprobs")
+    for name, got, want in zip(names, ours, reference, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+    assert np.isneginf(ours[0][1]) and ours[1][1] == 1000
+    assert ours[1][2] == 1000 and ours[1][4] == 10  # ties share the last rank of their group
 
 
 def test_raw_logprobs_are_the_unprocessed_log_softmax():
