@@ -5,9 +5,10 @@ is only faster than XLA's path when it uses the host's vector instructions), so 
 elsewhere could not carry them; and a compiler is on every machine this project runs on. The
 library lands in the user's cache folder (`$JAXINFER_KERNEL_CACHE_DIR`, else
 `$XDG_CACHE_HOME/jaxinfer/kernels/<cpu>`, next to the compilation cache), named by a hash of
-everything that changes the binary: the source, the flags, the compiler's version, the jaxlib
-version (the FFI headers) and the CPU's feature flags. It is written under a temporary name and
-renamed, so two processes building at once never load a half-written file.
+everything that changes the binary: the source and the headers beside it, the flags, the
+compiler's version, the jaxlib version (the FFI headers) and the CPU's feature flags. It is
+written under a temporary name and renamed, so two processes building at once never load a
+half-written file.
 
 A missing compiler or a failed build is not an error: `build_shared_library` logs one warning
 and returns None, and the caller keeps its XLA path.
@@ -63,6 +64,15 @@ def _compiler_version(compiler: str) -> str:
     return result.stdout.strip()
 
 
+def _local_headers(source: Path) -> list[str]:
+    """Name and text of every `*.h` in the source's folder, sorted by name: what a quoted
+    `#include` there can read. Hashed with the source, so that editing a shared header (the CPU
+    kernels share cpu/lanes.h) names a new library instead of loading the stale one. Headers the
+    source does not include count too: a needless rebuild costs seconds, a stale library wrong
+    results."""
+    return [f"{header.name}\n{header.read_text()}" for header in sorted(source.parent.glob("*.h"))]
+
+
 def build_shared_library(
     source: Path, include_dirs: tuple[str, ...] = (), extra_flags: tuple[str, ...] = ()
 ) -> Path | None:
@@ -85,6 +95,7 @@ def build_shared_library(
         identity = "\n".join(
             [
                 source.read_text(),
+                *_local_headers(source),
                 " ".join(command),
                 _compiler_version(compiler),
                 jaxlib.__version__,

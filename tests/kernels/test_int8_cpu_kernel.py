@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,29 @@ def test_a_missing_compiler_or_a_failed_build_is_one_warning_and_no_library(
         assert build_shared_library(broken) is None
     assert "building broken.cc failed" in caplog.text
     assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".*"))
+
+
+def test_editing_a_header_beside_the_source_names_a_new_library(monkeypatch, tmp_path):
+    """The cached library's name hashes the headers in the source's folder too (both kernels
+    include cpu/lanes.h and cpu/tiles.h): after a header edit the library built before it must
+    not be loaded, and undoing the edit finds that library again without a build."""
+    sources = tmp_path / "cpu"
+    shutil.copytree(SOURCE.parent, sources)
+    monkeypatch.setenv(KERNEL_CACHE_ENV, str(tmp_path / "cache"))
+    source, header = sources / SOURCE.name, sources / "lanes.h"
+    original = header.read_text()
+    first = build_shared_library(source, (jax.ffi.include_dir(),))
+    assert first is not None
+    built_at = first.stat().st_mtime_ns
+    header.write_text(original + "\n// an edit the compiler ignores still names a new library\n")
+    second = build_shared_library(source, (jax.ffi.include_dir(),))
+    assert second is not None and second != first and second.exists()
+    header.write_text(original)
+    assert build_shared_library(source, (jax.ffi.include_dir(),)) == first
+    assert first.stat().st_mtime_ns == built_at
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == sorted(
+        [first.name, second.name]
+    )
 
 
 def test_when_the_kernel_is_unavailable_quantized_matmul_keeps_the_xla_path(monkeypatch):
