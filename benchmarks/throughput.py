@@ -20,6 +20,12 @@ Why it measures the way it does:
   (least padding), batches of `--hf-batch-size`, left-padded, every row generating the batch's
   longest output (min_new_tokens = max_new_tokens, so no row stops early). Only each request's own
   output tokens count as useful; the rest is reported as waste.
+* llama.cpp (when the model is a GGUF and llama-cpp-python is built in its own venv, see
+  benchmarks/vs_llamacpp.py; `--llamacpp-python`): the same GGUF read in its own Q4_1/Q8_0
+  blocks, 2 threads, through vs_llamacpp's subprocess worker. llama-cpp-python's high-level API has
+  no batched generation, so the requests run **one after another**, greedy, each from a reset
+  context: what a user of that API gets, not llama.cpp's server with parallel slots. TTFT: the
+  first token of a single request at the median prompt length, timed inside the worker.
 * The roofline (benchmarks/roofline.py): measured memory bandwidth and matmul rate bound what any
   engine could do on this machine; measured / bound says how close each gets. On a GPU both are the
   device's, and `--dtype bfloat16` runs the engine in bf16 against a bf16 roofline (weights and KV
@@ -48,6 +54,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import roofline  # a sibling module, importable however this script is started
+from vs_llamacpp import DEFAULT_LLAMACPP_PYTHON  # the llama.cpp worker lives there
 
 MODELS = ("smollm2", "llama50m")
 BLOCK_SIZE = 16
@@ -352,6 +359,57 @@ def run_hf(files: ModelFiles, workload: Workload, batch_size: int, ttft_repeats:
     }
 
 
+# ---- llama.cpp -----------------------------------------------------------------------------------
+
+
+def llamacpp_unavailable(files: ModelFiles, python: str, skip: bool) -> str | None:
+    """Why the llama.cpp column is left out, or None when it can run."""
+    if skip:
+        return "skipped (--skip-llamacpp)"
+    if files.hf_gguf_file is None:
+        return f"skipped: {files.path} is not a GGUF file"
+    if not Path(python).is_file():
+        return (
+            f"skipped: no llama.cpp interpreter at {python} (build llama-cpp-python into a venv "
+            "as benchmarks/vs_llamacpp.py says, or pass --llamacpp-python)"
+        )
+    return None
+
+
+def run_llamacpp(
+    files: ModelFiles, workload: Workload, spec: WorkloadSpec, python: str, ttft_repeats: int = 3
+) -> dict:
+    """The workload through llama.cpp (vs_llamacpp's worker process), requests in sequence."""
+    from vs_llamacpp import THREADS, LlamaCpp, gguf_tensor_bytes  # a sibling module
+
+    engine, load_s = _timed(lambda: LlamaCpp(python, files.path, spec))
+    try:
+        engine.stream(workload.median_prompt[:8], 2)  # first-call overheads, untimed
+        result = engine.workload(workload.prompts, workload.output_lens)
+        ttfts = [
+            engine.stream(workload.median_prompt, 1)["first_token_s"] for _ in range(ttft_repeats)
+        ]
+    finally:
+        engine.close()
+    tokens = result["tokens"]
+    generated = sum(len(t) for t in tokens)
+    if generated != sum(workload.output_lens):
+        raise RuntimeError(f"llama.cpp generated {generated}, expected {sum(workload.output_lens)}")
+    return {
+        "load_s": load_s,
+        "version": engine.info["version"],
+        "threads": THREADS,
+        "weight_bytes": gguf_tensor_bytes(files.path),
+        "requests": "one after another",
+        "wall_s": result["seconds"],
+        "output_tokens": generated,
+        "output_tokens_per_s": generated / result["seconds"],
+        "requests_per_s": len(tokens) / result["seconds"],
+        "ttft_s": statistics.median(ttfts),
+        "tokens": tokens,
+    }
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     """How far the two engines' greedy outputs agree: a check that the weights are the same.
 
@@ -434,7 +492,20 @@ def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rat
         )
         result["agreement"] = agreement(jx["tokens"], hf["tokens"])
         result["transformers"] = hf
-    for side in ("jaxinfer", "transformers"):
+    unavailable = llamacpp_unavailable(files, args.llamacpp_python, args.skip_llamacpp)
+    if unavailable is None:
+        print(f"== {files.name}: llama.cpp, requests one after another", flush=True)
+        llama = run_llamacpp(files, workload, spec, args.llamacpp_python)
+        print(
+            f"   {llama['output_tokens_per_s']:.1f} tok/s, TTFT {llama['ttft_s'] * 1e3:.0f} ms",
+            flush=True,
+        )
+        result["llamacpp_agreement"] = agreement(jx["tokens"], llama["tokens"])
+        result["llamacpp"] = llama
+    else:
+        print(f"   llama.cpp: {unavailable}", flush=True)
+        result["llamacpp_note"] = unavailable
+    for side in ("jaxinfer", "transformers", "llamacpp"):
         if side in result:
             result[side].pop("tokens")
     return result
@@ -482,6 +553,7 @@ def table_rows(result: dict) -> list[list[str]]:
         ("jaxinfer", "jaxinfer"),
         ("jaxinfer_plain_loop", "jaxinfer, plain loop"),
         ("transformers", "transformers generate"),
+        ("llamacpp", "llama.cpp, sequential requests"),
     )
     for side, label in sides:
         r = result.get(side)
@@ -521,7 +593,8 @@ NOTES = (
     "single request at the median prompt length with max_tokens=1 on an idle engine (jaxinfer "
     'has no streaming API), median of 3. "of roofline" compares with the workload bound of '
     "benchmarks/roofline.py (weights + KV bytes over measured bandwidth, FLOPs over measured "
-    "matmul rate)."
+    "matmul rate). llama.cpp runs the requests one after another (llama-cpp-python has no "
+    "batched generation); its TTFT is a single request's first token, timed in its worker."
 )
 HEADER = [
     "model",
@@ -596,6 +669,18 @@ def markdown_section(key: str, run: dict) -> str:
                 f"{100 * ag['first_token_match_fraction']:.0f}%, exact "
                 f"{100 * ag['exact_match_fraction']:.0f}%."
             )
+        if "llamacpp" in result:
+            llama, ag = result["llamacpp"], result["llamacpp_agreement"]
+            line += (
+                f" llama.cpp (llama-cpp-python {llama['version']}, {llama['threads']} threads): "
+                f"the GGUF's own blocks ({llama['weight_bytes'] / 1e6:.1f} MB of tensors, so its "
+                "'of roofline' is against a bound computed for float32 weights), requests one "
+                f"after another; greedy agreement with jaxinfer: first token "
+                f"{100 * ag['first_token_match_fraction']:.0f}%, exact "
+                f"{100 * ag['exact_match_fraction']:.0f}%."
+            )
+        elif "llamacpp_note" in result:
+            line += f" llama.cpp: {result['llamacpp_note']}."
         lines.append(line)
     lines += [
         "",
@@ -649,6 +734,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"jaxinfer; default {FULL.max_num_batched_tokens}",
     )
     p.add_argument("--skip-hf", action="store_true", help="jaxinfer and the roofline only")
+    p.add_argument(
+        "--llamacpp-python",
+        default=DEFAULT_LLAMACPP_PYTHON,
+        help="the interpreter of a venv with llama-cpp-python (benchmarks/vs_llamacpp.py); the "
+        "llama.cpp column runs when it exists and the model is a GGUF",
+    )
+    p.add_argument("--skip-llamacpp", action="store_true")
     p.add_argument(
         "--dtype",
         default="float32",

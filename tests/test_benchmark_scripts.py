@@ -98,3 +98,25 @@ def test_scoring_quick_run_scores_with_both_engines_and_they_agree(tiny_llama, t
             assert check["requests"] == requests
             assert check["max_abs_logprob_diff"] <= module.AGREEMENT_TOL
             assert check["is_greedy_equal"] == requests
+
+
+def test_throughput_llamacpp_column_runs_the_workload_in_sequence(smollm2_gguf, tmp_path):
+    """throughput.py's llama.cpp column: vs_llamacpp's worker generates exactly each request's
+    tokens; without the venv, or for a model that is not a GGUF, the column says why it is out."""
+    module = _load("throughput")
+    files = module.resolve_model("smollm2", tmp_path, path=str(smollm2_gguf))
+    python = module.DEFAULT_LLAMACPP_PYTHON
+    folder = module.ModelFiles("folder", str(tmp_path), str(tmp_path), None)
+    assert "not a GGUF" in module.llamacpp_unavailable(folder, python, skip=False)
+    assert "--skip-llamacpp" in module.llamacpp_unavailable(files, python, skip=True)
+    missing = module.llamacpp_unavailable(files, str(tmp_path / "no-python"), skip=False)
+    assert "no llama.cpp interpreter" in missing
+    if module.llamacpp_unavailable(files, python, skip=False) is not None:
+        return  # no venv here: the notes above are what the run reports
+    spec = module.WorkloadSpec(3, (4, 12), (2, 5), 3, 16, 1)
+    workload = module.make_workload(spec, seed=0, vocab_size=49152)
+    result = module.run_llamacpp(files, workload, spec, python, ttft_repeats=1)
+    assert [len(t) for t in result["tokens"]] == workload.output_lens
+    assert result["output_tokens"] == sum(workload.output_lens)
+    assert result["output_tokens_per_s"] > 0 and result["ttft_s"] > 0
+    assert 90e6 < result["weight_bytes"] < 100e6  # SmolLM2's Q4_1 / Q8_0 tensors
