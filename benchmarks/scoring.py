@@ -32,6 +32,11 @@ step shape jaxinfer has not compiled yet (a tail step of a new token count: the 
 long evaluation do too, until every bucket is built or read from the persistent compilation
 cache), so its compile seconds are measured, taken out of the headline and shown beside it.
 
+Run it on an idle machine. On the shared 2-core CPU at load average 3.5, one 130-token SmolLM2
+forward took 0.5 s in torch with 1 thread but 1.4-6 s with 2 (its threads wait on each other when
+one is descheduled), while XLA degraded about 2x: ratios measured under load overstate jaxinfer's
+lead.
+
 Agreement: per request, |jaxinfer's sum - transformers' per-request sum|, and the is_greedy
 flags; the run fails when the largest difference passes AGREEMENT_TOL (see there).
 """
