@@ -12,8 +12,6 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
-
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
