@@ -337,13 +337,6 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=None, help="a GGUF file or checkpoint folder (SmolLM2)")
@@ -357,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
     import throughput
+    from vs_llamacpp import _loadavg  # sibling benchmark: the same load-average reading
 
     plan = QUICK if args.quick else FULL
     overrides = {
