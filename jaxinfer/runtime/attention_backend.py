@@ -7,7 +7,12 @@
   * "pallas": the Pallas kernel, compiled for the GPU; an error anywhere it cannot run.
   * "pallas_interpret": the same kernel in Pallas' interpret mode: slow, but it runs on CPU, so CI
     checks the kernel end to end through the engine.
-  * "reference": `pallas_kernels.reference.paged_attention` under XLA.
+  * "reference": `pallas_kernels.reference.paged_attention` under XLA; on the CPU, decode rows
+    (`decode_only=True`) go instead to the C++ kernel `kernels/paged_attention_cpu.py` (same
+    signature and result; it reads the cache blocks in place and stops each row at its own
+    length), when it built, the cache is float32 or bfloat16, and `JAXINFER_CPU_KERNELS=0` does
+    not switch the CPU kernels off. Chosen when traced; prefill and mixed calls stay on the
+    reference.
 The runner itself picks "batch_invariant" (`pallas_kernels.batch_invariant.paged_attention`) when
 `EngineConfig.batch_invariant` is on: the jnp formulation whose per-token result is independent of
 the step it runs in.
@@ -23,6 +28,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxinfer.config import ATTENTION_BACKENDS as BACKENDS
+from jaxinfer.kernels import paged_attention_cpu
 from pallas_kernels import batch_invariant, reference
 from pallas_kernels import paged_attention as kernel
 
@@ -72,6 +78,36 @@ def resolve_backend(requested: str, head_dim: int, platform: str | None = None) 
     return requested
 
 
+def reference_or_cpu_kernel(
+    q: jax.Array,  # [T, H, D]
+    k_new: jax.Array,  # [T, K, D]
+    v_new: jax.Array,  # [T, K, D]
+    k_cache: jax.Array,  # [K, N, P, D]
+    v_cache: jax.Array,  # [K, N, P, D]
+    block_tables: jax.Array,  # [S, B] int32
+    context_lens: jax.Array,  # [S] int32
+    query_start_loc: jax.Array,  # [S + 1] int32
+    *,
+    scale: float,
+    decode_only: bool = False,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:  # [T, H, D]
+    """The "reference" backend: decode rows through the CPU kernel where it can run, everything
+    else through the jnp reference. Decided when traced (the static `decode_only`, the cache
+    dtype, and whether the kernel is enabled then), so `JAXINFER_CPU_KERNELS=0` set before a
+    compile takes the reference for comparisons."""
+    args = (q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, query_start_loc)
+    options = {"scale": scale, "sliding_window": sliding_window, "soft_cap": soft_cap}
+    if (
+        decode_only
+        and paged_attention_cpu.supports(k_cache)
+        and paged_attention_cpu.cpu_kernel_enabled()
+    ):
+        return paged_attention_cpu.paged_attention(*args, **options)
+    return reference.paged_attention(*args, decode_only=decode_only, **options)
+
+
 def attention_fn(backend: str, mesh: Mesh | None = None) -> Callable:
     """The paged-attention function of a resolved backend (same signature as the reference).
 
@@ -80,7 +116,7 @@ def attention_fn(backend: str, mesh: Mesh | None = None) -> Callable:
     This is the one place the model's sharding meets an explicit per-device program.
     """
     if backend == "reference":
-        local = reference.paged_attention
+        local = reference_or_cpu_kernel
     elif backend == "batch_invariant":
         local = batch_invariant.paged_attention
     else:

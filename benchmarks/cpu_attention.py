@@ -1,0 +1,135 @@
+"""Decode attention on the CPU: the jnp reference (`decode_only=True`) against the C++ kernel
+(jaxinfer/kernels/cpu/paged_attention.cc), one layer of SmolLM2-135M's shapes.
+
+    python benchmarks/cpu_attention.py                 # the table below, JSON to --out
+    python benchmarks/cpu_attention.py --quick         # smoke run (tiny repeats)
+
+Shapes: 9 query heads, 3 kv heads, head dim 64, 16-token blocks, a float32 cache; S decode rows in
+{1, 16, 64}; contexts of 128 or 512 positions, every row the same ("equal"), or drawn uniformly
+from 1 .. 2 x that ("ragged", same mean: the reference runs every row as far as the longest, the
+kernel each row to its own length). Block tables of shuffled blocks, as wide as the longest
+context allows.
+
+Timing: the two are interleaved (reference, kernel, reference, kernel, ...: `--rounds` rounds of
+`--repeats` calls each) because the machine is shared; each is the median over its calls, in ms
+per call, after one warm-up (which compiles). The load average is printed and stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jaxinfer.kernels import paged_attention_cpu as kernel
+from pallas_kernels import reference
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16  # SmolLM2-135M
+ROWS = (1, 16, 64)
+CONTEXTS = (128, 512)
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def make_inputs(rows: int, context: int, ragged: bool, seed: int = 0) -> tuple:
+    """Decode inputs for `rows` rows of about `context` positions each."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, 2 * context + 1, rows) if ragged else np.full(rows, context)
+    width = -(-int(lens.max()) // BLOCK)
+    blocks = rng.permutation(rows * width) + 1
+    tables = blocks.reshape(rows, width).astype(np.int32)
+    cache_shape = (KV_HEADS, rows * width + 1, BLOCK, HEAD_DIM)
+    k_cache = rng.standard_normal(cache_shape, np.float32)
+    v_cache = rng.standard_normal(cache_shape, np.float32)
+    q = rng.standard_normal((rows, HEADS, HEAD_DIM), np.float32)
+    k_new = rng.standard_normal((rows, KV_HEADS, HEAD_DIM), np.float32)
+    v_new = rng.standard_normal((rows, KV_HEADS, HEAD_DIM), np.float32)
+    starts = np.arange(rows + 1, dtype=np.int32)
+    arrays = (q, k_new, v_new, k_cache, v_cache, tables, lens.astype(np.int32), starts)
+    return tuple(jnp.asarray(a) for a in arrays)
+
+
+def measure(rows: int, context: int, ragged: bool, rounds: int, repeats: int) -> dict:
+    args = make_inputs(rows, context, ragged)
+    scale = HEAD_DIM**-0.5
+    functions = {
+        "reference": jax.jit(
+            lambda *a: reference.paged_attention(*a, scale=scale, decode_only=True)
+        ),
+        "kernel": jax.jit(lambda *a: kernel.paged_attention(*a, scale=scale)),
+    }
+    outputs = {name: np.asarray(f(*args)) for name, f in functions.items()}  # warm-up, compile
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            for _ in range(repeats):
+                started = time.perf_counter()
+                jax.block_until_ready(function(*args))
+                samples[name].append(time.perf_counter() - started)
+    reference_ms = 1e3 * statistics.median(samples["reference"])
+    kernel_ms = 1e3 * statistics.median(samples["kernel"])
+    return {
+        "rows": rows,
+        "context": context,
+        "contexts": "ragged" if ragged else "equal",
+        "reference_ms": reference_ms,
+        "kernel_ms": kernel_ms,
+        "speedup": reference_ms / kernel_ms,
+        "max_abs_diff": float(np.abs(outputs["reference"] - outputs["kernel"]).max()),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="2 rounds of 2 calls, S = 1 and 16 only")
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("cpu_attention.json"))
+    args = p.parse_args(argv)
+    if not kernel.cpu_kernel_enabled():
+        raise SystemExit("the CPU paged-attention kernel is not available here (see the warning)")
+    rounds, repeats = (2, 2) if args.quick else (args.rounds, args.repeats)
+    load_before = _loadavg()
+    results = [
+        measure(rows, context, ragged, rounds, repeats)
+        for rows in (ROWS[:2] if args.quick else ROWS)
+        for context in CONTEXTS
+        for ragged in (False, True)
+    ]
+    report = {
+        "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block": BLOCK},
+        "kernel_isa": kernel.kernel_isa(),
+        "jax": jax.__version__,
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
+        "rounds": rounds,
+        "repeats": repeats,
+        "results": results,
+    }
+    print(f"load average before {load_before}, after {report['loadavg_after']}")
+    print("| S | context | rows | reference ms | kernel ms | speedup | max abs diff |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r['rows']} | {r['context']} | {r['contexts']} | {r['reference_ms']:.3f} | "
+            f"{r['kernel_ms']:.3f} | {r['speedup']:.1f}x | {r['max_abs_diff']:.1e} |"
+        )
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

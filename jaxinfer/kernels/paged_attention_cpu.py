@@ -1,0 +1,123 @@
+"""Paged attention of decode rows on XLA:CPU through a `jax.ffi` custom call (cpu/paged_attention.cc).
+
+    paged_attention(q [S, H, D], k_new [S, K, D], v_new [S, K, D], k_cache [K, N, P, D],
+                    v_cache [K, N, P, D], block_tables [S, B], context_lens [S],
+                    query_start_loc [S + 1], *, scale, sliding_window, soft_cap) -> [S, H, D]
+
+The signature and the result of `pallas_kernels.reference.paged_attention(..., decode_only=True)`
+(row s owns exactly token s; padding rows, past `query_start_loc[S]`, output zeros), for a float32
+or bfloat16 cache; `supports(...)` says whether a call can take it.
+
+Why: the reference's decode path gathers every sequence's context into float32 copies, chunk by
+chunk, as far as the longest context in the step; attention was about half of a batched SmolLM2
+decode step on the 2-core CPU. The kernel reads the cache blocks in place through the block table
+and stops each sequence at its own length. It is built on first use with the system compiler
+(kernels/native_build.py) and registered for the "cpu" platform only; `cpu_kernel_enabled()` is
+false on another backend, when the build failed (one warning, then the reference), or when
+`JAXINFER_CPU_KERNELS=0` switches the CPU kernels off. runtime/attention_backend.py decides.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.kernels.native_build import FfiKernelLibrary, cpu_kernels_wanted
+
+TARGETS = {  # cache dtype -> FFI target
+    jnp.dtype(jnp.float32): "jaxinfer_paged_attention_f32",
+    jnp.dtype(jnp.bfloat16): "jaxinfer_paged_attention_bf16",
+}
+THREADS_ENV = "JAXINFER_ATTENTION_KERNEL_THREADS"  # at most this many threads per call
+SOURCE = Path(__file__).resolve().parent / "cpu" / "paged_attention.cc"
+
+_LIBRARY = FfiKernelLibrary(
+    SOURCE,
+    {
+        TARGETS[jnp.dtype(jnp.float32)]: "JaxinferPagedAttentionF32",
+        TARGETS[jnp.dtype(jnp.bfloat16)]: "JaxinferPagedAttentionBF16",
+    },
+    "JaxinferPagedAttentionIsa",
+)
+
+
+def _load() -> ctypes.CDLL | None:
+    """Build (or find in the cache), load and register the kernel once per process."""
+    return _LIBRARY.load()
+
+
+def cpu_kernel_enabled() -> bool:
+    """Whether attention traced now may go through the kernel: CPU, kernels not switched off, and
+    the kernel built."""
+    return cpu_kernels_wanted() and _load() is not None
+
+
+def kernel_isa() -> str | None:
+    """Which of the source's implementations the build holds: avx512, avx2 or portable."""
+    return _LIBRARY.isa()
+
+
+def supports(k_cache: jax.Array) -> bool:
+    """Whether the kernel takes this cache (float32 or bfloat16; any query dtype)."""
+    return jnp.dtype(k_cache.dtype) in TARGETS
+
+
+def paged_attention(
+    q: jax.Array,  # [S, H, D]
+    k_new: jax.Array,  # [S, K, D]
+    v_new: jax.Array,  # [S, K, D]
+    k_cache: jax.Array,  # [K, N, P, D]
+    v_cache: jax.Array,  # [K, N, P, D]
+    block_tables: jax.Array,  # [S, B] int32
+    context_lens: jax.Array,  # [S] int32: tokens after this step, the new one included
+    query_start_loc: jax.Array,  # [S + 1] int32
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    max_threads: int | None = None,
+) -> jax.Array:  # [S, H, D] in q's dtype
+    """Attention of each decode row's one new token over its own paged context (see the module).
+
+    `max_threads`: at most this many threads of XLA's intra-op pool (0: all of them; default:
+    `$JAXINFER_ATTENTION_KERNEL_THREADS`, else 0), read when traced."""
+    if max_threads is None:
+        max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
+    if _load() is None:
+        raise RuntimeError("the CPU paged-attention kernel is not available (see the warning)")
+    if not supports(k_cache) or v_cache.dtype != k_cache.dtype:
+        raise TypeError(
+            f"the CPU paged-attention kernel takes a float32 or bfloat16 cache, got "
+            f"{k_cache.dtype} / {v_cache.dtype}"
+        )
+    if q.shape[0] != block_tables.shape[0]:
+        raise ValueError(f"decode rows: q has {q.shape[0]} tokens for {block_tables.shape[0]} rows")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be None or at least 1, got {sliding_window}")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"soft_cap must be None or positive, got {soft_cap}")
+    call = jax.ffi.ffi_call(
+        TARGETS[jnp.dtype(k_cache.dtype)],
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        vmap_method="sequential",
+    )
+    out = call(
+        q.astype(jnp.float32),
+        k_new.astype(jnp.float32),
+        v_new.astype(jnp.float32),
+        k_cache,
+        v_cache,
+        block_tables.astype(jnp.int32),
+        context_lens.astype(jnp.int32),
+        query_start_loc.astype(jnp.int32),
+        scale=np.float32(scale),
+        sliding_window=np.int64(sliding_window or 0),
+        soft_cap=np.float32(soft_cap or 0.0),
+        max_threads=np.int64(max_threads),
+    )
+    return out.astype(q.dtype)

@@ -1,0 +1,305 @@
+"""The CPU paged-attention kernel for decode rows (jaxinfer/kernels/cpu/paged_attention.cc).
+
+Against a float64 numpy implementation of the same attention: random caches, block tables drawn
+from a shuffled pool, ragged contexts (1, either side of a block boundary, the table's full
+width), padding rows, with and without a sliding window and a soft cap, GQA groups 1 and > 1,
+head dims that are and are not a multiple of the kernel's 16 lanes. Every cache slot that is not
+a real earlier position of its row is NaN (block 0, the spare blocks, the tail of each last block,
+the new token's own slot) and so are the padding rows' q / k_new / v_new: a stray read shows.
+
+Tolerance, derived from the reference: the jnp reference (`decode_only=True`) runs the same
+float32 computation in another order, so its own error against float64 is the yardstick. Per
+case, the kernel's largest error must be at most FACTOR = 4 times the reference's (measured
+ratios 0.57-1.25 over these cases, errors 1e-7 to 5e-7; with a window of 1 both are exact), so a
+wrong position, weight or rescale fails (dropping the last cached position: error 0.93) while
+rounding cannot. For a bfloat16 cache the float64 answer uses the same bfloat16 values (the cast to
+float32 is exact).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer import Engine, EngineConfig, SamplingParams
+from jaxinfer.kernels import paged_attention_cpu as kernel
+from jaxinfer.kernels.native_build import build_shared_library
+from jaxinfer.runtime.attention_backend import attention_fn
+from pallas_kernels import reference
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="the kernel is registered for XLA:CPU only"
+)
+FACTOR = 4.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_kernel():
+    if not kernel.cpu_kernel_enabled():
+        pytest.fail("the CPU paged-attention kernel did not build (g++ is on every machine we use)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeCase:
+    contexts: tuple[int, ...]  # tokens after the step of each real row (the new one included)
+    padding_rows: int = 2
+    kv_heads: int = 2
+    group: int = 3
+    head_dim: int = 64
+    block_size: int = 16
+    width: int = 4  # B: block-table entries per row
+    spare_blocks: int = 3
+
+    def __post_init__(self):
+        assert all(1 <= c <= self.width * self.block_size for c in self.contexts)
+
+
+def make_batch(case: DecodeCase, seed: int = 0) -> dict[str, np.ndarray]:
+    """Decode rows 0..R-1 (one token each), then padding rows; NaN wherever nothing is owed."""
+    rng = np.random.default_rng(seed)
+    rows = len(case.contexts) + case.padding_rows
+    kv, group, dim, size = case.kv_heads, case.group, case.head_dim, case.block_size
+    needed = [math.ceil(c / size) for c in case.contexts]
+    num_blocks = 1 + sum(needed) + case.spare_blocks  # block 0: the padding sink
+    pool = rng.permutation(np.arange(1, num_blocks))
+    tables = np.zeros((rows, case.width), np.int32)
+    k_cache = np.full((kv, num_blocks, size, dim), np.nan, np.float32)
+    v_cache = np.full_like(k_cache, np.nan)
+    used = 0
+    for s, (context, count) in enumerate(zip(case.contexts, needed, strict=True)):
+        tables[s, :count] = pool[used : used + count]
+        used += count
+        for position in range(context - 1):  # the cached positions; the new token's slot stays NaN
+            block, offset = tables[s, position // size], position % size
+            k_cache[:, block, offset] = rng.standard_normal((kv, dim))
+            v_cache[:, block, offset] = rng.standard_normal((kv, dim))
+    real = len(case.contexts)
+    q = rng.standard_normal((rows, kv * group, dim)).astype(np.float32)
+    k_new = rng.standard_normal((rows, kv, dim)).astype(np.float32)
+    v_new = rng.standard_normal((rows, kv, dim)).astype(np.float32)
+    for array in (q, k_new, v_new):
+        array[real:] = np.nan
+    return {
+        "q": q,
+        "k_new": k_new,
+        "v_new": v_new,
+        "k_cache": k_cache,
+        "v_cache": v_cache,
+        "block_tables": tables,
+        "context_lens": np.array([*case.contexts] + [0] * case.padding_rows, np.int32),
+        "query_start_loc": np.minimum(np.arange(rows + 1), real).astype(np.int32),
+    }
+
+
+def numpy_attention(batch, *, scale, window=None, cap=None) -> np.ndarray:
+    """Each real row's heads over its cached positions (in the window) and its new token, float64."""
+    q, k_cache, v_cache = (batch[n].astype(np.float64) for n in ("q", "k_cache", "v_cache"))
+    k_new, v_new = batch["k_new"].astype(np.float64), batch["v_new"].astype(np.float64)
+    rows, heads, dim = q.shape
+    group, size = heads // k_cache.shape[0], k_cache.shape[2]
+    out = np.zeros((rows, heads, dim))
+    for s in range(int(batch["query_start_loc"][-1])):
+        cached = int(batch["context_lens"][s]) - 1
+        positions = [p for p in range(cached) if window is None or p > cached - window]
+        blocks = [batch["block_tables"][s, p // size] for p in positions]
+        offsets = [p % size for p in positions]
+        for h in range(heads):
+            kh = h // group
+            keys = np.concatenate([k_cache[kh, blocks, offsets], k_new[s, kh][None]])
+            values = np.concatenate([v_cache[kh, blocks, offsets], v_new[s, kh][None]])
+            scores = keys @ (q[s, h] * scale)
+            if cap is not None:
+                scores = cap * np.tanh(scores / cap)
+            weights = np.exp(scores - scores.max())
+            out[s, h] = weights @ values / weights.sum()
+    return out
+
+
+def _args(batch, cache_dtype=jnp.float32):
+    names = ("q", "k_new", "v_new", "k_cache", "v_cache")
+    floats = [jnp.asarray(batch[n], cache_dtype if "cache" in n else jnp.float32) for n in names]
+    ints = [jnp.asarray(batch[n]) for n in ("block_tables", "context_lens", "query_start_loc")]
+    return (*floats, *ints)
+
+
+def _run(function, batch, cache_dtype=jnp.float32, **static) -> np.ndarray:
+    return np.asarray(jax.jit(lambda *a: function(*a, **static))(*_args(batch, cache_dtype)))
+
+
+def _reference(*args, **static):
+    return reference.paged_attention(*args, decode_only=True, **static)
+
+
+CONTEXTS = (1, 16, 17, 33, 64, 5, 48)  # P = 16: one token, either side of a boundary, full table
+CASES = {
+    "gqa3-d64": DecodeCase(contexts=CONTEXTS),
+    "mha-d64": DecodeCase(contexts=CONTEXTS, group=1),
+    "gqa4-d24-p8": DecodeCase(  # a head dim with a lane tail, 8-token blocks, 1 kv head
+        contexts=(1, 8, 9, 40, 3), kv_heads=1, group=4, head_dim=24, block_size=8, width=5
+    ),
+}
+
+
+@pytest.mark.parametrize("window", [None, 1, 7, 20])
+@pytest.mark.parametrize("cap", [None, 5.0])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernel_error_within_a_factor_of_the_references(name, window, cap):
+    case = CASES[name]
+    batch = make_batch(case, seed=len(name) + (window or 0))
+    static = {"scale": case.head_dim**-0.5, "sliding_window": window, "soft_cap": cap}
+    got = _run(kernel.paged_attention, batch, **static)
+    ours = _run(_reference, batch, **static)
+    exact = numpy_attention(batch, scale=static["scale"], window=window, cap=cap)
+    real = len(case.contexts)
+    assert np.isfinite(got).all()
+    assert (got[real:] == 0).all(), "padding rows output zeros"
+    error, yardstick = np.abs(got - exact).max(), np.abs(ours - exact).max()
+    assert error <= FACTOR * yardstick, (error, yardstick)
+    if window == 1:  # only the new token is visible: its value row, exactly
+        np.testing.assert_array_equal(got[:real], np.repeat(batch["v_new"][:real], case.group, 1))
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
+def test_bfloat16_cache(q_dtype):
+    case = CASES["gqa3-d64"]
+    batch = make_batch(case, seed=9)
+    for name in ("k_cache", "v_cache"):  # the values a bfloat16 cache holds, exactly in float32
+        batch[name] = np.asarray(jnp.asarray(batch[name], jnp.bfloat16).astype(jnp.float32))
+    if q_dtype == jnp.bfloat16:
+        for name in ("q", "k_new", "v_new"):
+            batch[name] = np.asarray(jnp.asarray(batch[name], jnp.bfloat16).astype(jnp.float32))
+    static = {"scale": case.head_dim**-0.5, "sliding_window": None, "soft_cap": None}
+
+    def with_q_dtype(function):
+        def call(q, k_new, v_new, *rest, **kw):
+            return function(
+                q.astype(q_dtype), k_new.astype(q_dtype), v_new.astype(q_dtype), *rest, **kw
+            )
+
+        return call
+
+    got = _run(with_q_dtype(kernel.paged_attention), batch, jnp.bfloat16, **static)
+    ours = _run(with_q_dtype(_reference), batch, jnp.bfloat16, **static)
+    assert got.dtype == ours.dtype == jnp.dtype(q_dtype)
+    exact = numpy_attention(batch, scale=static["scale"])
+    got, ours = got.astype(np.float32), ours.astype(np.float32)
+    assert (got[len(case.contexts) :] == 0).all()
+    error, yardstick = np.abs(got - exact).max(), np.abs(ours - exact).max()
+    assert error <= FACTOR * yardstick, (error, yardstick)
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows_or_threads():
+    """Each (row, kv head) is one work item with a fixed order: alone, in a batch, on one thread
+    or two, its bits are the same."""
+    case = DecodeCase(contexts=(40, 3, 64, 17, 1, 29, 50, 12, 33, 60), padding_rows=0)
+    batch = make_batch(case, seed=4)
+    static = {"scale": 0.125, "sliding_window": None, "soft_cap": None}
+    together = _run(kernel.paged_attention, batch, **static)
+    for threads in (1, 2):
+        again = _run(kernel.paged_attention, batch, max_threads=threads, **static)
+        np.testing.assert_array_equal(again, together)
+    for row in (0, 7):
+        alone = {name: value[row : row + 1] for name, value in batch.items()}
+        alone |= {"k_cache": batch["k_cache"], "v_cache": batch["v_cache"]}
+        alone["query_start_loc"] = np.array([0, 1], np.int32)
+        np.testing.assert_array_equal(
+            _run(kernel.paged_attention, alone, **static)[0], together[row]
+        )
+
+
+@pytest.mark.parametrize(
+    ("isa", "flags"),
+    [("avx2", ("-mno-avx512f",)), ("portable", ("-mno-avx2", "-mno-fma", "-mno-avx512f"))],
+)
+def test_other_instruction_sets_give_the_same_bits(isa, flags):
+    """The AVX2 and plain C++ paths run the same sequence of operations as this machine's."""
+    path = build_shared_library(kernel.SOURCE, (jax.ffi.include_dir(),), extra_flags=flags)
+    assert path is not None
+    library = ctypes.CDLL(str(path))
+    library.JaxinferPagedAttentionIsa.restype = ctypes.c_char_p
+    assert library.JaxinferPagedAttentionIsa().decode() == isa
+    case = CASES["gqa4-d24-p8"]
+    batch = make_batch(case, seed=2)
+    static = {"scale": 0.2, "sliding_window": 30, "soft_cap": 4.0}
+    attrs = {
+        "scale": np.float32(0.2),
+        "sliding_window": np.int64(30),
+        "soft_cap": np.float32(4.0),
+        "max_threads": np.int64(0),
+    }
+    for symbol, dtype in (("F32", jnp.float32), ("BF16", jnp.bfloat16)):
+        target = f"jaxinfer_paged_attention_test_{isa}_{symbol}"
+        handler = jax.ffi.pycapsule(getattr(library, f"JaxinferPagedAttention{symbol}"))
+        jax.ffi.register_ffi_target(target, handler, platform="cpu")
+        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(batch["q"].shape, jnp.float32))
+        got = np.asarray(jax.jit(lambda *a, call=call: call(*a, **attrs))(*_args(batch, dtype)))
+        np.testing.assert_array_equal(got, _run(kernel.paged_attention, batch, dtype, **static))
+
+
+def test_the_reference_backend_sends_decode_rows_to_the_kernel_on_cpu(monkeypatch):
+    """Decode calls lower to the custom call, prefill calls and JAXINFER_CPU_KERNELS=0 do not,
+    and the dispatcher's result is the kernel's."""
+    batch = make_batch(CASES["mha-d64"], seed=5)
+    local = attention_fn("reference")
+
+    def lowered(decode_only: bool) -> str:
+        function = jax.jit(lambda *a: local(*a, scale=0.125, decode_only=decode_only))
+        return function.lower(*_args(batch)).compile().as_text()
+
+    assert "jaxinfer_paged_attention_f32" in lowered(decode_only=True)
+    assert "jaxinfer_paged_attention" not in lowered(decode_only=False)
+    np.testing.assert_array_equal(
+        _run(local, batch, scale=0.125, decode_only=True),
+        _run(kernel.paged_attention, batch, scale=0.125),
+    )
+    monkeypatch.setenv("JAXINFER_CPU_KERNELS", "0")
+    assert "jaxinfer_paged_attention" not in lowered(decode_only=True)
+
+
+ENGINE = {
+    "dtype": "float32",
+    "max_model_len": 128,
+    "block_size": 8,
+    "num_kv_blocks": 48,
+    "max_num_seqs": 4,
+    "max_num_batched_tokens": 64,
+    "seq_buckets": (4,),
+    "token_buckets": (64,),
+}
+
+
+def _greedy_and_programs(path, prompts) -> tuple[list, list[tuple[bool, bool, str]]]:
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    with Engine(EngineConfig(model=str(path), attention_backend="reference", **ENGINE)) as engine:
+        tokens = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+        programs = [
+            (bucket.is_prefill, bucket.num_decode_seqs > 0, executable.as_text())
+            for stage in engine.llm_engine.runner.stages
+            for bucket, executable in stage.executables.items()
+        ]
+    return tokens, programs
+
+
+def test_engine_greedy_tokens_match_with_the_kernel_off(tiny_llama, monkeypatch):
+    """Tiny Llama (GQA 4:2, head dim 16), prompts of 1 to 40 tokens, 20 greedy tokens that cross
+    8-token blocks: the same tokens with the kernel and without; the decode programs hold the
+    custom call, the prefill-only ones and every program with the kernel switched off do not."""
+    rng = np.random.default_rng(20)
+    prompts = [rng.integers(5, 500, size=n).tolist() for n in (1, 7, 8, 23, 40)]
+    with_kernel, programs = _greedy_and_programs(tiny_llama, prompts)
+    monkeypatch.setenv("JAXINFER_CPU_KERNELS", "0")
+    without, programs_off = _greedy_and_programs(tiny_llama, prompts)
+    assert with_kernel == without
+    assert all(len(tokens) == 20 for tokens in with_kernel)
+    decode = [text for prefill, mixed, text in programs if not prefill or mixed]
+    assert decode and all("jaxinfer_paged_attention_f32" in text for text in decode)
+    for prefill, mixed, text in programs:
+        if prefill and not mixed:
+            assert "jaxinfer_paged_attention" not in text
+    assert not any("jaxinfer_paged_attention" in text for *_, text in programs_off)
