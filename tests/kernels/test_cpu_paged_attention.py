@@ -19,8 +19,13 @@ float32 is exact).
 from __future__ import annotations
 
 import ctypes
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -260,6 +265,47 @@ def test_the_reference_backend_sends_decode_rows_to_the_kernel_on_cpu(monkeypatc
     )
     monkeypatch.setenv("JAXINFER_CPU_KERNELS", "0")
     assert "jaxinfer_paged_attention" not in lowered(decode_only=True)
+
+
+SHARDED = """
+import json
+import jax
+import numpy as np
+from jaxinfer.kernels import paged_attention_cpu as kernel
+from jaxinfer.runtime.attention_backend import attention_fn
+from jaxinfer.runtime.mesh import build_mesh
+from tests.kernels.test_cpu_paged_attention import CASES, _args, make_batch
+
+args = _args(make_batch(CASES["gqa3-d64"], seed=6))  # 2 kv heads: one per device
+local = attention_fn("reference", build_mesh(tensor_parallel_size=2))
+sharded = jax.jit(lambda *a: local(*a, scale=0.125, decode_only=True))
+whole = jax.jit(lambda *a: kernel.paged_attention(*a, scale=0.125))
+print(json.dumps({
+    "devices": len(jax.devices()),
+    "custom_call": "jaxinfer_paged_attention_f32" in sharded.lower(*args).compile().as_text(),
+    "equal": bool((np.asarray(sharded(*args)) == np.asarray(whole(*args))).all()),
+}))
+"""
+
+
+def test_under_shard_map_each_device_runs_the_kernel_on_its_own_heads():
+    """Tensor parallel 2 on 2 fake CPU devices (a subprocess: the device count is fixed when JAX
+    starts): the sharded call holds the custom call and gives the unsharded kernel's bits (a kv
+    head's result depends on that head alone)."""
+    root = Path(__file__).parents[2]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"devices": 2, "custom_call": True, "equal": True}
 
 
 ENGINE = {
