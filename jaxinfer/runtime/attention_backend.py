@@ -11,8 +11,8 @@
     (`decode_only=True`) go instead to the C++ kernel `kernels/paged_attention_cpu.py` (same
     signature and result; it reads the cache blocks in place and stops each row at its own
     length), when it built, the cache is float32 or bfloat16, and `JAXINFER_CPU_KERNELS=0` does
-    not switch the CPU kernels off. Chosen when traced; prefill and mixed calls stay on the
-    reference.
+    not switch the CPU kernels off. Chosen when traced; prefill calls (and the prefill rows of a
+    unified step, which `step.make_attention` sends apart) stay on the reference.
 The runner itself picks "batch_invariant" (`pallas_kernels.batch_invariant.paged_attention`) when
 `EngineConfig.batch_invariant` is on: the jnp formulation whose per-token result is independent of
 the step it runs in.
