@@ -19,6 +19,7 @@ float32 is exact).
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import math
 import os
@@ -349,3 +350,22 @@ def test_engine_greedy_tokens_match_with_the_kernel_off(tiny_llama, monkeypatch)
         if prefill and not mixed:
             assert "jaxinfer_paged_attention" not in text
     assert not any("jaxinfer_paged_attention" in text for *_, text in programs_off)
+
+
+def test_the_benchmark_quick_run_fills_its_table(tmp_path):
+    """benchmarks/cpu_attention.py stays runnable and compares the same two computations."""
+    path = Path(__file__).parents[2] / "benchmarks" / "cpu_attention.py"
+    spec = importlib.util.spec_from_file_location("cpu_attention_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--quick", "--out", str(tmp_path / "out.json")])
+    assert json.loads((tmp_path / "out.json").read_text()) == report
+    assert [(r["rows"], r["contexts"]) for r in report["results"]] == [
+        (1, "equal"),
+        (1, "ragged"),
+        (16, "equal"),
+        (16, "ragged"),
+    ]
+    for row in report["results"]:
+        assert row["reference_ms"] > 0 and row["kernel_ms"] > 0
+        assert row["max_abs_diff"] < 1e-5
