@@ -249,21 +249,27 @@ def test_other_instruction_sets_give_the_same_bits(isa, flags):
 
 
 def test_the_reference_backend_sends_decode_rows_to_the_kernel_on_cpu(monkeypatch):
-    """Decode calls lower to the custom call, prefill calls and JAXINFER_CPU_KERNELS=0 do not,
-    and the dispatcher's result is the kernel's."""
+    """Decode calls with a float32 or bfloat16 cache lower to the custom call; prefill calls, a
+    float16 cache, a failed build and JAXINFER_CPU_KERNELS=0 take the reference; the
+    dispatcher's result is the kernel's."""
     batch = make_batch(CASES["mha-d64"], seed=5)
     local = attention_fn("reference")
 
-    def lowered(decode_only: bool) -> str:
+    def lowered(decode_only: bool, cache_dtype=jnp.float32) -> str:
         function = jax.jit(lambda *a: local(*a, scale=0.125, decode_only=decode_only))
-        return function.lower(*_args(batch)).compile().as_text()
+        return function.lower(*_args(batch, cache_dtype)).compile().as_text()
 
     assert "jaxinfer_paged_attention_f32" in lowered(decode_only=True)
+    assert "jaxinfer_paged_attention_bf16" in lowered(decode_only=True, cache_dtype=jnp.bfloat16)
+    assert "jaxinfer_paged_attention" not in lowered(decode_only=True, cache_dtype=jnp.float16)
     assert "jaxinfer_paged_attention" not in lowered(decode_only=False)
     np.testing.assert_array_equal(
         _run(local, batch, scale=0.125, decode_only=True),
         _run(kernel.paged_attention, batch, scale=0.125),
     )
+    monkeypatch.setattr(kernel._LIBRARY, "load", lambda: None)  # as after a failed build
+    assert "jaxinfer_paged_attention" not in lowered(decode_only=True)
+    monkeypatch.undo()
     monkeypatch.setenv("JAXINFER_CPU_KERNELS", "0")
     assert "jaxinfer_paged_attention" not in lowered(decode_only=True)
 
