@@ -86,8 +86,7 @@ def engine_step_times(llm, batch: int, new_tokens: int, rng: np.random.Generator
 
     def run(tokens: int) -> tuple[float, float, int, float]:
         prompts = [
-            {"prompt_token_ids": rng.integers(16, vocab, PROMPT_LEN).tolist()}
-            for _ in range(batch)
+            {"prompt_token_ids": rng.integers(16, vocab, PROMPT_LEN).tolist()} for _ in range(batch)
         ]
         params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
         before = dataclasses.replace(engine.stats)
@@ -125,9 +124,7 @@ def piece_functions(runner) -> dict:
     import jax.numpy as jnp
 
     from jaxinfer.models.layers import gated_mlp, linear
-    from jaxinfer.runtime.slot_state import batch_tensors
-    from jaxinfer.runtime.sampling import apply_token_bitmask, sample
-    from jaxinfer.runtime.step import _logprob_outputs, make_attention
+    from jaxinfer.runtime.step import make_attention, sampler_inputs
 
     model = runner.model
     cfg = model.model_config
@@ -157,13 +154,6 @@ def piece_functions(runner) -> dict:
         )
         return [attend(q, k, v, layer_cache) for layer_cache in kv_cache]
 
-    def sampler(slot_state, inputs, logits):
-        logits = apply_token_bitmask(logits, inputs.token_bitmask)
-        tensors = batch_tensors(slot_state, inputs.slots, inputs.sampling, inputs.banned)
-        tokens, raw = sample(logits, tensors, static["max_top_k"], topk_barrier=True)
-        wanted = jnp.any(inputs.want_logprobs)
-        return tokens, _logprob_outputs(raw, tokens, static["num_logprobs"], wanted)
-
     def arguments(bucket, inputs) -> dict:
         rng = np.random.default_rng(0)
         t, s = bucket.num_tokens, bucket.num_seqs
@@ -188,7 +178,11 @@ def piece_functions(runner) -> dict:
                     normal(t, cfg.num_kv_heads, cfg.head_dim),
                 ),
             ),
-            "sampler": (jax.jit(sampler), (runner.slot_state, inputs, normal(s, cfg.vocab_size))),
+            # the engine's own sampler program, not donating: the slot state is the engine's
+            "sampler": (
+                jax.jit(runner._sample_rows.__wrapped__),
+                (normal(s, cfg.vocab_size), runner.slot_state, sampler_inputs(inputs)),
+            ),
         }
 
     return arguments

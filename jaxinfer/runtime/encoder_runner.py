@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.seam import EncoderBucket
 from jaxinfer.models.loader import LoadedModel
+from jaxinfer.seam import EncoderBucket
 
 logger = logging.getLogger("jaxinfer")
 

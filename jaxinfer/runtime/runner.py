@@ -2,8 +2,10 @@
 
 Each bucket is compiled ahead of time (`jit(...).lower(...).compile()`) and kept in a table, so a
 shape that was never compiled cannot slip through as a silent retrace: it shows up as a compile
-counted by `num_compilations`, which tests watch. Each step is two executables: the forward pass
-(reads the cache) and the cache writer (donates it), see `runtime/step.py`.
+counted by `num_compilations`, which tests watch. Each step is three or four executables: the
+forward pass to the logits (reads the cache; per bucket), the sampler (per sequence count), the
+prompt scorer (per token count, only in steps where some request wants prompt logprobs) and the
+cache writer (donates the cache; per token count), see `runtime/step.py`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from jaxinfer.runtime.step import (
     jit_stage_forward,
     jit_step,
     jit_write_cache,
+    no_prompt_logprobs,
+    prompt_logprobs,
+    sample_rows,
+    sampler_inputs,
 )
 from jaxinfer.seam import Bucket, StepInputs, StepOutputs
 
@@ -119,11 +125,7 @@ class ModelRunner:
                 "first_layer": layers.start,
                 "batch_invariant": batch_invariant,
             }
-            if layers.stop == cfg.num_layers:  # the last stage samples
-                static.update(max_top_k=max_top_k, num_logprobs=num_logprobs)
-                jit = jit_step
-            else:
-                jit = jit_stage_forward
+            jit = jit_step if layers.stop == cfg.num_layers else jit_stage_forward
             jitted = functools.partial(jit, **static)
             stage_cfg = dataclasses.replace(cfg, num_layers=len(layers))
             cache = kv.allocate(stage_cfg, num_blocks, block_size, model.dtype, stage_mesh)
@@ -133,6 +135,29 @@ class ModelRunner:
         if last.mesh is not None:  # small [slots, V] arrays: every device keeps all of them
             self.slot_state = jax.device_put(self.slot_state, replicated(last.mesh))
         self._write_slot = jax.jit(slots.write_slot, donate_argnums=(0,))
+        self._sample_rows = jax.jit(
+            functools.partial(
+                sample_rows,
+                max_top_k=max_top_k,
+                num_logprobs=num_logprobs,
+                # a data-parallel replica may have a mesh of 1
+                topk_barrier=last.mesh is None or last.mesh.size == 1,
+                batch_invariant=batch_invariant,
+            ),
+            donate_argnums=(1,),
+        )
+        self._prompt_logprobs = jax.jit(
+            functools.partial(
+                prompt_logprobs,
+                family=model.family,
+                model_config=cfg,
+                num_logprobs=num_logprobs,
+                mesh=last.mesh,
+                batch_invariant=batch_invariant,
+            )
+        )
+        self._samplers: dict[int, jax.stages.Compiled] = {}  # sequence count -> sampler
+        self._prompt_scorers: dict[int, jax.stages.Compiled] = {}  # token count -> scorer
         self._all_logits = jax.jit(
             functools.partial(
                 all_token_logits,
@@ -170,13 +195,19 @@ class ModelRunner:
         new = jax.ShapeDtypeStruct((num_tokens, cfg.num_kv_heads, cfg.head_dim), self.model.dtype)
         return tuple((new, new) for _ in stage.layers)
 
-    def compile(self, bucket: Bucket) -> None:
-        """Every stage's executable for the bucket and its cache writer, compiling whichever is new."""
-        if all(bucket in s.executables and bucket.num_tokens in s.writers for s in self.stages):
+    def compile(self, bucket: Bucket, *, prompt_logprobs: bool = True) -> None:
+        """Every program a step of `bucket` runs, compiling whichever is new: each stage's forward
+        pass and cache writer, the sampler and (unless `prompt_logprobs` is False: a step where no
+        request wants them) the prompt scorer. `warmup()` compiles them all."""
+        last = self.stages[-1]
+        if (
+            all(bucket in s.executables and bucket.num_tokens in s.writers for s in self.stages)
+            and bucket.num_seqs in self._samplers
+            and (not prompt_logprobs or self._has_prompt_scorer(bucket))
+        ):
             return  # every step after warm-up
         hidden = None  # the first stage embeds; the others take the previous stage's output
         for index, stage in enumerate(self.stages):
-            last = index == len(self.stages) - 1
             executable = stage.executables.get(bucket)
             if executable is None:
                 self._announce(describe(bucket))
@@ -184,14 +215,11 @@ class ModelRunner:
                 sharding = None if stage.mesh is None else replicated(stage.mesh)
                 vocab_size = self.model.model_config.vocab_size
                 inputs = abstract_inputs(bucket, sharding, vocab_size=vocab_size)
-                arguments = (stage.params, stage.kv_cache)
-                if last:
-                    arguments += (self.slot_state,)
                 jitted = stage.jit(decode_rows=bucket.decode_rows)
-                executable = jitted.lower(*arguments, inputs, hidden).compile()
+                executable = jitted.lower(stage.params, stage.kv_cache, inputs, hidden).compile()
                 stage.executables[bucket] = executable
                 self._count(started, bucket)
-            if not last:
+            if stage is not last:
                 out = executable.out_info[0]
                 hidden = jax.ShapeDtypeStruct(
                     out.shape, out.dtype, sharding=hidden_sharding(self.stages[index + 1].mesh)
@@ -204,6 +232,29 @@ class ModelRunner:
                     stage.kv_cache, self._new_kv_shapes(stage, bucket.num_tokens), slot_mapping
                 ).compile()
                 self._count(started, f"cache writer for {bucket.num_tokens} tokens")
+        logits, hidden, _ = last.executables[bucket].out_info
+        sharding = None if last.mesh is None else replicated(last.mesh)
+        if bucket.num_seqs not in self._samplers:
+            self._announce(f"the sampler for {bucket.num_seqs} sequences")
+            started = time.perf_counter()
+            vocab_size = self.model.model_config.vocab_size
+            rows = sampler_inputs(abstract_inputs(bucket, sharding, vocab_size=vocab_size))
+            self._samplers[bucket.num_seqs] = self._sample_rows.lower(
+                logits, self.slot_state, rows
+            ).compile()
+            self._count(started, f"sampler for {bucket.num_seqs} sequences")
+        if prompt_logprobs and not self._has_prompt_scorer(bucket):
+            self._announce(f"the prompt-logprob scorer for {bucket.num_tokens} tokens")
+            started = time.perf_counter()
+            next_ids = jax.ShapeDtypeStruct((bucket.num_tokens,), jnp.int32, sharding=sharding)
+            self._prompt_scorers[bucket.num_tokens] = self._prompt_logprobs.lower(
+                last.params, hidden, next_ids
+            ).compile()
+            self._count(started, f"prompt-logprob scorer for {bucket.num_tokens} tokens")
+
+    def _has_prompt_scorer(self, bucket: Bucket) -> bool:
+        """Decode-only buckets score no prompt tokens, so they need none."""
+        return not bucket.is_prefill or bucket.num_tokens in self._prompt_scorers
 
     def compile_token_splice(self, num_tokens: int, num_previous: int):
         """The tiny program that feeds a step the tokens its predecessor is still computing
@@ -278,31 +329,49 @@ class ModelRunner:
         self.write_slot(slot, slots.row_of(build_sampling_tensors([row], vocab_size)))
 
     def _run_stage(self, index: int, bucket: Bucket, arrays: StepInputs, hidden: jax.Array | None):
-        """Stage `index`'s share of a step: its executable, then its K/V write. -> the last
-        stage's outputs, or this stage's hidden states already on the next stage's devices."""
+        """Stage `index`'s share of a step: its executable, then its K/V write; on the last stage
+        the sampler and, where some token asked, the prompt scorer. -> the last stage's outputs,
+        or this stage's hidden states already on the next stage's devices."""
         stage = self.stages[index]
-        arguments = (stage.params, stage.kv_cache)
         last = index == len(self.stages) - 1
-        # The step donates the slot state and the writer the cache: each call and the store of
+        # The sampler donates the slot state and the writer the cache: each call and the store of
         # what it returns must not be split by a KeyboardInterrupt (jaxinfer/interrupts.py).
         with deferred_interrupts():
             if last:
-                result, new_kv, self.slot_state = stage.executables[bucket](
-                    *arguments, self.slot_state, arrays, hidden
+                logits, result, new_kv = stage.executables[bucket](
+                    stage.params, stage.kv_cache, arrays, hidden
                 )
             else:
-                result, new_kv = stage.executables[bucket](*arguments, arrays, hidden)
+                result, new_kv = stage.executables[bucket](
+                    stage.params, stage.kv_cache, arrays, hidden
+                )
             stage.kv_cache = stage.writers[bucket.num_tokens](
                 stage.kv_cache, new_kv, arrays.slot_mapping
             )
+            if last:
+                per_row, self.slot_state = self._samplers[bucket.num_seqs](
+                    logits, self.slot_state, sampler_inputs(arrays)
+                )
         if not last:
-            result = jax.device_put(result, hidden_sharding(self.stages[index + 1].mesh))
-        return result
+            return jax.device_put(result, hidden_sharding(self.stages[index + 1].mesh))
+        if self._wants_prompt_logprobs(bucket, arrays):
+            scorer = self._prompt_scorers[bucket.num_tokens]
+            per_token = scorer(stage.params, result, arrays.prompt_next_ids)
+        else:
+            per_token = no_prompt_logprobs(bucket.num_tokens, self.num_logprobs)
+        return StepOutputs(**per_row, **per_token)
+
+    def _wants_prompt_logprobs(self, bucket: Bucket, inputs: StepInputs) -> bool:
+        """Does some token of this step want its prompt logprob? (`prompt_next_ids` is a host
+        array: vocab_size where not.)"""
+        if not bucket.is_prefill:
+            return False
+        return bool(np.any(np.asarray(inputs.prompt_next_ids) < self.model.model_config.vocab_size))
 
     def _through_stages(self, bucket: Bucket, arrays: StepInputs) -> jax.Array | None:
         """Run every stage but the last; -> the hidden states the last stage takes, already on
         its devices (None without pipelining)."""
-        self.compile(bucket)
+        self.compile(bucket, prompt_logprobs=self._wants_prompt_logprobs(bucket, arrays))
         hidden = None
         for index in range(len(self.stages) - 1):
             hidden = self._run_stage(index, bucket, arrays, hidden)
@@ -367,4 +436,6 @@ class ModelRunner:
             stage.executables.clear()
             stage.writers.clear()
             stage.kv_cache = None
+        self._samplers.clear()
+        self._prompt_scorers.clear()
         self.slot_state = None

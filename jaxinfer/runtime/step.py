@@ -1,8 +1,12 @@
-"""The device functions: a padded batch in, sampled tokens and the step's new K/V out; then the write.
+"""The device functions of one step: the model to the logits, the sampler, the prompt scorer, the write.
 
-Both are pure. The runner compiles `step` once per bucket and `write_cache` once per token count.
-They are two calls, not one, because XLA:CPU copies the whole cache when a single computation both
-gathers from it and scatters into it; apart, `write_cache` updates the donated cache in place.
+All are pure. The runner compiles `step` (the layers and the logits) once per bucket, `sample_rows`
+once per sequence count, `prompt_logprobs` once per token count (and only when some request asks
+for prompt logprobs), and `write_cache` once per token count. The model and the sampler are apart
+because the sampler sees only [S, V] logits: compiled inside every (T, S, B) bucket it was half of
+each bucket's compile time. The model and the cache write are apart because XLA:CPU copies the
+whole cache when a single computation both gathers from it and scatters into it; apart,
+`write_cache` updates the donated cache in place.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from types import ModuleType
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer.models import invariant
@@ -24,7 +29,7 @@ from jaxinfer.runtime.sampling import (
     top_logprobs_of_logits,
 )
 from jaxinfer.runtime.slot_state import SlotState, batch_tensors, count_sampled
-from jaxinfer.seam import StepInputs, StepOutputs
+from jaxinfer.seam import StepInputs
 from pallas_kernels import reference
 
 
@@ -154,29 +159,25 @@ def _no_top_logprobs(count: int, k: int) -> tuple:
 def step(
     params: dict,
     kv_cache: tuple,
-    slot_state: SlotState,
     inputs: StepInputs,
     hidden_in: jax.Array | None = None,
     *,
     family: ModuleType,
     model_config,
     decode_rows: int,
-    max_top_k: int,
-    num_logprobs: int,
     paged_attention: Callable = reference.paged_attention,
     mesh: Mesh | None = None,
     first_layer: int = 0,
-) -> tuple[StepOutputs, tuple, SlotState]:
-    """-> (sampled tokens and logprobs, per layer the new (k, v) [T, K, D], new slot state).
+) -> tuple[jax.Array, jax.Array, tuple]:
+    """-> (each row's logits [S, V], every token's last hidden state [T, E], per layer the new
+    (k, v) [T, K, D]).
 
     The whole model, or a pipeline's last stage (`hidden_in` from the previous stage, layers from
-    `first_layer` on): the layers, the logits and the sampler.
-
-    Outputs per row [S]: `tokens`, `token_logprob` (raw log-softmax, vLLM's default),
-    `token_rank`; [S, num_logprobs]: `top_ids`, `top_logprobs`. Per token [T] (prefill only;
-    zeros in decode): `prompt_logprob` of the next prompt token `prompt_next_ids[t]`, its
-    `prompt_rank`, and [T, num_logprobs] `prompt_top_ids` / `prompt_top_logprobs`. The top-k
-    searches, and the [T, V] logits behind prompt logprobs, run only when some row asked.
+    `first_layer` on), up to the logits; `sample_rows` samples from them and `prompt_logprobs`
+    scores the prompt tokens from the hidden states. Three programs, not one, because only this
+    one depends on the whole bucket: the sampler sees [S, V] and the prompt scorer [T, E], so each
+    compiles once per sequence (token) count instead of once per (T, S, B) bucket, and the
+    sampler's many branches were half of every step program's compile time.
     """
     hidden, new_kv = forward_hidden(
         params,
@@ -192,43 +193,88 @@ def step(
     logits = _whole_on_every_device(
         family.logits(params, model_config, hidden[inputs.logits_indices]), mesh
     )
+    return logits, hidden, new_kv
+
+
+# The fields of StepInputs the sampler reads: all [S]-shaped (or [S, *]), none depends on T or B.
+SAMPLER_FIELDS = ("slots", "sampled", "want_logprobs", "banned", "token_bitmask", "sampling")
+
+
+def sampler_inputs(inputs: StepInputs) -> dict:
+    """The sampler's share of a step's inputs (arrays or their abstract shapes)."""
+    return {name: getattr(inputs, name) for name in SAMPLER_FIELDS}
+
+
+@_invariant_when_asked
+def sample_rows(
+    logits: jax.Array,
+    slot_state: SlotState,
+    rows: dict,
+    *,
+    max_top_k: int,
+    num_logprobs: int,
+    topk_barrier: bool = True,
+) -> tuple[dict, SlotState]:
+    """Each row's next token from its logits [S, V] -> (per-row outputs, new slot state).
+
+    The outputs are StepOutputs' per-row fields: `tokens`, `token_logprob` (raw log-softmax,
+    vLLM's default), `token_rank`, [S, num_logprobs] `top_ids` / `top_logprobs` (the top-k search
+    only when some row asked), and `logits_finite` (the model's logits, before any mask, held no
+    NaN or inf). `rows` is `sampler_inputs(inputs)`. `topk_barrier`: see `sampling.sample`.
+    """
     logits_finite = jnp.all(jnp.isfinite(logits), axis=-1)  # the model's, before any mask
-    logits = apply_token_bitmask(logits, inputs.token_bitmask)  # structured outputs
-    slots = inputs.slots
-    tensors = batch_tensors(slot_state, slots, inputs.sampling, inputs.banned)
-    one_device = mesh is None or mesh.size == 1  # a data-parallel replica may have a mesh of 1
-    tokens, raw_logprobs = sample(logits, tensors, max_top_k, topk_barrier=one_device)
-    wanted = jnp.any(inputs.want_logprobs)
+    logits = apply_token_bitmask(logits, rows["token_bitmask"])  # structured outputs
+    slots = rows["slots"]
+    tensors = batch_tensors(slot_state, slots, rows["sampling"], rows["banned"])
+    tokens, raw_logprobs = sample(logits, tensors, max_top_k, topk_barrier=topk_barrier)
+    wanted = jnp.any(rows["want_logprobs"])
     token_logprob, token_rank, top_ids, top_values = _logprob_outputs(
         raw_logprobs, tokens, num_logprobs, wanted
     )
+    outputs = {
+        "tokens": tokens,
+        "token_logprob": token_logprob,
+        "token_rank": token_rank,
+        "top_ids": top_ids,
+        "top_logprobs": top_values,
+        "logits_finite": logits_finite,
+    }
+    return outputs, count_sampled(slot_state, slots, tokens, rows["sampled"])
 
-    next_ids = inputs.prompt_next_ids  # [T]; vocab_size where no prompt logprob is wanted
+
+PROMPT_FIELDS = ("prompt_logprob", "prompt_rank", "prompt_top_ids", "prompt_top_logprobs")
+
+
+@_invariant_when_asked
+def prompt_logprobs(
+    params: dict,
+    hidden: jax.Array,
+    next_ids: jax.Array,
+    *,
+    family: ModuleType,
+    model_config,
+    num_logprobs: int,
+    mesh: Mesh | None = None,
+) -> dict:
+    """StepOutputs' per-token fields [T]: the logprob of the next prompt token `next_ids[t]`, its
+    rank and the top `num_logprobs`, from the step's hidden states [T, E]. Tokens whose next id
+    is `vocab_size` (nobody asked) get some row's values, which the host ignores. The runner calls
+    this only for steps where some token asked, so other steps never build the [T, V] logits."""
     vocab = model_config.vocab_size
-    decode_only = decode_rows == inputs.block_tables.shape[0]
-    wanted = jnp.any(next_ids < vocab) if not decode_only else jnp.bool_(False)
+    all_logits = _whole_on_every_device(family.logits(params, model_config, hidden), mesh)
+    values = top_logprobs_of_logits(all_logits, jnp.minimum(next_ids, vocab - 1), num_logprobs)
+    return dict(zip(PROMPT_FIELDS, values, strict=True))
 
-    def prompt_logprobs() -> tuple:
-        all_logits = _whole_on_every_device(family.logits(params, model_config, hidden), mesh)
-        return top_logprobs_of_logits(all_logits, jnp.minimum(next_ids, vocab - 1), num_logprobs)
 
-    empty = functools.partial(_no_top_logprobs, next_ids.shape[0], num_logprobs)
-    prompt_logprob, prompt_rank, prompt_top_ids, prompt_top_values = jax.lax.cond(
-        wanted, prompt_logprobs, empty
-    )
-    outputs = StepOutputs(
-        tokens=tokens,
-        token_logprob=token_logprob,
-        token_rank=token_rank,
-        top_ids=top_ids,
-        top_logprobs=top_values,
-        prompt_logprob=prompt_logprob,
-        prompt_rank=prompt_rank,
-        prompt_top_ids=prompt_top_ids,
-        prompt_top_logprobs=prompt_top_values,
-        logits_finite=logits_finite,
-    )
-    return outputs, new_kv, count_sampled(slot_state, slots, tokens, inputs.sampled)
+def no_prompt_logprobs(num_tokens: int, num_logprobs: int) -> dict:
+    """What `prompt_logprobs` gives when nobody asked: zeros, as host arrays."""
+    zeros_k = np.zeros((num_tokens, num_logprobs), np.int32)
+    return {
+        "prompt_logprob": np.zeros(num_tokens, np.float32),
+        "prompt_rank": np.zeros(num_tokens, np.int32),
+        "prompt_top_ids": zeros_k,
+        "prompt_top_logprobs": zeros_k.astype(np.float32),
+    }
 
 
 def _whole_on_every_device(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
@@ -300,11 +346,10 @@ def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array) -> tupl
 
 
 def jit_step(**static) -> Callable:
-    """The step with its static arguments bound (family, model_config, decode_rows, max_top_k,
-    num_logprobs, paged_attention, mesh, first_layer, batch_invariant), compiled per bucket. Only
-    the slot state is donated: the cache is read here and written by `write_cache` (see the module
-    docstring)."""
-    return jax.jit(functools.partial(step, **static), donate_argnums=(2,))
+    """The step with its static arguments bound (family, model_config, decode_rows,
+    paged_attention, mesh, first_layer, batch_invariant), compiled per bucket. Nothing is donated:
+    the cache is read here and written by `write_cache` (see the module docstring)."""
+    return jax.jit(functools.partial(step, **static))
 
 
 def jit_stage_forward(**static) -> Callable:
