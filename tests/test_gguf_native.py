@@ -193,7 +193,7 @@ def test_batch_invariant_matmul_takes_block_weights(monkeypatch, kernels):
 
 
 def test_an_unbuildable_kernel_leaves_the_jnp_path(monkeypatch):
-    monkeypatch.setattr(kernel_module, "_load", lambda: None)
+    monkeypatch.setattr(kernel_module._LIBRARY, "load", lambda: None)  # a failed build
     assert not gguf_kernel_enabled()
     blocks, values = _blocks("Q4_1", 40, 64, seed=10)
     x = np.random.default_rng(11).standard_normal((2, 64)).astype(np.float32)

@@ -17,7 +17,6 @@ invariant as it stands.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.kernels.int8_matmul import THREADS_ENV
-from jaxinfer.kernels.native_build import FfiKernelLibrary, cpu_kernels_wanted
+from jaxinfer.kernels.native_build import FfiKernelLibrary
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "gguf_matmul.cc"
 # GGUF type name -> (FFI target, symbol in the library).
@@ -42,14 +41,9 @@ _WITH_SUB_SCALES = ("Q4_K", "Q6_K")
 _LIBRARY = FfiKernelLibrary(SOURCE, dict(TARGETS.values()), "JaxinferGgufMatmulIsa")
 
 
-def _load() -> ctypes.CDLL | None:
-    """Build (or find in the cache), load and register the handlers once per process."""
-    return _LIBRARY.load()
-
-
 def gguf_kernel_enabled() -> bool:
     """Whether a product traced now goes through the kernel (as int8's `cpu_kernel_enabled`)."""
-    return cpu_kernels_wanted() and _load() is not None
+    return _LIBRARY.enabled()
 
 
 def kernel_isa() -> str | None:
@@ -80,7 +74,7 @@ def gguf_matmul(
         raise ValueError(f"gguf_matmul: sub_scales go with {_WITH_SUB_SCALES} only ({qtype!r})")
     if max_threads is None:
         max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
-    if _load() is None:
+    if _LIBRARY.load() is None:
         raise RuntimeError(f"the {SOURCE.name} kernels are not available (see the warning logged)")
     rows, out = x.shape[0], quants.shape[0]
     call = jax.ffi.ffi_call(

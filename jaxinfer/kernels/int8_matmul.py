@@ -17,14 +17,13 @@ so the product is batch invariant as it stands.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.kernels.native_build import FfiKernelLibrary, cpu_kernels_wanted
+from jaxinfer.kernels.native_build import FfiKernelLibrary
 
 TARGET = "jaxinfer_int8_matmul"
 THREADS_ENV = "JAXINFER_INT8_KERNEL_THREADS"  # at most this many threads per product (benchmarks)
@@ -33,15 +32,10 @@ SOURCE = Path(__file__).resolve().parent / "cpu" / "int8_matmul.cc"
 _LIBRARY = FfiKernelLibrary(SOURCE, {TARGET: "JaxinferInt8Matmul"}, "JaxinferInt8MatmulIsa")
 
 
-def _load() -> ctypes.CDLL | None:
-    """Build (or find in the cache), load and register the kernel once per process."""
-    return _LIBRARY.load()
-
-
 def cpu_kernel_enabled() -> bool:
     """Whether a product traced now goes through the kernel: CPU, kernels not switched off, and
     the kernel built."""
-    return cpu_kernels_wanted() and _load() is not None
+    return _LIBRARY.enabled()
 
 
 def kernel_isa() -> str | None:
@@ -58,7 +52,7 @@ def int8_matmul(
     `$JAXINFER_INT8_KERNEL_THREADS`, else 0), read when traced."""
     if max_threads is None:
         max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
-    if _load() is None:
+    if _LIBRARY.load() is None:
         raise RuntimeError(f"the {TARGET} kernel is not available (see the warning logged)")
     rows, out = x.shape[0], values.shape[0]
     call = jax.ffi.ffi_call(

@@ -158,8 +158,8 @@ class FfiKernelLibrary:
     """One C++ source's FFI handlers: built, loaded and registered for "cpu" once per process.
 
     `targets` maps each FFI target name to its handler symbol; `isa_symbol` names the function
-    that says which instruction-set implementation the build holds. Both kernel modules
-    (int8_matmul, gguf_matmul) are one of these plus their `ffi_call` wrappers."""
+    that says which instruction-set implementation the build holds. Each kernel module
+    (int8_matmul, gguf_matmul, paged_attention_cpu) is one of these plus its `ffi_call` wrapper."""
 
     def __init__(self, source: Path, targets: dict[str, str], isa_symbol: str) -> None:
         self.source = source
@@ -191,6 +191,11 @@ class FfiKernelLibrary:
                     else:
                         self._library = library
             return self._library
+
+    def enabled(self) -> bool:
+        """Whether a call traced now goes through this library: XLA:CPU, the CPU kernels not
+        switched off (`JAXINFER_CPU_KERNELS=0`), and the library built and loaded."""
+        return cpu_kernels_wanted() and self.load() is not None
 
     def isa(self) -> str | None:
         """Which of the source's implementations the build holds: avx512, avx2 or portable."""

@@ -19,7 +19,6 @@ false on another backend, when the build failed (one warning, then the reference
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.kernels.native_build import FfiKernelLibrary, cpu_kernels_wanted
+from jaxinfer.kernels.native_build import FfiKernelLibrary
 
 TARGETS = {  # cache dtype -> FFI target
     jnp.dtype(jnp.float32): "jaxinfer_paged_attention_f32",
@@ -46,15 +45,10 @@ _LIBRARY = FfiKernelLibrary(
 )
 
 
-def _load() -> ctypes.CDLL | None:
-    """Build (or find in the cache), load and register the kernel once per process."""
-    return _LIBRARY.load()
-
-
 def cpu_kernel_enabled() -> bool:
     """Whether attention traced now may go through the kernel: CPU, kernels not switched off, and
     the kernel built."""
-    return cpu_kernels_wanted() and _load() is not None
+    return _LIBRARY.enabled()
 
 
 def kernel_isa() -> str | None:
@@ -88,7 +82,7 @@ def paged_attention(
     `$JAXINFER_ATTENTION_KERNEL_THREADS`, else 0), read when traced."""
     if max_threads is None:
         max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
-    if _load() is None:
+    if _LIBRARY.load() is None:
         raise RuntimeError("the CPU paged-attention kernel is not available (see the warning)")
     if not supports(k_cache) or v_cache.dtype != k_cache.dtype:
         raise TypeError(
