@@ -232,29 +232,39 @@ class ModelRunner:
                     stage.kv_cache, self._new_kv_shapes(stage, bucket.num_tokens), slot_mapping
                 ).compile()
                 self._count(started, f"cache writer for {bucket.num_tokens} tokens")
-        logits, hidden, _ = last.executables[bucket].out_info
-        sharding = None if last.mesh is None else replicated(last.mesh)
         if bucket.num_seqs not in self._samplers:
             self._announce(f"the sampler for {bucket.num_seqs} sequences")
             started = time.perf_counter()
+            logits_info = last.executables[bucket].out_info[0]
+            sharding = None if last.mesh is None else replicated(last.mesh)
             vocab_size = self.model.model_config.vocab_size
             rows = sampler_inputs(abstract_inputs(bucket, sharding, vocab_size=vocab_size))
             self._samplers[bucket.num_seqs] = self._sample_rows.lower(
-                logits, self.slot_state, rows
+                logits_info, self.slot_state, rows
             ).compile()
             self._count(started, f"sampler for {bucket.num_seqs} sequences")
-        if prompt_logprobs and not self._has_prompt_scorer(bucket):
-            self._announce(f"the prompt-logprob scorer for {bucket.num_tokens} tokens")
-            started = time.perf_counter()
-            next_ids = jax.ShapeDtypeStruct((bucket.num_tokens,), jnp.int32, sharding=sharding)
-            self._prompt_scorers[bucket.num_tokens] = self._prompt_logprobs.lower(
-                last.params, hidden, next_ids
-            ).compile()
-            self._count(started, f"prompt-logprob scorer for {bucket.num_tokens} tokens")
+        if prompt_logprobs and bucket.is_prefill:
+            self._prompt_scorer(bucket)
 
     def _has_prompt_scorer(self, bucket: Bucket) -> bool:
         """Decode-only buckets score no prompt tokens, so they need none."""
         return not bucket.is_prefill or bucket.num_tokens in self._prompt_scorers
+
+    def _prompt_scorer(self, bucket: Bucket) -> jax.stages.Compiled:
+        """The prompt scorer for the bucket's token count, compiled on first need (after the
+        bucket's forward program, whose hidden-state output it takes)."""
+        scorer = self._prompt_scorers.get(bucket.num_tokens)
+        if scorer is None:
+            self._announce(f"the prompt-logprob scorer for {bucket.num_tokens} tokens")
+            started = time.perf_counter()
+            last = self.stages[-1]
+            hidden_info = last.executables[bucket].out_info[1]
+            sharding = None if last.mesh is None else replicated(last.mesh)
+            next_ids = jax.ShapeDtypeStruct((bucket.num_tokens,), jnp.int32, sharding=sharding)
+            scorer = self._prompt_logprobs.lower(last.params, hidden_info, next_ids).compile()
+            self._prompt_scorers[bucket.num_tokens] = scorer
+            self._count(started, f"prompt-logprob scorer for {bucket.num_tokens} tokens")
+        return scorer
 
     def compile_token_splice(self, num_tokens: int, num_previous: int):
         """The tiny program that feeds a step the tokens its predecessor is still computing
@@ -355,7 +365,7 @@ class ModelRunner:
         if not last:
             return jax.device_put(result, hidden_sharding(self.stages[index + 1].mesh))
         if self._wants_prompt_logprobs(bucket, arrays):
-            scorer = self._prompt_scorers[bucket.num_tokens]
+            scorer = self._prompt_scorer(bucket)
             per_token = scorer(stage.params, result, arrays.prompt_next_ids)
         else:
             per_token = no_prompt_logprobs(bucket.num_tokens, self.num_logprobs)
@@ -366,12 +376,13 @@ class ModelRunner:
         array: vocab_size where not.)"""
         if not bucket.is_prefill:
             return False
-        return bool(np.any(np.asarray(inputs.prompt_next_ids) < self.model.model_config.vocab_size))
+        return bool(np.any(inputs.prompt_next_ids < self.model.model_config.vocab_size))
 
     def _through_stages(self, bucket: Bucket, arrays: StepInputs) -> jax.Array | None:
         """Run every stage but the last; -> the hidden states the last stage takes, already on
-        its devices (None without pipelining)."""
-        self.compile(bucket, prompt_logprobs=self._wants_prompt_logprobs(bucket, arrays))
+        its devices (None without pipelining). The prompt scorer, if this step needs one and it
+        is new, compiles when the last stage asks for it."""
+        self.compile(bucket, prompt_logprobs=False)
         hidden = None
         for index in range(len(self.stages) - 1):
             hidden = self._run_stage(index, bucket, arrays, hidden)

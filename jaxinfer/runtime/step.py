@@ -150,9 +150,15 @@ def _logprob_outputs(raw_logprobs: jax.Array, tokens: jax.Array, k: int, wanted:
 
 
 def _no_top_logprobs(count: int, k: int) -> tuple:
-    """Zeros shaped like `top_logprobs`' results, for the branch where nobody asked."""
-    zeros_k = jnp.zeros((count, k), jnp.int32)
-    return jnp.zeros(count), jnp.zeros(count, jnp.int32), zeros_k, zeros_k.astype(jnp.float32)
+    """Zeros shaped like `top_logprobs`' results, for the branch where nobody asked: host arrays,
+    which a traced branch takes as constants and the runner returns as they are."""
+    zeros_k = np.zeros((count, k), np.int32)
+    return (
+        np.zeros(count, np.float32),
+        np.zeros(count, np.int32),
+        zeros_k,
+        zeros_k.astype(np.float32),
+    )
 
 
 @_invariant_when_asked
@@ -268,13 +274,7 @@ def prompt_logprobs(
 
 def no_prompt_logprobs(num_tokens: int, num_logprobs: int) -> dict:
     """What `prompt_logprobs` gives when nobody asked: zeros, as host arrays."""
-    zeros_k = np.zeros((num_tokens, num_logprobs), np.int32)
-    return {
-        "prompt_logprob": np.zeros(num_tokens, np.float32),
-        "prompt_rank": np.zeros(num_tokens, np.int32),
-        "prompt_top_ids": zeros_k,
-        "prompt_top_logprobs": zeros_k.astype(np.float32),
-    }
+    return dict(zip(PROMPT_FIELDS, _no_top_logprobs(num_tokens, num_logprobs), strict=True))
 
 
 def _whole_on_every_device(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
