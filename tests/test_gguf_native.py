@@ -36,7 +36,7 @@ from jaxinfer.kernels.native_build import build_shared_library
 from jaxinfer.models import gguf_metadata
 from jaxinfer.models.gguf_blocks import BLOCK_TYPES, GGUFBlocks
 from jaxinfer.models.gguf_weight import GGUFBlockWeight, dequantize_blocks, gguf_block_matmul
-from tests.checkpoints import tiny_checkpoint
+from tests.checkpoints import SMOLLM2_ENGINE, tiny_checkpoint
 from tests.gguf_block_checks import assert_within_float32_bound, block_weight, kernel_product
 from tests.gguf_checkpoint import write_llama_gguf
 from tests.parity import engine_prefill_logits
@@ -268,7 +268,6 @@ def test_a_tiny_gguf_in_blocks_matches_its_dequantized_self(
 
 # --------------------------------------------------------------------------- SmolLM2 Q4_1
 
-ENGINE = {"max_model_len": 128, "num_kv_blocks": 160, "max_num_seqs": 16}
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -296,7 +295,9 @@ def smollm2_pair(smollm2_gguf):
     results, engines = {}, []
     try:
         for name, quantization in (("float", None), ("gguf", "gguf")):
-            llm = LLM(EngineConfig(model=str(smollm2_gguf), quantization=quantization, **ENGINE))
+            llm = LLM(
+                EngineConfig(model=str(smollm2_gguf), quantization=quantization, **SMOLLM2_ENGINE)
+            )
             engines.append(llm)
             params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
             outputs = llm.generate(PROMPTS, params, use_tqdm=False)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from jaxinfer import Engine, EngineConfig, SamplingParams
-from tests.checkpoints import hf_greedy, hf_prefill_logits
+from tests.checkpoints import SMOLLM2_ENGINE, hf_greedy_batch, hf_prefill_logits
 from tests.parity import engine_prefill_logits
 
 # jaxinfer's float32 error may be this many times transformers' float32 error (both against
@@ -53,9 +53,7 @@ CHAT_QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def engine(smollm2_gguf) -> Engine:
-    return Engine(
-        EngineConfig(model=str(smollm2_gguf), max_model_len=512, num_kv_blocks=200, max_num_seqs=16)
-    )
+    return Engine(EngineConfig(model=str(smollm2_gguf), **SMOLLM2_ENGINE))
 
 
 def _chat_ids(tokenizer, question: str, system: str | None = None) -> list[int]:
@@ -105,10 +103,11 @@ def test_greedy_16_prompts_match_transformers(engine, hf_smollm2):
     prompts += [_chat_ids(tokenizer, q) for q in CHAT_QUESTIONS]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outputs = engine.generate(prompts, params, use_tqdm=False)
+    reference = hf_greedy_batch(hf_smollm2, prompts, NEW_TOKENS)
     mismatches = [
         i
-        for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True))
-        if out.outputs[0].token_ids != hf_greedy(hf_smollm2, prompt, NEW_TOKENS)
+        for i, (out, expected) in enumerate(zip(outputs, reference, strict=True))
+        if out.outputs[0].token_ids != expected
     ]
     assert mismatches == []
     assert (
