@@ -7,7 +7,8 @@ Every case runs in a fresh Python process, as a user would meet it:
 
 1. The README's first command, `jaxinfer generate --prompt "The capital of France is"`, timed end
    to end from the parent (process start to exit), with `JAXINFER_COMPILATION_CACHE_DIR` set to a
-   fresh temporary folder: the first run fills the persistent compilation cache, the second run
+   fresh temporary folder (and the C++ kernels' build folder, `JAXINFER_KERNEL_CACHE_DIR`, to
+   another): the first run fills the persistent compilation cache, the second run
    of the same command reuses it. Cache entries added per run are counted (0 on a full hit).
 2. vLLM's basic offline example on the default model (`LLM(model=PATH)`, four prompts,
    `SamplingParams(temperature=0.8, top_p=0.95)`), first and second run on another fresh cache.
@@ -37,7 +38,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -169,8 +169,15 @@ def _cache_entries(cache_dir: Path) -> int:
 
 
 def _run(command: list[str], cache_dir: Path) -> tuple[subprocess.CompletedProcess, float, int]:
-    """Run `command` with the compilation cache at `cache_dir`: (process, wall s, entries added)."""
-    env = {**os.environ, "JAXINFER_COMPILATION_CACHE_DIR": str(cache_dir)}
+    """Run `command` with the compilation cache at `cache_dir`: (process, wall s, entries added).
+
+    The C++ kernels (jaxinfer/kernels/) build into a folder beside it, fresh too: a first run on a
+    new machine compiles them as well, and a second finds them built."""
+    env = {
+        **os.environ,
+        "JAXINFER_COMPILATION_CACHE_DIR": str(cache_dir),
+        "JAXINFER_KERNEL_CACHE_DIR": str(cache_dir.with_name(f"{cache_dir.name}-kernels")),
+    }
     entries_before = _cache_entries(cache_dir)
     started = time.perf_counter()
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -181,8 +188,9 @@ def _run(command: list[str], cache_dir: Path) -> tuple[subprocess.CompletedProce
 
 
 def measure_cli(cache_dir: Path) -> list[dict]:
-    executable = shutil.which("jaxinfer")
-    command = [executable] if executable else [sys.executable, "-m", "jaxinfer.cli"]
+    # The console script of this interpreter's install, not whichever `jaxinfer` PATH finds first.
+    executable = Path(sys.executable).with_name("jaxinfer")
+    command = [str(executable)] if executable.is_file() else [sys.executable, "-m", "jaxinfer.cli"]
     command += ["generate", "--prompt", PROMPT]
     runs = []
     for label in ("first", "second"):
