@@ -178,14 +178,32 @@ def piece_functions(runner) -> dict:
                     normal(t, cfg.num_kv_heads, cfg.head_dim),
                 ),
             ),
-            # the engine's own sampler program, not donating: the slot state is the engine's
+            # the engine's own three sampler programs in one, not donating: the slot state is
+            # the engine's
             "sampler": (
-                jax.jit(runner._sample_rows.__wrapped__),
-                (normal(s, cfg.vocab_size), runner.slot_state, sampler_inputs(inputs)),
+                jax.jit(functools.partial(sampler, runner._sample_rows.__wrapped__)),
+                (
+                    normal(s, cfg.vocab_size),
+                    runner.slot_state,
+                    sampler_inputs(inputs),
+                    {name: getattr(inputs, name) for name in ("slots", "banned", "sampled")},
+                ),
             ),
         }
 
     return arguments
+
+
+def sampler(sample_rows, logits, slot_state, rows: dict, slot_inputs: dict):
+    """The runner's sampler programs in sequence: gather the rows, sample, count the tokens."""
+    from jaxinfer.runtime import slot_state as slots
+
+    slot_rows = slots.gather_rows(slot_state, slot_inputs["slots"], slot_inputs["banned"])
+    outputs = sample_rows(logits, slot_rows, rows)
+    counted = slots.count_sampled(
+        slot_state, slot_inputs["slots"], outputs["tokens"], slot_inputs["sampled"]
+    )
+    return outputs, counted
 
 
 def profile(llm, batch: int, new_tokens: int, repeats: int, seed: int) -> dict:

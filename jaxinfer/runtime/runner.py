@@ -85,6 +85,18 @@ class _Stage:
     block_copier: jax.stages.Compiled | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Sampler:
+    """The three programs that sample S rows. Why three: `sample` (the heavy one) takes only
+    [S, ...] and [S, V] arrays, so the persistent cache serves it to every engine with this
+    vocabulary whatever its max_num_seqs; the two that touch the [slots, V] slot state are small
+    (a gather, a scatter-add that donates the state)."""
+
+    gather: jax.stages.Compiled  # (slot state, slots, banned) -> the batch's [S, V] rows
+    sample: jax.stages.Compiled  # (logits, those rows, sampler inputs) -> per-row outputs
+    count: jax.stages.Compiled  # (slot state, slots, tokens, sampled) -> the new slot state
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -143,9 +155,10 @@ class ModelRunner:
                 # a data-parallel replica may have a mesh of 1
                 topk_barrier=last.mesh is None or last.mesh.size == 1,
                 batch_invariant=batch_invariant,
-            ),
-            donate_argnums=(1,),
+            )
         )
+        self._gather_rows = jax.jit(slots.gather_rows)
+        self._count_sampled = jax.jit(slots.count_sampled, donate_argnums=(0,))
         self._prompt_logprobs = jax.jit(
             functools.partial(
                 prompt_logprobs,
@@ -156,7 +169,7 @@ class ModelRunner:
                 batch_invariant=batch_invariant,
             )
         )
-        self._samplers: dict[int, jax.stages.Compiled] = {}  # sequence count -> sampler
+        self._samplers: dict[int, _Sampler] = {}  # sequence count -> its programs
         self._prompt_scorers: dict[int, jax.stages.Compiled] = {}  # token count -> scorer
         self._all_logits = jax.jit(
             functools.partial(
@@ -238,10 +251,15 @@ class ModelRunner:
             logits_info = last.executables[bucket].out_info[0]
             sharding = None if last.mesh is None else replicated(last.mesh)
             vocab_size = self.model.model_config.vocab_size
-            rows = sampler_inputs(abstract_inputs(bucket, sharding, vocab_size=vocab_size))
-            self._samplers[bucket.num_seqs] = self._sample_rows.lower(
-                logits_info, self.slot_state, rows
+            inputs = abstract_inputs(bucket, sharding, vocab_size=vocab_size)
+            gather = self._gather_rows.lower(self.slot_state, inputs.slots, inputs.banned).compile()
+            sample = self._sample_rows.lower(
+                logits_info, gather.out_info, sampler_inputs(inputs)
             ).compile()
+            count = self._count_sampled.lower(
+                self.slot_state, inputs.slots, sample.out_info["tokens"], inputs.sampled
+            ).compile()
+            self._samplers[bucket.num_seqs] = _Sampler(gather=gather, sample=sample, count=count)
             self._count(started, f"sampler for {bucket.num_seqs} sequences")
         if prompt_logprobs and bucket.is_prefill:
             self._prompt_scorer(bucket)
@@ -359,8 +377,11 @@ class ModelRunner:
                 stage.kv_cache, new_kv, arrays.slot_mapping
             )
             if last:
-                per_row, self.slot_state = self._samplers[bucket.num_seqs](
-                    logits, self.slot_state, sampler_inputs(arrays)
+                sampler = self._samplers[bucket.num_seqs]
+                slot_rows = sampler.gather(self.slot_state, arrays.slots, arrays.banned)
+                per_row = sampler.sample(logits, slot_rows, sampler_inputs(arrays))
+                self.slot_state = sampler.count(
+                    self.slot_state, arrays.slots, per_row["tokens"], arrays.sampled
                 )
         if not last:
             return jax.device_put(result, hidden_sharding(self.stages[index + 1].mesh))

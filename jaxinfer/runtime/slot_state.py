@@ -52,16 +52,25 @@ def write_slot(state: SlotState, slot: jax.Array, row: SlotState) -> SlotState:
     return jax.tree.map(lambda table, value: table.at[slot].set(value), state, row)
 
 
-def batch_tensors(
+def gather_rows(
     state: SlotState,
     slots: jax.Array,  # [S] int32
-    scalars: SamplingScalars,  # each [S]
     banned: jax.Array,  # [S, NB] int32 extra tokens banned this step (bad words); V = none
-) -> SamplingTensors:
-    """The step's SamplingTensors: the batch's slot rows plus this step's scalars and bans."""
+) -> dict[str, jax.Array]:
+    """The batch's slot rows, each dense field [S, V], with this step's bans applied.
+
+    Its own small program (per S and slot count), apart from the sampler: the sampler then sees
+    only [S, V] arrays, so its one heavy program per S serves every engine of that vocabulary,
+    whatever its max_num_seqs."""
     rows = {name: getattr(state, name)[slots] for name in DENSE_FIELDS}
     row_ids = jnp.arange(slots.shape[0])[:, None]
     rows["allowed_mask"] = rows["allowed_mask"].at[row_ids, banned].set(False, mode="drop")
+    return rows
+
+
+def batch_tensors(rows: dict[str, jax.Array], scalars: SamplingScalars) -> SamplingTensors:
+    """The step's SamplingTensors: the gathered dense rows (`gather_rows`) and this step's
+    scalars."""
     return SamplingTensors(**rows, **scalars.__dict__)
 
 

@@ -4,7 +4,10 @@ All are pure. The runner compiles `step` (the layers and the logits) once per bu
 once per sequence count, `prompt_logprobs` once per token count (and only when some request asks
 for prompt logprobs), and `write_cache` once per token count. The model and the sampler are apart
 because the sampler sees only [S, V] logits: compiled inside every (T, S, B) bucket it was half of
-each bucket's compile time. The model and the cache write are apart because XLA:CPU copies the
+each bucket's compile time. The sampler takes its slot rows already gathered
+(`slot_state.gather_rows`, and `slot_state.count_sampled` after it, two small programs) so that
+no input of it depends on the engine's slot count: one compiled sampler per (S, V) serves every
+engine, whatever its max_num_seqs, through the persistent compilation cache. The model and the cache write are apart because XLA:CPU copies the
 whole cache when a single computation both gathers from it and scatters into it; apart,
 `write_cache` updates the donated cache in place.
 """
@@ -28,7 +31,7 @@ from jaxinfer.runtime.sampling import (
     top_logprobs,
     top_logprobs_of_logits,
 )
-from jaxinfer.runtime.slot_state import SlotState, batch_tensors, count_sampled
+from jaxinfer.runtime.slot_state import batch_tensors
 from jaxinfer.seam import StepInputs
 from pallas_kernels import reference
 
@@ -203,41 +206,44 @@ def step(
 
 
 # The fields of StepInputs the sampler reads: all [S]-shaped (or [S, *]), none depends on T or B.
-SAMPLER_FIELDS = ("slots", "sampled", "want_logprobs", "banned", "token_bitmask", "sampling")
+SAMPLER_FIELDS = ("want_logprobs", "token_bitmask", "sampling")
 
 
 def sampler_inputs(inputs: StepInputs) -> dict:
-    """The sampler's share of a step's inputs (arrays or their abstract shapes)."""
+    """The sampler's share of a step's inputs (arrays or their abstract shapes); the slot rows
+    come from `slot_state.gather_rows` (`slots`, `banned`), and `slot_state.count_sampled`
+    takes `slots` and `sampled` after it."""
     return {name: getattr(inputs, name) for name in SAMPLER_FIELDS}
 
 
 @_invariant_when_asked
 def sample_rows(
     logits: jax.Array,
-    slot_state: SlotState,
+    slot_rows: dict,
     rows: dict,
     *,
     max_top_k: int,
     num_logprobs: int,
     topk_barrier: bool = True,
-) -> tuple[dict, SlotState]:
-    """Each row's next token from its logits [S, V] -> (per-row outputs, new slot state).
+) -> dict:
+    """Each row's next token from its logits [S, V] -> the per-row outputs.
 
     The outputs are StepOutputs' per-row fields: `tokens`, `token_logprob` (raw log-softmax,
     vLLM's default), `token_rank`, [S, num_logprobs] `top_ids` / `top_logprobs` (the top-k search
     only when some row asked), and `logits_finite` (the model's logits, before any mask, held no
-    NaN or inf). `rows` is `sampler_inputs(inputs)`. `topk_barrier`: see `sampling.sample`.
+    NaN or inf). `slot_rows` is `slot_state.gather_rows(...)` for the batch's slots and `rows` is
+    `sampler_inputs(inputs)`: every input is [S, ...] or [S, V], so one program per S serves
+    every engine of this vocabulary. `topk_barrier`: see `sampling.sample`.
     """
     logits_finite = jnp.all(jnp.isfinite(logits), axis=-1)  # the model's, before any mask
     logits = apply_token_bitmask(logits, rows["token_bitmask"])  # structured outputs
-    slots = rows["slots"]
-    tensors = batch_tensors(slot_state, slots, rows["sampling"], rows["banned"])
+    tensors = batch_tensors(slot_rows, rows["sampling"])
     tokens, raw_logprobs = sample(logits, tensors, max_top_k, topk_barrier=topk_barrier)
     wanted = jnp.any(rows["want_logprobs"])
     token_logprob, token_rank, top_ids, top_values = _logprob_outputs(
         raw_logprobs, tokens, num_logprobs, wanted
     )
-    outputs = {
+    return {
         "tokens": tokens,
         "token_logprob": token_logprob,
         "token_rank": token_rank,
@@ -245,7 +251,6 @@ def sample_rows(
         "top_logprobs": top_values,
         "logits_finite": logits_finite,
     }
-    return outputs, count_sampled(slot_state, slots, tokens, rows["sampled"])
 
 
 PROMPT_FIELDS = ("prompt_logprob", "prompt_rank", "prompt_top_ids", "prompt_top_logprobs")
