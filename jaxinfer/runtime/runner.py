@@ -362,8 +362,9 @@ class ModelRunner:
         or this stage's hidden states already on the next stage's devices."""
         stage = self.stages[index]
         last = index == len(self.stages) - 1
-        # The sampler donates the slot state and the writer the cache: each call and the store of
-        # what it returns must not be split by a KeyboardInterrupt (jaxinfer/interrupts.py).
+        # The sampler's count program donates the slot state and the writer the cache: each call
+        # and the store of what it returns must not be split by a KeyboardInterrupt
+        # (jaxinfer/interrupts.py).
         with deferred_interrupts():
             if last:
                 logits, result, new_kv = stage.executables[bucket](

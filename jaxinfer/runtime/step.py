@@ -7,9 +7,9 @@ because the sampler sees only [S, V] logits: compiled inside every (T, S, B) buc
 each bucket's compile time. The sampler takes its slot rows already gathered
 (`slot_state.gather_rows`, and `slot_state.count_sampled` after it, two small programs) so that
 no input of it depends on the engine's slot count: one compiled sampler per (S, V) serves every
-engine, whatever its max_num_seqs, through the persistent compilation cache. The model and the cache write are apart because XLA:CPU copies the
-whole cache when a single computation both gathers from it and scatters into it; apart,
-`write_cache` updates the donated cache in place.
+engine, whatever its max_num_seqs, through the persistent compilation cache. The model and the
+cache write are apart because XLA:CPU copies the whole cache when a single computation both
+gathers from it and scatters into it; apart, `write_cache` updates the donated cache in place.
 """
 
 from __future__ import annotations
