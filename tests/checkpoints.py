@@ -345,7 +345,6 @@ def _as_model(path_or_model: Path | str | PreTrainedModel) -> PreTrainedModel:
     return hf_model(Path(path_or_model))
 
 
-@torch.no_grad()
 def hf_greedy(
     path_or_model: Path | str | PreTrainedModel,
     prompt_ids: list[int],
@@ -357,48 +356,32 @@ def hf_greedy(
     EOS does not stop it and is not suppressed (matching jaxinfer's `ignore_eos=True`).
     `generation` adds GenerationConfig fields (e.g. `repetition_penalty`).
     """
-    model = _as_model(path_or_model)
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long)
-    # generate() fills every None in the config it is given from model.generation_config, so
-    # eos_token_id=None alone would still stop at EOS: swap in a config without one for this call.
-    generation_config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=model.config.pad_token_id,
-        **generation,
-    )
-    saved, model.generation_config = model.generation_config, GenerationConfig()
-    try:
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            generation_config=generation_config,
-        )
-    finally:
-        model.generation_config = saved
-    new_ids = out[0, len(prompt_ids) :].tolist()
-    if len(new_ids) != max_new_tokens:
-        raise RuntimeError(f"generate made {len(new_ids)} tokens, wanted {max_new_tokens}")
-    return new_ids
+    return hf_greedy_batch(_as_model(path_or_model), [prompt_ids], max_new_tokens, **generation)[0]
 
 
 @torch.no_grad()
 def hf_greedy_batch(
-    model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    **generation: Any,
 ) -> list[list[int]]:
     """`hf_greedy` of many prompts in one `generate()` call, left-padded with an attention mask
     (transformers' own batched-generation path: positions come from the mask, padded keys get no
-    weight). Why: one prompt at a time costs a whole step per token per prompt; on SmolLM2 sixteen
-    prompts of 64 tokens took 51 s one by one and 7 s batched, with the same tokens for all 16.
-    Only the summation order can differ from `hf_greedy` (batch-shaped matmuls), the size of
-    float32 rounding, which the engine's own greedy tokens must already be robust to.
+    weight; one prompt is not padded at all). Why: one prompt at a time costs a whole step per
+    token per prompt; on SmolLM2 sixteen prompts of 64 tokens took 51 s one by one and 7 s
+    batched, with the same tokens for all 16. Only the summation order can differ from one prompt
+    alone (batch-shaped matmuls), the size of float32 rounding, which the engine's own greedy
+    tokens must already be robust to.
     """
     longest = max(len(p) for p in prompts)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     input_ids = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in prompts])
     attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    # generate() fills every None in the config it is given from model.generation_config, so
+    # eos_token_id=None alone would still stop at EOS: swap in a config without one for this call.
     generation_config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad
+        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, **generation
     )
     saved, model.generation_config = model.generation_config, GenerationConfig()
     try:
