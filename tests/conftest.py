@@ -33,6 +33,51 @@ from tests.checkpoints import FAMILIES, tiny_checkpoint
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# The README's test command spreads the files over the CPUs (pytest-xdist: `-n`, and `--dist
+# loadgroup --no-loadscope-reorder` from pyproject.toml): each xdist group runs on one worker, in
+# collection order. A group is one file, except SMOLLM2_GROUP: the files whose engines load the
+# default model with the same engine options (tests/checkpoints.py, SMOLLM2_ENGINE) run on one
+# worker one after another, so transformers' reference loads once (~20 s) and the programs their
+# engines share compile once (two workers would both compile them).
+SMOLLM2_GROUP = (
+    "tests/models/test_smollm2.py",
+    "tests/test_gguf_native.py",
+    "tests/test_beam_search.py",
+)
+# The longest groups first (measured: `--durations`), so that none starts last and leaves the other
+# workers idle while it finishes; a stale list costs minutes, never a result. xdist hands each
+# worker two groups to start with (worker 1 the 1st and 3rd, worker 2 the 2nd and 4th), so the 3rd
+# is a shorter one: the SmolLM2 group alone is a quarter of the suite.
+SLOW_FILES_FIRST = (
+    *SMOLLM2_GROUP,
+    "tests/parallel/test_pipeline_parallel.py",
+    "tests/kernels/test_cpu_paged_attention.py",
+    "tests/parallel/test_tensor_parallel.py",
+    "tests/test_sampling_engine.py",
+    "tests/test_generate.py",
+    "tests/test_structured_outputs_smollm2.py",
+    "tests/test_batch_invariant.py",
+    "tests/kernels/test_reference.py",
+    "tests/test_quantization.py",
+    "tests/test_api.py",
+    "tests/test_notebooks.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put SLOW_FILES_FIRST in front, in that order (the others keep pytest's order), and give
+    every test its xdist group."""
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+
+    def file_of(item: pytest.Item) -> str:
+        return item.nodeid.partition("::")[0]
+
+    items.sort(key=lambda item: rank.get(file_of(item), len(rank)))  # stable
+    for item in items:
+        group = "smollm2" if file_of(item) in SMOLLM2_GROUP else file_of(item)
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def tiny_llama() -> Path:
