@@ -33,12 +33,13 @@ from tests.checkpoints import FAMILIES, tiny_checkpoint
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# The README's test command spreads the files over the CPUs (pytest-xdist: `-n`, and `--dist
-# loadgroup --no-loadscope-reorder` from pyproject.toml): each xdist group runs on one worker, in
-# collection order. A group is one file, except SMOLLM2_GROUP: the files whose engines load the
-# default model with the same engine options (tests/checkpoints.py, SMOLLM2_ENGINE) run on one
-# worker one after another, so transformers' reference loads once (~20 s) and the programs their
-# engines share compile once (two workers would both compile them).
+# The README's test command spreads the files over the CPUs (pytest-xdist, `-n`): each group of
+# tests runs on one worker, the groups in collection order (`--no-loadscope-reorder` in
+# pyproject.toml). A group is one file (its module fixtures are built once), except SMOLLM2_GROUP:
+# the files whose engines load the default model with the same engine options
+# (tests/checkpoints.py, SMOLLM2_ENGINE) run on one worker one after another, so transformers'
+# reference loads once (~20 s) and the programs their engines share compile once (two workers
+# would both compile them).
 SMOLLM2_GROUP = (
     "tests/models/test_smollm2.py",
     "tests/test_gguf_native.py",
@@ -47,7 +48,7 @@ SMOLLM2_GROUP = (
 # The longest groups first (measured: `--durations`), so that none starts last and leaves the other
 # workers idle while it finishes; a stale list costs minutes, never a result. xdist hands each
 # worker two groups to start with (worker 1 the 1st and 3rd, worker 2 the 2nd and 4th), so the 3rd
-# is a shorter one: the SmolLM2 group alone is a quarter of the suite.
+# is a shorter one: the SmolLM2 group alone is a fifth of the suite.
 SLOW_FILES_FIRST = (
     *SMOLLM2_GROUP,
     "tests/parallel/test_pipeline_parallel.py",
@@ -64,19 +65,34 @@ SLOW_FILES_FIRST = (
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def _file_of(nodeid: str) -> str:
+    return nodeid.partition("::")[0]
+
+
+def xdist_group_of(nodeid: str) -> str:
+    """The worker group of a test: its file, or "smollm2" for the files of SMOLLM2_GROUP."""
+    return "smollm2" if _file_of(nodeid) in SMOLLM2_GROUP else _file_of(nodeid)
+
+
+# tryfirst: ahead of xdist's own, which picks by --dist; optional: a hook of xdist's, unknown without
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's scheduler by scope, with `xdist_group_of` as the scope. Ours rather than `--dist
+    loadgroup` with marks: that mode renames each test's nodeid, which pytest 9.2 no longer lets a
+    plugin do, so it silently spread every file's tests over both workers."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(nodeid)
+
+    return FileGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Put SLOW_FILES_FIRST in front, in that order (the others keep pytest's order), and give
-    every test its xdist group."""
+    """Put SLOW_FILES_FIRST in front, in that order; the others keep pytest's order."""
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-
-    def file_of(item: pytest.Item) -> str:
-        return item.nodeid.partition("::")[0]
-
-    items.sort(key=lambda item: rank.get(file_of(item), len(rank)))  # stable
-    for item in items:
-        group = "smollm2" if file_of(item) in SMOLLM2_GROUP else file_of(item)
-        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: rank.get(_file_of(item.nodeid), len(rank)))  # stable
 
 
 @pytest.fixture(scope="session")

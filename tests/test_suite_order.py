@@ -5,29 +5,23 @@ xdist group; and CI runs exactly that command."""
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
-import pytest
-
-from tests.conftest import SLOW_FILES_FIRST, SMOLLM2_GROUP, pytest_collection_modifyitems
+from tests.conftest import (
+    SLOW_FILES_FIRST,
+    SMOLLM2_GROUP,
+    pytest_collection_modifyitems,
+    pytest_xdist_make_scheduler,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class FakeItem:
-    """The two things the hook reads or writes on a pytest.Item."""
-
     nodeid: str
-    markers: list = field(default_factory=list)
-
-    def add_marker(self, marker) -> None:
-        self.markers.append(marker)
-
-    def group(self) -> str:
-        (mark,) = [m for m in self.markers if m.name == "xdist_group"]
-        return mark.args[0]
 
 
 def test_every_named_file_exists():
@@ -38,7 +32,7 @@ def test_every_named_file_exists():
     assert len(set(SLOW_FILES_FIRST)) == len(SLOW_FILES_FIRST)
 
 
-def test_slow_files_go_first_in_order_and_smollm2_files_share_a_group():
+def test_slow_files_go_first_in_order():
     late, early = SLOW_FILES_FIRST[-1], SLOW_FILES_FIRST[0]
     items = [
         FakeItem("tests/engine/test_seam.py::test_a"),
@@ -57,9 +51,17 @@ def test_slow_files_go_first_in_order_and_smollm2_files_share_a_group():
         "tests/engine/test_seam.py::test_a",  # the rest keep pytest's order
         "tests/engine/test_seam.py::test_c",
     ]
-    groups = [item.group() for item in items]
-    assert groups[:3] == ["smollm2"] * 3
-    assert groups[3:] == [late, "tests/engine/test_seam.py", "tests/engine/test_seam.py"]
+
+
+def test_the_scheduler_keeps_a_file_on_one_worker_and_the_smollm2_files_together():
+    two_workers = SimpleNamespace(getvalue={"tx": ["popen", "popen"]}.get)  # what -n 2 sets
+    scheduler = pytest_xdist_make_scheduler(two_workers, None)
+    assert scheduler.numnodes == 2
+    scope = scheduler._split_scope
+    assert scope("tests/engine/test_seam.py::test_a") == "tests/engine/test_seam.py"
+    assert scope("tests/engine/test_seam.py::test_b[x-1]") == "tests/engine/test_seam.py"
+    assert scope("tests/engine/test_seam.py::TestClass::test_c") == "tests/engine/test_seam.py"
+    assert {scope(f"{name}::test_x") for name in SMOLLM2_GROUP} == {"smollm2"}
 
 
 def _pytest_command(line: str) -> list[str]:
@@ -78,13 +80,9 @@ def test_ci_runs_the_readme_test_command():
     assert command[command.index("-n") + 1] == "logical"  # every CPU, bounded by --maxprocesses
 
 
-@pytest.mark.parametrize("option", ["--dist", "--no-loadscope-reorder"])
-def test_pyproject_keeps_groups_whole_and_in_order(option):
-    """`--dist loadgroup` keeps a group on one worker; without `--no-loadscope-reorder` xdist
-    would start the groups with the most tests first instead of the slowest."""
+def test_pyproject_keeps_the_groups_in_order():
+    """Without `--no-loadscope-reorder` xdist would start the groups with the most tests first,
+    not the slowest."""
     pyproject = (ROOT / "pyproject.toml").read_text()
     (addopts,) = [line for line in pyproject.splitlines() if line.startswith("addopts")]
-    words = shlex.split(addopts.split("=", 1)[1].strip().strip('"'))
-    assert option in words
-    if option == "--dist":
-        assert words[words.index("--dist") + 1] == "loadgroup"
+    assert "--no-loadscope-reorder" in shlex.split(addopts.split("=", 1)[1].strip().strip('"'))
