@@ -80,6 +80,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """xdist's scheduler by scope, with `xdist_group_of` as the scope. Ours rather than `--dist
     loadgroup` with marks: that mode renames each test's nodeid, which pytest 9.2 no longer lets a
     plugin do, so it silently spread every file's tests over both workers."""
+    if config.getvalue("dist") in ("each", "worksteal"):
+        return None  # asked for by name: xdist's own
     from xdist.scheduler import LoadScopeScheduling
 
     class FileGroupScheduling(LoadScopeScheduling):

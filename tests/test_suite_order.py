@@ -62,6 +62,8 @@ def test_the_scheduler_keeps_a_file_on_one_worker_and_the_smollm2_files_together
     assert scope("tests/engine/test_seam.py::test_b[x-1]") == "tests/engine/test_seam.py"
     assert scope("tests/engine/test_seam.py::TestClass::test_c") == "tests/engine/test_seam.py"
     assert {scope(f"{name}::test_x") for name in SMOLLM2_GROUP} == {"smollm2"}
+    each = SimpleNamespace(getvalue={"tx": ["popen", "popen"], "dist": "each"}.get)
+    assert pytest_xdist_make_scheduler(each, None) is None  # a mode asked for by name
 
 
 def _pytest_command(line: str) -> list[str]:
