@@ -1,20 +1,25 @@
 """How the README's test command spreads the suite over the CPUs (tests/conftest.py): the slowest
 files first, the files that share the default model's engine on one worker, the rest a file per
-xdist group; and CI runs exactly that command."""
+xdist group, compiled fast, as many workers as the CPUs we are given; and CI runs exactly that
+command."""
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 from tests.conftest import (
+    FAST_COMPILE_XLA_FLAG,
     SLOW_FILES_FIRST,
     SMOLLM2_GROUP,
     pytest_collection_modifyitems,
     pytest_xdist_make_scheduler,
+    usable_cpus,
 )
+from tests.parallel.fake_devices import xla_flags_with_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +69,26 @@ def test_the_scheduler_keeps_a_file_on_one_worker_and_the_smollm2_files_together
     assert {scope(f"{name}::test_x") for name in SMOLLM2_GROUP} == {"smollm2"}
     each = SimpleNamespace(getvalue={"tx": ["popen", "popen"], "dist": "each"}.get)
     assert pytest_xdist_make_scheduler(each, None) is None  # a mode asked for by name
+
+
+def test_workers_compile_fast_and_a_plain_run_as_users_do():
+    fast = FAST_COMPILE_XLA_FLAG in os.environ.get("XLA_FLAGS", "").split()
+    assert fast == bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+
+def test_child_processes_keep_the_compile_level(monkeypatch):
+    flags = "--xla_force_host_platform_device_count=3 --xla_backend_optimization_level=0"
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert xla_flags_with_devices(2).split() == [
+        "--xla_backend_optimization_level=0",
+        "--xla_force_host_platform_device_count=2",
+    ]
+
+
+def test_workers_count_the_cpus_we_are_given():
+    assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        assert usable_cpus() <= len(os.sched_getaffinity(0))
 
 
 def _pytest_command(line: str) -> list[str]:

@@ -38,6 +38,7 @@ from jaxinfer.kernels import paged_attention_cpu as kernel
 from jaxinfer.kernels.native_build import build_shared_library
 from jaxinfer.runtime.attention_backend import attention_fn
 from pallas_kernels import reference
+from tests.parallel.fake_devices import xla_flags_with_devices
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="the kernel is registered for XLA:CPU only"
@@ -300,7 +301,7 @@ def test_under_shard_map_each_device_runs_the_kernel_on_its_own_heads():
     starts): the sharded call holds the custom call and gives the unsharded kernel's bits (a kv
     head's result depends on that head alone)."""
     root = Path(__file__).parents[2]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(2))
     result = subprocess.run(
         [sys.executable, "-c", SHARDED],
         cwd=root,

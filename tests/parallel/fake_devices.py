@@ -17,8 +17,19 @@ ROOT = Path(__file__).parents[2]
 NUM_DEVICES = 8
 
 
+def xla_flags_with_devices(count: int) -> str:
+    """XLA_FLAGS for a child process on `count` fake CPU devices, keeping this process's other
+    flags (tests/conftest.py may have set the compile level)."""
+    kept = [
+        flag
+        for flag in os.environ.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    ]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={count}"])
+
+
 def run_worker(module: str, out: Path) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(NUM_DEVICES))
     subprocess.run(
         [sys.executable, "-m", module, str(out)], cwd=ROOT, env=env, check=True, timeout=900
     )

@@ -14,7 +14,7 @@ import pytest
 
 from jaxinfer import Engine, EngineConfig
 from tests.checkpoints import tiny_checkpoint
-from tests.parallel.fake_devices import ROOT
+from tests.parallel.fake_devices import ROOT, xla_flags_with_devices
 from tests.parallel.mp_worker import GREEDY, SAMPLED
 from tests.parallel.tp_worker import ENGINE, PROMPT_LENGTHS, prompts_for
 
@@ -33,7 +33,7 @@ def model() -> str:
 def test_two_processes_serve_one_tensor_parallel_engine(model, tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = xla_flags_with_devices(2)
     outs = [tmp_path / f"process{i}.json" for i in range(2)]
     workers = [
         subprocess.Popen(
