@@ -114,6 +114,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 
 def usable_cpus() -> int:
+    """CPUs in this process's affinity mask, capped by a cgroup v2 CPU quota when one is set."""
     count = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     )
