@@ -29,7 +29,7 @@ os.environ.setdefault(
 
 # The README's test command runs the files on pytest-xdist workers (see the scheduler below), and
 # they compile at XLA's lowest backend optimization level: the same HLO programs, but LLVM spends
-# ~40% less time on them, and compiling is ~40% of the suite's in-process time. The code runs
+# a quarter to 40% less time on them, and compiling is ~40% of the suite's in-process time. The code runs
 # slower (SmolLM2's batch-1 decode 2.6x; the tiny test models hardly notice) and rounds a little
 # differently (logprobs move by up to 5e-6 on a tiny llama, 3e-5 on SmolLM2); every test passes at
 # either level. All workers alike, so that each finds the others' programs in the shared cache
@@ -115,16 +115,15 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 def usable_cpus() -> int:
     """CPUs in this process's affinity mask, capped by a cgroup v2 CPU quota when one is set."""
-    count = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = count or 1
     try:  # cgroup v2: "max 100000" or "<quota> <period>"
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         if quota != "max":
             count = min(count, max(1, int(quota) // int(period)))
     except (OSError, ValueError):
         pass
-    return max(1, count or 1)
+    return count
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
