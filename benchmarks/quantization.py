@@ -103,10 +103,7 @@ def product_table(repeats: int) -> dict:
     for label, out in SHAPES.items():
         weight = rng.standard_normal((HIDDEN, out)).astype(np.float32)
         values, scale = quantize_int8(weight.T)  # [out, in]
-        blocked = QuantizedWeight(
-            values=jnp.asarray(values), scale=jnp.asarray(scale), transposed=True,
-            dtype_name="float32",
-        )  # fmt: skip
+        blocked = QuantizedWeight.from_rows(values, scale, transposed=True, dtype_name="float32")
         values_in_out = jnp.asarray(np.ascontiguousarray(values.T))
         hlo = jax.jit(whole).lower(jnp.ones((1, HIDDEN)), values_in_out, scale).compile().as_text()
         materialized = f"f32[{HIDDEN},{out}]" in hlo and "convert(" in hlo

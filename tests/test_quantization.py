@@ -126,7 +126,10 @@ def test_int8_weights_stay_int8_on_the_device(variant):
     for name, weight in leaves.items():
         assert isinstance(weight, QuantizedWeight), name
         assert weight.values.dtype == np.int8 and weight.scale.dtype == np.float32, name
-        assert weight.values.is_fully_addressable and weight.values.nbytes == np.prod(weight.shape)
+        # one byte per weight, the output channels (or vocabulary) padded to panels of 64
+        rows, cols = weight.stored_shape
+        assert weight.values.shape == (-(-rows // 64), cols, 64), name
+        assert weight.values.is_fully_addressable
     # Every quantized matrix costs 1 byte per weight plus 4 per output channel instead of 4 per
     # weight; norms stay float. The tiny model's 64-wide rows make the scales weigh in (~27%).
     floats = sum(leaf.nbytes for leaf in _float_leaves(float_model.params))
@@ -149,13 +152,14 @@ def _float_leaves(params, keep_quantized: bool = False):
 @pytest.mark.parametrize("out_features", [128 * 3, 300, 5])
 @pytest.mark.parametrize("rows", [1, 7])
 def test_quantized_matmul_equals_the_product_with_the_rounded_matrix(out_features, rows):
-    """Whole blocks, a ragged tail and a matrix narrower than one block; numpy float64 reference."""
+    """Whole panels of 64, a ragged last panel and a matrix narrower than one panel; numpy float64
+    reference."""
     gen = np.random.default_rng(out_features + rows)
     weight = gen.standard_normal((48, out_features)).astype(np.float32)  # [in, out]
     x = gen.standard_normal((rows, 48)).astype(np.float32)
     values, scale = quantize_int8(weight.T)
     assert np.abs(values.astype(np.float32) * scale[:, None] - weight.T).max() <= scale.max() / 2
-    w = QuantizedWeight(values=values, scale=scale, transposed=True, dtype_name="float32")
+    w = QuantizedWeight.from_rows(values, scale, transposed=True, dtype_name="float32")
     expected = x.astype(np.float64) @ (values.astype(np.float64) * scale[:, None]).T
     got = np.asarray(quantized_matmul(x, w))
     assert got.shape == (rows, out_features)
@@ -209,3 +213,18 @@ def test_int8_batch_invariant_tokens_equal_alone_and_batched():
         assert run(prompts) == alone
     finally:
         llm.shutdown()
+
+
+def test_an_embedding_gathers_its_rows_out_of_the_panels():
+    """A token-embedding table [V, E] is stored in panels of 64 rows (the layout of the tied
+    lm_head's product): a gathered row must still be that row, in any index shape."""
+    gen = np.random.default_rng(4)
+    table = gen.standard_normal((130, 24)).astype(np.float32)  # 3 panels, the last 2 rows
+    values, scale = quantize_int8(table)
+    w = QuantizedWeight.from_rows(values, scale, transposed=False, dtype_name="float32")
+    assert w.shape == (130, 24) and w.T.shape == (24, 130)
+    rounded = values.astype(np.float32) * scale[:, None]
+    ids = np.array([[0, 63, 64], [129, 128, 5]])
+    np.testing.assert_array_equal(np.asarray(w[ids]), rounded[ids])
+    np.testing.assert_array_equal(np.asarray(w.dequantize()), rounded)
+    np.testing.assert_array_equal(np.asarray(w.T.dequantize()), rounded.T)

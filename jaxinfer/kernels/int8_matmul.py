@@ -1,7 +1,10 @@
 """The int8 weight product on XLA:CPU through a `jax.ffi` custom call (cpu/int8_matmul.cc).
 
-    int8_matmul(x [T, in] float32, values [out, in] int8, scale [out] float32) -> [T, out] float32
-    = x @ (values * scale[:, None]).T
+    int8_matmul(x [T, in] float32, panels [ceil(out / 64), in, 64] int8, scale [out] float32)
+    -> [T, out] float32 = x @ (W * scale[:, None]).T,  panels = pack_panels(W [out, in])
+
+Panels of 64 output channels, each stored input by input, are the layout the kernel streams at a
+core's read bandwidth (cpu/int8_matmul.cc says why); `pack_panels` makes them once, at load.
 
 Why: XLA:CPU converts an int8 weight into a float32 copy before its dot, so the int8 model read
 more bytes per step than the float32 one (benchmarks/RESULTS.md, "Weight-only int8"); the kernel
@@ -22,12 +25,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.kernels.native_build import FfiKernelLibrary
 
 TARGET = "jaxinfer_int8_matmul"
 THREADS_ENV = "JAXINFER_INT8_KERNEL_THREADS"  # at most this many threads per product (benchmarks)
 SOURCE = Path(__file__).resolve().parent / "cpu" / "int8_matmul.cc"
+PANEL = 64  # output channels per panel (cpu/int8_matmul.cc's kPanel)
 
 _LIBRARY = FfiKernelLibrary(SOURCE, {TARGET: "JaxinferInt8Matmul"}, "JaxinferInt8MatmulIsa")
 
@@ -43,10 +48,28 @@ def kernel_isa() -> str | None:
     return _LIBRARY.isa()
 
 
+def pack_panels(rows: np.ndarray) -> np.ndarray:
+    """W [out, in] -> panels [ceil(out / PANEL), in, PANEL]: panel p, row i holds
+    W[PANEL * p : PANEL * (p + 1), i], the last panel padded with zeros. Host numpy, at load."""
+    out_features, in_features = rows.shape
+    padded = np.zeros((-(-out_features // PANEL) * PANEL, in_features), dtype=rows.dtype)
+    padded[:out_features] = rows
+    panels = padded.reshape(-1, PANEL, in_features).transpose(0, 2, 1)
+    return np.ascontiguousarray(panels)
+
+
+def unpack_panels(panels: jax.Array, out_features: int) -> jax.Array:
+    """pack_panels' inverse (jnp or numpy): panels [P, in, PANEL] -> W [out, in]."""
+    count, in_features, width = panels.shape
+    rows = panels.transpose(0, 2, 1).reshape(count * width, in_features)
+    return rows[:out_features]
+
+
 def int8_matmul(
-    x: jax.Array, values: jax.Array, scale: jax.Array, max_threads: int | None = None
+    x: jax.Array, panels: jax.Array, scale: jax.Array, max_threads: int | None = None
 ) -> jax.Array:
-    """x [T, in] (cast to float32) @ (values [out, in] int8 * scale [out]).T -> float32 [T, out].
+    """x [T, in] (cast to float32) @ (W int8 * scale [out]).T -> float32 [T, out], for
+    panels = pack_panels(W).
 
     `max_threads`: at most this many threads of XLA's intra-op pool (0: all of them; default:
     `$JAXINFER_INT8_KERNEL_THREADS`, else 0), read when traced."""
@@ -54,13 +77,13 @@ def int8_matmul(
         max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
     if _LIBRARY.load() is None:
         raise RuntimeError(f"the {TARGET} kernel is not available (see the warning logged)")
-    rows, out = x.shape[0], values.shape[0]
+    rows, out = x.shape[0], scale.shape[0]
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct((rows, out), jnp.float32), vmap_method="sequential"
     )
     return call(
         x.astype(jnp.float32),
-        values.astype(jnp.int8),
+        panels.astype(jnp.int8),
         scale.astype(jnp.float32),
         max_threads=max_threads,
     )

@@ -1,21 +1,21 @@
 """The int8 CPU kernel behind `jax.ffi` (jaxinfer/kernels/cpu/int8_matmul.cc) against numpy float64.
 
 Tolerance, derived rather than measured: the kernel forms each product x*w exactly inside a fused
-multiply-add, adds ceil(in / 16) of them per lane, the 16 lanes in a 4-level tree and multiplies
-by the scale, so with u = 2^-24 (float32 rounding) the standard bound for recursive summation
-gives |y - y_exact| <= k u / (1 - k u) * scale * sum_i |x_i w_i|, k = ceil(in / 16) + 5. The
-test asserts that bound element by element (measured errors sit 10-100x below it), so a lost
-tail element, a wrong scale or a swapped channel fails while float32 rounding cannot.
+multiply-add, adds the `in` of them to one accumulator in increasing i (one rounding each) and
+multiplies by the scale, so with u = 2^-24 (float32 rounding) the standard bound for recursive
+summation gives |y - y_exact| <= k u / (1 - k u) * scale * sum_i |x_i w_i|, k = in + 1. The test
+asserts that bound element by element (measured errors sit far below it), so a lost element, a
+wrong scale, a swapped channel or a misread panel fails while float32 rounding cannot.
 
 Invariance: a row's result must be bitwise the same whatever the row count and the row's position
-(row tiles of 4, chunks of 64 rows and channel blocks must not change its summation order), and
-the AVX2 and portable builds of the same source must give the AVX-512 build's bits.
+(row tiles of up to 6, lone rows over 2 panels, chunks of 64 rows and panel blocks must not change
+its summation order), and the AVX2 and portable builds of the same source must give the AVX-512
+build's bits.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 
 import jax
@@ -24,7 +24,14 @@ import numpy as np
 import pytest
 
 from jaxinfer.kernels import int8_matmul as kernel_module
-from jaxinfer.kernels.int8_matmul import SOURCE, TARGET, cpu_kernel_enabled, int8_matmul
+from jaxinfer.kernels.int8_matmul import (
+    SOURCE,
+    TARGET,
+    cpu_kernel_enabled,
+    int8_matmul,
+    pack_panels,
+    unpack_panels,
+)
 from jaxinfer.kernels.native_build import KERNEL_CACHE_ENV, build_shared_library
 from jaxinfer.models.quantization import QuantizedWeight, quantized_matmul
 
@@ -47,9 +54,15 @@ def _problem(rows: int, in_features: int, out_features: int, seed: int = 0):
     return x, values, scale
 
 
+def _kernel(x, values, scale, **options) -> np.ndarray:
+    """The kernel on int8 rows [out, in], packed into its panels here."""
+    product = jax.jit(lambda x, p, s: int8_matmul(x, p, s, **options))
+    return np.asarray(product(x, pack_panels(values), scale))
+
+
 def _assert_within_float32_bound(got, x, values, scale) -> None:
     exact = x.astype(np.float64) @ (values.astype(np.float64) * scale[:, None]).T
-    k = math.ceil(x.shape[1] / 16) + 5
+    k = x.shape[1] + 1
     u = 2.0**-24
     bound = (
         k * u / (1 - k * u) * (np.abs(x).astype(np.float64) @ np.abs(values.astype(np.float64)).T)
@@ -64,30 +77,39 @@ def _assert_within_float32_bound(got, x, values, scale) -> None:
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 64, 65])
 @pytest.mark.parametrize(
     ("in_features", "out_features"),
-    [(576, 1536), (37, 9), (5, 3), (100, 333)],  # widths below, around and above 16 lanes
+    # outputs below, at, just above and well past one panel of 64 (a ragged last panel)
+    [(576, 1536), (37, 9), (5, 3), (20, 64), (70, 65), (100, 333)],
 )
 def test_kernel_matches_float64_within_the_float32_summation_bound(rows, in_features, out_features):
     x, values, scale = _problem(rows, in_features, out_features, seed=rows + in_features)
-    got = np.asarray(jax.jit(int8_matmul)(x, values, scale))
+    got = _kernel(x, values, scale)
     _assert_within_float32_bound(got, x, values, scale)
 
 
 def test_a_rows_result_is_bitwise_the_same_whatever_the_batch():
-    # 200 inputs: 12 groups of lanes and a tail of 8; 1000 outputs: several channel blocks and a
-    # remainder of the 4-channel tile; batches cross the 4-row tiles and the 64-row chunks.
+    # 1000 outputs: 16 panels, the last ragged, so the lone row's 2-panel tiles leave one over;
+    # batches cross the row tiles (up to 6 rows) and the 64-row chunks.
     x, values, scale = _problem(130, 200, 1000, seed=3)
     row = x[0]
-    alone = np.asarray(jax.jit(int8_matmul)(row[None], values, scale))[0]
-    for count, position in [(2, 1), (3, 2), (4, 3), (5, 4), (16, 9), (64, 63), (65, 64), (130, 77)]:
+    alone = _kernel(row[None], values, scale)[0]
+    cases = [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5), (7, 6), (16, 9), (64, 63), (65, 64), (130, 77)]
+    for count, position in cases:
         batch = x[:count].copy()
         batch[[0, position]] = batch[[position, 0]]
-        got = np.asarray(jax.jit(int8_matmul)(batch, values, scale))
+        got = _kernel(batch, values, scale)
         np.testing.assert_array_equal(got[position], alone, err_msg=f"T={count} row {position}")
     for threads in (1, 2):  # one thread or two share the blocks differently
-        got = jax.jit(lambda x, v, s, t=threads: int8_matmul(x, v, s, max_threads=t))(
-            x, values, scale
-        )
-        np.testing.assert_array_equal(np.asarray(got)[0], alone)
+        np.testing.assert_array_equal(_kernel(x, values, scale, max_threads=threads)[0], alone)
+
+
+def test_panels_hold_each_output_channels_weights_input_by_input():
+    values = np.arange(-100, 95, dtype=np.int8).reshape(65, 3)  # 2 panels, the second 1 channel
+    panels = pack_panels(values)
+    assert panels.shape == (2, 3, 64) and panels.dtype == np.int8
+    assert panels[1, 2, 0] == values[64, 2] and panels[0, 1, 63] == values[63, 1]
+    assert not panels[1, :, 1:].any()  # the padding
+    np.testing.assert_array_equal(unpack_panels(panels, 65), values)
+    np.testing.assert_array_equal(np.asarray(unpack_panels(jnp.asarray(panels), 65)), values)
 
 
 @pytest.mark.parametrize(
@@ -106,16 +128,16 @@ def test_other_instruction_sets_give_the_same_bits(isa, flags):
     assert library.JaxinferInt8MatmulIsa().decode() == isa
     target = f"{TARGET}_test_{isa}"
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.JaxinferInt8Matmul), "cpu")
-    x, values, scale = _problem(7, 45, 21, seed=11)
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((7, 21), jnp.float32))
-    got = np.asarray(jax.jit(lambda *a: call(*a, max_threads=0))(x, values, scale))
-    np.testing.assert_array_equal(got, np.asarray(jax.jit(int8_matmul)(x, values, scale)))
+    x, values, scale = _problem(7, 45, 85, seed=11)  # 7 rows: a 6-row tile (AVX-512) and a lone row
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((7, 85), jnp.float32))
+    got = np.asarray(jax.jit(lambda *a: call(*a, max_threads=0))(x, pack_panels(values), scale))
+    np.testing.assert_array_equal(got, _kernel(x, values, scale))
 
 
 def _compiled_text(monkeypatch, kernels: str) -> tuple[str, np.ndarray]:
     monkeypatch.setenv("JAXINFER_CPU_KERNELS", kernels)
     x, values, scale = _problem(3, 64, 300, seed=5)
-    w = QuantizedWeight(values=values, scale=scale, transposed=True, dtype_name="float32")
+    w = QuantizedWeight.from_rows(values, scale, transposed=True, dtype_name="float32")
     # A new function per call: jit caches traces by function, and the choice is made when tracing.
     jitted = jax.jit(lambda x, w: quantized_matmul(x, w))
     return jitted.lower(x, w).compile().as_text(), np.asarray(jitted(x, w))
@@ -176,7 +198,7 @@ def test_when_the_kernel_is_unavailable_quantized_matmul_keeps_the_xla_path(monk
     monkeypatch.setattr(kernel_module._LIBRARY, "load", lambda: None)  # a failed build
     assert not cpu_kernel_enabled()
     x, values, scale = _problem(2, 40, 10, seed=9)
-    w = QuantizedWeight(values=values, scale=scale, transposed=True, dtype_name="float32")
+    w = QuantizedWeight.from_rows(values, scale, transposed=True, dtype_name="float32")
     jitted = jax.jit(lambda x, w: quantized_matmul(x, w))
     assert TARGET not in jitted.lower(x, w).compile().as_text()
     _assert_within_float32_bound(np.asarray(jitted(x, w)), x, values, scale)
@@ -186,10 +208,10 @@ def test_a_bfloat16_model_gets_bfloat16_out_of_the_kernel_path():
     """x in the model's dtype is widened to float32 for the kernel; the result is rounded back to
     it (or kept float32 when asked, as the lm_head's logits are)."""
     x, values, scale = _problem(3, 48, 20, seed=13)
-    w = QuantizedWeight(values=values, scale=scale, transposed=True, dtype_name="bfloat16")
+    w = QuantizedWeight.from_rows(values, scale, transposed=True, dtype_name="bfloat16")
     x16 = jnp.asarray(x, dtype=jnp.bfloat16)
     wide = np.asarray(x16.astype(jnp.float32))
-    expected = np.asarray(jax.jit(int8_matmul)(wide, values, scale))
+    expected = _kernel(wide, values, scale)
     got = jax.jit(lambda x, w: quantized_matmul(x, w))(x16, w)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(expected, jnp.bfloat16)))

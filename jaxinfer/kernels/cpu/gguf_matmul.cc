@@ -217,7 +217,9 @@ inline Lanes DecodeGroup(const uint8_t* block, int g, const Header<F>& h) {
 }
 
 template <Format F>
-struct Kernel {  // the kernel tiles.h runs
+struct Kernel {  // the kernel tiles.h runs: a column unit is one output channel
+  static constexpr int kTileRows = ::kTileRows, kTileCols = ::kTileCols;
+  static constexpr int kSingleRowCols = ::kSingleRowCols;
   Problem problem;
 
   template <int R, int C>

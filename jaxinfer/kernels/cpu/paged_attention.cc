@@ -49,13 +49,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// ---- what this kernel adds to lanes.h: element-wise arithmetic, broadcast, store, exp, and loads
-// of a cache row. Each is one IEEE operation per lane (or an exact conversion), the same in the
+// ---- what this kernel adds to lanes.h: element-wise arithmetic, exp, and loads of a cache row. Each is one IEEE operation per lane (or an exact conversion), the same in the
 // three implementations, so Exp below gives the same bits everywhere. ----
 #if defined(__AVX512F__)
-inline Lanes Broadcast(float w) { return {_mm512_set1_ps(w)}; }
-inline void Store(Lanes a, float* p) { _mm512_storeu_ps(p, a.v); }
-inline Lanes Mul(Lanes a, Lanes b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline Lanes Add(Lanes a, Lanes b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Lanes Max(Lanes a, Lanes b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline Lanes Min(Lanes a, Lanes b) { return {_mm512_min_ps(a.v, b.v)}; }
@@ -73,14 +69,6 @@ inline Lanes LoadCache(const uint16_t* p) {  // 16 bfloat16 -> float32 (exact: a
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16))};
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-inline Lanes Broadcast(float w) { return {_mm256_set1_ps(w), _mm256_set1_ps(w)}; }
-inline void Store(Lanes a, float* p) {
-  _mm256_storeu_ps(p, a.low);
-  _mm256_storeu_ps(p + 8, a.high);
-}
-inline Lanes Mul(Lanes a, Lanes b) {
-  return {_mm256_mul_ps(a.low, b.low), _mm256_mul_ps(a.high, b.high)};
-}
 inline Lanes Add(Lanes a, Lanes b) {
   return {_mm256_add_ps(a.low, b.low), _mm256_add_ps(a.high, b.high)};
 }
@@ -107,16 +95,6 @@ inline __m256 EightHalves(const uint16_t* p) {
 }
 inline Lanes LoadCache(const uint16_t* p) { return {EightHalves(p), EightHalves(p + 8)}; }
 #else
-inline Lanes Broadcast(float w) {
-  Lanes out;
-  for (int64_t l = 0; l < kLanes; ++l) out.v[l] = w;
-  return out;
-}
-inline void Store(Lanes a, float* p) { std::memcpy(p, a.v, sizeof(a.v)); }
-inline Lanes Mul(Lanes a, Lanes b) {
-  for (int64_t l = 0; l < kLanes; ++l) a.v[l] *= b.v[l];
-  return a;
-}
 inline Lanes Add(Lanes a, Lanes b) {
   for (int64_t l = 0; l < kLanes; ++l) a.v[l] += b.v[l];
   return a;
@@ -205,8 +183,10 @@ struct Problem {       // the kernel tiles.h runs: item o = s * kv_heads + kh
   float scale, soft_cap;     // soft_cap 0: none
   int64_t window;            // 0: none
 
-  // Items o .. o + C - 1. RunTiles runs one row (R = 1; the other row counts are compiled, never
-  // called).
+  // Tile shape for tiles.h: one row, kSingleRowCols (lanes.h's) items per tile.
+  static constexpr int kTileRows = 1, kTileCols = 1, kSingleRowCols = ::kSingleRowCols;
+
+  // Items o .. o + C - 1 of the one row.
   template <int R, int C>
   void Tile(int64_t, int64_t o) const {
     const int64_t chunks = (head_dim + kLanes - 1) / kLanes;
