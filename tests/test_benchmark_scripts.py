@@ -1,5 +1,5 @@
-"""benchmarks/vs_llamacpp.py, benchmarks/step_profile.py and benchmarks/quantization.py's product
-tables stay runnable: their quick runs fill every column they report. A tiny checkpoint stands in
+"""benchmarks/vs_llamacpp.py, benchmarks/step_profile.py, benchmarks/step_trace.py and
+benchmarks/quantization.py's product tables stay runnable: their quick runs fill every column they report. A tiny checkpoint stands in
 for SmolLM2 on the jaxinfer side; llama.cpp (a benchmark-only dependency in its own venv, never in
 the test requirements) runs SmolLM2's GGUF when that venv exists, and only its column is left out
 when it does not."""
@@ -63,6 +63,25 @@ def test_step_profile_quick_run_splits_the_step(tiny_llama, tmp_path):
         assert set(row["pieces_ms"]) == set(module.PIECES)
         assert all(ms > 0 and math.isfinite(ms) for ms in row["pieces_ms"].values())
         assert not row["bucket"]["is_prefill"]
+
+
+def test_step_trace_quick_run_names_the_int8_kernel_calls(tiny_llama, tmp_path):
+    """The trace is read back, the kernel's custom calls are named by target and counted: every
+    decode step runs each int8 product once (the tiny llama: 2 layers x 7, and its lm_head)."""
+    module = _load("step_trace")
+    out = tmp_path / "trace.json"
+    result = module.main(
+        ["--quick", "--model", str(tiny_llama), "--quantization", "int8", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    calls = result["thunks_per_step"]["jaxinfer_int8_matmul"]
+    assert calls == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; the lm_head
+    assert result["thunk_ms_per_step"]["jaxinfer_int8_matmul"] > 0
+    assert result["python_ms_per_step"]["dispatch"] > 0
+    assert module.thunk_kind("add_rsqrt_fusion.12", {}) == "add_rsqrt_fusion"
+    assert module.custom_call_targets(
+        '%ffi_call.3 = f32[1,8]{1,0} custom-call(%a), custom_call_target="jaxinfer_int8_matmul"'
+    ) == {"ffi_call.3": "jaxinfer_int8_matmul"}
 
 
 def test_quantization_products_only_quick_run_times_every_block_type(tmp_path):
