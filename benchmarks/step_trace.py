@@ -5,17 +5,17 @@
     python benchmarks/step_trace.py --quick --model /path/to/tiny/checkpoint
 
 Why next to step_profile.py: that one times pieces compiled apart; this one watches the engine's
-own programs run, through `jax.profiler.trace` with
-XLA:CPU's per-thunk trace events switched on (`--xla_cpu_enable_xprof_traceme`, set in XLA_FLAGS
-before JAX starts; programs compiled with it get their own compilation-cache entries). The trace
-is read back with `jax.profiler.ProfileData` (no xprof / tensorboard needed).
+own programs run, through `jax.profiler.trace` with XLA:CPU's per-thunk trace events switched on
+(`--xla_cpu_enable_xprof_traceme`, set in XLA_FLAGS before JAX starts; programs compiled with it
+get their own compilation-cache entries; custom calls are named without it). The trace is read
+back with `jax.profiler.ProfileData` (no xprof / tensorboard needed).
 
 Method: B requests of a 16-token prompt through vLLM's engine API (`add_request`, `step`), a first
 round untraced (compiles); in the second, after the prefill step, N engine steps (decode steps
 only) are traced. The engine runs the plain loop (`async_scheduling=False`), so the traced window
 holds exactly N step programs; async scheduling would overlap the host's work with them, not
-change them. Every thunk event (inside an executor's span) of XLA's threads is summed by
-kind and divided by N:
+change them. Every thunk event (inside an executor's span) of XLA's threads is summed by kind
+and divided by N:
   * `jaxinfer_*` custom calls (the CPU kernels: int8 / GGUF products, paged attention), named by
     their target, read from the compiled decode step's HLO (`ffi_call.N -> custom_call_target`;
     another program's `ffi_call.N`, the sampler's, would take the step's name: none has one);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -65,9 +66,12 @@ def test_step_profile_quick_run_splits_the_step(tiny_llama, tmp_path):
         assert not row["bucket"]["is_prefill"]
 
 
-def test_step_trace_quick_run_names_the_int8_kernel_calls(tiny_llama, tmp_path):
+def test_step_trace_quick_run_names_the_int8_kernel_calls(tiny_llama, tmp_path, monkeypatch):
     """The trace is read back, the kernel's custom calls are named by target and counted: every
     decode step runs each int8 product once (the tiny llama: 2 layers x 7, and its lm_head)."""
+    # main() appends its trace flag to XLA_FLAGS (for JAX, not started yet in a real run); the
+    # worker's later child processes must not inherit it.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     module = _load("step_trace")
     out = tmp_path / "trace.json"
     result = module.main(

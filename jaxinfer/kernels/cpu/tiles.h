@@ -1,5 +1,6 @@
-// How the CPU kernels (int8_matmul.cc, gguf_matmul.cc) cut y[rows, out] into tiles and hand the
-// tiles to threads. A kernel is a small struct with its tile shape and one member template,
+// How the CPU kernels (int8_matmul.cc, gguf_matmul.cc, paged_attention.cc) cut y[rows, out] into
+// tiles and hand the tiles to threads. A kernel is a small struct with its tile shape and one
+// member template,
 //
 //   static constexpr int kTileRows, kTileCols, kSingleRowCols;
 //   template <int R, int C> void Tile(int64_t t, int64_t o) const;
