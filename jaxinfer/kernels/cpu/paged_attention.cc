@@ -49,8 +49,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// ---- what this kernel adds to lanes.h: element-wise arithmetic, exp, and loads of a cache row. Each is one IEEE operation per lane (or an exact conversion), the same in the
-// three implementations, so Exp below gives the same bits everywhere. ----
+// ---- what this kernel adds to lanes.h: element-wise arithmetic, exp, and loads of a cache row.
+// Each is one IEEE operation per lane (or an exact conversion), the same in the three
+// implementations, so Exp below gives the same bits everywhere. ----
 #if defined(__AVX512F__)
 inline Lanes Add(Lanes a, Lanes b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Lanes Max(Lanes a, Lanes b) { return {_mm512_max_ps(a.v, b.v)}; }
