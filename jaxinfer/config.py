@@ -186,6 +186,11 @@ class EngineConfig:
     # dispatches the next one, feeding it the running step's tokens on the device (runs ahead
     # only in steady decoding on one device; False: the plain loop, for debugging).
     async_scheduling: bool = True
+    # vLLM's multi-step scheduling: up to this many decode steps in one compiled call, each
+    # step's tokens fed to the next on the device (runtime/multi_step.py), so the host's
+    # per-step work and launches are paid once per call. Runs in steady decoding on one device
+    # (nothing waiting, no structured outputs or multi-token bad words); 1: one step per call.
+    num_scheduler_steps: int = 1
     # A model named by Hugging Face hub id (models/hub.py): the repo revision (branch, tag or
     # commit; None: main) of the model, and of a separate `tokenizer` repo (None: the model's),
     # and vLLM's `download_dir`, the hub cache to use (None: huggingface_hub's, $HF_HUB_CACHE).
@@ -240,6 +245,13 @@ class EngineConfig:
             "block_size",
             "one of 8, 16, 32, 64, 128",
             self.block_size,
+        )
+        steps = self.num_scheduler_steps
+        _check(
+            isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 64,
+            "num_scheduler_steps",
+            "an int from 1 to 64",
+            steps,
         )
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             size = getattr(self, name)

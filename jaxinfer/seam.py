@@ -200,3 +200,21 @@ class StepOutputs(_Declared):
     # Per row: the model's logits held no NaN or inf. A row without it sampled nothing real (its
     # token is whatever an argmax over NaN gives): the host ends that request with an error.
     logits_finite: np.ndarray = _array("S", dtype=np.bool_)
+
+    def step(self, index: int) -> StepOutputs:
+        """One step of a multi-step decode's outputs, whose per-row fields are stacked
+        [steps, S, ...] (runtime/multi_step.py): those fields at `index`, the rest as they are."""
+        return dataclasses.replace(
+            self, **{name: getattr(self, name)[index] for name in STEP_ROW_FIELDS}
+        )
+
+
+# StepOutputs' per-row fields: the ones a multi-step decode stacks, one entry per step.
+STEP_ROW_FIELDS = (
+    "tokens",
+    "token_logprob",
+    "token_rank",
+    "top_ids",
+    "top_logprobs",
+    "logits_finite",
+)

@@ -94,9 +94,10 @@ class BucketTable:
         ]
         return decode + prefill + unified
 
-    def select(self, plan: StepPlan, block_size: int) -> Bucket:
-        """The smallest bucket that holds the plan."""
-        longest = max(item.start + item.num_new_tokens for item in plan.scheduled)
+    def select(self, plan: StepPlan, block_size: int, lookahead: int = 0) -> Bucket:
+        """The smallest bucket that holds the plan, its block tables `lookahead` tokens longer
+        (multi-step decode's later steps)."""
+        longest = max(item.start + item.num_new_tokens for item in plan.scheduled) + lookahead
         blocks = _fit(self.block_buckets, -(-longest // block_size), "blocks per sequence")
         num_seqs = len(plan.scheduled)
         if not plan.is_prefill:
@@ -140,7 +141,10 @@ def build_step_inputs(
     *,
     padding_slot: int,
     vocab_size: int,
+    lookahead: int = 0,
 ) -> StepInputs:
+    """The plan's padded arrays. `lookahead`: each block table also covers that many tokens
+    after the step's (multi-step decode writes them; the scheduler reserved their blocks)."""
     T, S, B = bucket.num_tokens, bucket.num_seqs, bucket.num_blocks
     token_ids = np.zeros(T, np.int32)
     positions = np.zeros(T, np.int32)
@@ -177,7 +181,7 @@ def build_step_inputs(
         slot_mapping[cursor : cursor + count] = (
             table[pos // block_size] * block_size + pos % block_size
         )
-        used_blocks = -(-end // block_size)
+        used_blocks = -(-(end + lookahead) // block_size)
         block_tables[row, :used_blocks] = table[:used_blocks]
         context_lens[row] = end
         logits_indices[row] = cursor + count - 1

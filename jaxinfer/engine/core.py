@@ -15,6 +15,7 @@ micro-batch's next step at once, so the other micro-batches keep the later stage
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -54,6 +55,9 @@ class _InFlight:
     inputs: StepInputs
     outputs: StepOutputs  # still on the device
     rows: tuple[int, ...]  # each planned item's row in the step (batching.plan_rows)
+    # Multi-step decode: the device's count of steps run (outputs' per-row fields are stacked
+    # one entry per step); None for a single step.
+    steps_run: object | None = None
 
 
 @dataclass
@@ -72,6 +76,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_unified_steps: int = 0  # steps that carried decodes and prefill chunks together
+    num_multi_step_calls: int = 0  # calls that ran several decode steps (num_scheduler_steps)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -149,6 +154,12 @@ class EngineCore:
         self._run_ahead_enabled = (
             config.async_scheduling and micro_batches == 1 and mesh is None and runner is not None
         )
+        # Multi-step decode (runtime/multi_step.py): one device, one scheduler, as above.
+        self._max_steps = (
+            config.num_scheduler_steps
+            if micro_batches == 1 and mesh is None and runner is not None
+            else 1
+        )
         # Structured outputs: llguidance's tokenizer and compiled grammars, built on first use.
         self._structured: StructuredOutputs | None = None
         self._num_requests = 0  # requests ever added: an unseeded request's seed derives from it
@@ -211,11 +222,15 @@ class EngineCore:
         ahead = self._run_ahead(flight)
         dispatched = time.perf_counter()
         outputs = self.runner.collect(flight.outputs)
+        steps_run = None if flight.steps_run is None else int(flight.steps_run)
         collected = time.perf_counter()
         self._in_flight.popleft()
         if ahead is not None:
             self._in_flight.append(ahead)
-        progressed = self._update(flight, outputs, advanced=ahead is not None)
+        if steps_run is None:
+            progressed = self._update(flight, outputs, advanced=ahead is not None)
+        else:
+            progressed = self._replay(flight, outputs, steps_run)
         results = []
         for request in progressed:
             output = self.output_processor.make_output(request)
@@ -361,6 +376,10 @@ class EngineCore:
         for bucket in self.buckets.all_buckets():
             self.runner.compile(bucket)
         self.runner.compile_block_copier()
+        if self._max_steps > 1:
+            for bucket in self.buckets.all_buckets():
+                if not bucket.is_prefill:
+                    self.runner.compile_multi_step(bucket, self._max_steps)
         if self._run_ahead_enabled:  # decode steps feed decode steps of any width
             for num_seqs in self.buckets.seq_buckets:
                 for previous in self.buckets.seq_buckets:
@@ -384,6 +403,10 @@ class EngineCore:
         """
         if not self._run_ahead_enabled or flight.plan.is_prefill or len(self._in_flight) != 1:
             return None
+        if flight.steps_run is not None or (
+            self._max_steps > 1 and self._can_multi_step(flight.plan)
+        ):
+            return None  # the next decode runs several steps in one call instead
         scheduler = self.scheduler[flight.micro_batch]
         if not scheduler.can_run_ahead():
             return None
@@ -427,7 +450,10 @@ class EngineCore:
             sampling[item.seq.seq_id] = RowSampling(
                 request.params, sample.seed, sample.slot, request.banned_now(sample), bitmask
             )
-        bucket = self.buckets.select(plan, self.config.block_size)
+        num_steps = 1
+        if previous is None and self._max_steps > 1 and self._can_multi_step(plan):
+            num_steps = self.scheduler[micro_batch].reserve_steps(plan, self._max_steps)
+        bucket = self.buckets.select(plan, self.config.block_size, lookahead=num_steps - 1)
         inputs = build_step_inputs(
             plan,
             bucket,
@@ -435,6 +461,7 @@ class EngineCore:
             sampling,
             padding_slot=self.runner.slot_state.padding_slot,
             vocab_size=self.vocab_size,
+            lookahead=num_steps - 1,
         )
         self.runner.copy_blocks(plan.block_copies)
         rows = plan_rows(plan, bucket)
@@ -446,10 +473,50 @@ class EngineCore:
                 if item.seq.seq_id in previous_rows:
                     index[inputs.query_start_loc[row]] = previous_rows[item.seq.seq_id]
             token_source = (outputs, index)
+        if num_steps > 1:
+            self.stats.num_multi_step_calls += 1
+            outputs, steps_run = self.runner.dispatch_multi_step(
+                bucket, inputs, num_steps, self._max_steps
+            )
+            return _InFlight(micro_batch, plan, inputs, outputs, rows, steps_run)
         outputs = self.runner.dispatch(bucket, inputs, token_source)
         if plan.num_decodes and plan.is_prefill:
             self.stats.num_unified_steps += 1
         return _InFlight(micro_batch, plan, inputs, outputs, rows)
+
+    def _can_multi_step(self, plan: StepPlan) -> bool:
+        """Whether the engine's side allows several decode steps of `plan` in one call: the
+        host must not need a step's token before the next one (a grammar's next mask, a
+        multi-token bad word's ban). The scheduler has its own say (`reserve_steps`)."""
+        if plan.is_prefill:
+            return False
+        for item in plan.scheduled:
+            request = self._by_seq[item.seq.seq_id][0]
+            if request.samples[0].grammar is not None:
+                return False
+            if any(len(ids) > 1 for ids in request.bad_words_token_ids):
+                return False
+        return True
+
+    def _replay(self, flight: _InFlight, outputs: StepOutputs, steps_run: int) -> list[Request]:
+        """Record a multi-step call's `steps_run` steps one by one, as if each had been its own
+        (`_update`): the first is `flight.plan`, each later one the decode of the sequences
+        still running (`Scheduler.next_decode`), so tokens after a sequence's stop are dropped.
+        -> the requests that progressed."""
+        scheduler = self.scheduler[flight.micro_batch]
+        row_of = {item.seq.seq_id: row for item, row in zip(flight.plan.scheduled, flight.rows)}
+        progressed: dict[str, Request] = {}
+        plan = flight.plan
+        for index in range(steps_run):
+            if index:
+                plan = scheduler.next_decode(plan)
+                if not plan.scheduled:
+                    break
+            rows = tuple(row_of[item.seq.seq_id] for item in plan.scheduled)
+            one = dataclasses.replace(flight, plan=plan, rows=rows, steps_run=None)
+            for request in self._update(one, outputs.step(index), advanced=False):
+                progressed[request.request_id] = request
+        return list(progressed.values())
 
     def _grammar_mask(self, sample: Sample) -> np.ndarray:
         """The packed mask of the sample's next token, its grammar brought to its output first

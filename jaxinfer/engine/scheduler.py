@@ -400,6 +400,54 @@ class Scheduler:
             for seq in self.running
         )
 
+    def reserve_steps(self, plan: StepPlan, max_steps: int) -> int:
+        """How many decode steps `plan` may run in one multi-step call (vLLM's
+        num_scheduler_steps), with the blocks of the later steps reserved now; 1 (reserving
+        nothing) unless `plan` is a plain decode of every sequence with nothing else to plan.
+
+        Steps stop short of any sequence's max_tokens and max_model_len, so each later step
+        feeds every sequence that has not stopped, and are cut to what the free blocks cover:
+        the device must find every block it writes into in the block tables it is given."""
+        if (
+            max_steps < 2
+            or plan.is_prefill
+            or plan.preempted
+            or self.waiting
+            or self._prefilling
+            or self._pending_forks
+            or len(plan.scheduled) != len(self.running)
+        ):
+            return 1
+        seqs = [item.seq for item in plan.scheduled]
+        steps = min(
+            max_steps,
+            *(seq.max_tokens - seq.num_output_tokens for seq in seqs),
+            *(self.max_model_len - seq.num_tokens + 1 for seq in seqs),
+        )
+        free = self.block_manager.num_free_blocks
+        needed = self.block_manager.blocks_needed
+        while steps > 1 and sum(needed(seq, seq.num_tokens + steps - 1) for seq in seqs) > free:
+            steps -= 1
+        if steps > 1:
+            for seq in seqs:  # covered by the free blocks counted above
+                if not self.block_manager.ensure_capacity(seq, seq.num_tokens + steps - 1):
+                    raise RuntimeError(f"sequence {seq.seq_id}: lookahead blocks vanished")
+        return max(steps, 1)
+
+    def next_decode(self, plan: StepPlan) -> StepPlan:
+        """The decode step after `plan` for its sequences that are still running: the plans a
+        multi-step call ran after its first (`reserve_steps` reserved their blocks), replayed
+        at read-back so each goes through `update` like any step."""
+        return StepPlan(
+            is_prefill=False,
+            scheduled=tuple(
+                ScheduledSeq(item.seq, 1, item.seq.num_computed_tokens, samples=True)
+                for item in plan.scheduled
+                if not item.seq.is_finished
+            ),
+            preempted=(),
+        )
+
     # ---- results -----------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[Sequence]:

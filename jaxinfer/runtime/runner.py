@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from jaxinfer.interrupts import deferred_interrupts
 from jaxinfer.models.loader import LoadedModel
 from jaxinfer.runtime import kv_cache as kv
+from jaxinfer.runtime import multi_step
 from jaxinfer.runtime import slot_state as slots
 from jaxinfer.runtime.attention_backend import attention_fn, resolve_backend
 from jaxinfer.runtime.mesh import replicated
@@ -42,6 +43,7 @@ from jaxinfer.runtime.step import (
     sample_rows,
     sampler_inputs,
 )
+from jaxinfer.runtime.step import step as step_fn
 from jaxinfer.seam import Bucket, StepInputs, StepOutputs
 
 logger = logging.getLogger("jaxinfer")
@@ -80,6 +82,7 @@ class _Stage:
     params: dict
     kv_cache: tuple
     jit: Callable  # (decode_rows) -> the jitted step (last stage) or stage forward (the others)
+    static: dict  # the step's static arguments but decode_rows (multi-step decode binds them)
     executables: dict = field(default_factory=dict)  # Bucket -> Compiled
     writers: dict = field(default_factory=dict)  # token count -> Compiled cache writer
     block_copier: jax.stages.Compiled | None = None
@@ -141,22 +144,20 @@ class ModelRunner:
             jitted = functools.partial(jit, **static)
             stage_cfg = dataclasses.replace(cfg, num_layers=len(layers))
             cache = kv.allocate(stage_cfg, num_blocks, block_size, model.dtype, stage_mesh)
-            self.stages.append(_Stage(stage_mesh, layers, params, cache, jitted))
+            self.stages.append(_Stage(stage_mesh, layers, params, cache, jitted, static))
         last = self.stages[-1]
         self.slot_state = slots.allocate(num_slots, cfg.vocab_size)
         if last.mesh is not None:  # small [slots, V] arrays: every device keeps all of them
             self.slot_state = jax.device_put(self.slot_state, replicated(last.mesh))
         self._write_slot = jax.jit(slots.write_slot, donate_argnums=(0,))
-        self._sample_rows = jax.jit(
-            functools.partial(
-                sample_rows,
-                max_top_k=max_top_k,
-                num_logprobs=num_logprobs,
-                # a data-parallel replica may have a mesh of 1
-                topk_barrier=last.mesh is None or last.mesh.size == 1,
-                batch_invariant=batch_invariant,
-            )
-        )
+        self._sampler_static = {
+            "max_top_k": max_top_k,
+            "num_logprobs": num_logprobs,
+            # a data-parallel replica may have a mesh of 1
+            "topk_barrier": last.mesh is None or last.mesh.size == 1,
+            "batch_invariant": batch_invariant,
+        }
+        self._sample_rows = jax.jit(functools.partial(sample_rows, **self._sampler_static))
         self._gather_rows = jax.jit(slots.gather_rows)
         self._count_sampled = jax.jit(slots.count_sampled, donate_argnums=(0,))
         self._prompt_logprobs = jax.jit(
@@ -169,6 +170,8 @@ class ModelRunner:
                 batch_invariant=batch_invariant,
             )
         )
+        # (decode bucket, max steps) -> the multi-step decode program (runtime/multi_step.py)
+        self._multi_step: dict[tuple[Bucket, int], jax.stages.Compiled] = {}
         self._samplers: dict[int, _Sampler] = {}  # sequence count -> its programs
         self._prompt_scorers: dict[int, jax.stages.Compiled] = {}  # token count -> scorer
         self._all_logits = jax.jit(
@@ -305,6 +308,56 @@ class ModelRunner:
             self._splices[key] = splice
             self._count(started, f"token splice {key}")
         return splice
+
+    def compile_multi_step(self, bucket: Bucket, max_steps: int) -> jax.stages.Compiled:
+        """The program that runs up to `max_steps` decode steps of a decode `bucket` in one call
+        (runtime/multi_step.py); one stage only. Donates the cache and the slot state."""
+        key = (bucket, max_steps)
+        program = self._multi_step.get(key)
+        if program is None:
+            if len(self.stages) != 1 or bucket.is_prefill:
+                raise ValueError("multi-step decode runs decode buckets on a single stage")
+            what = f"{max_steps} decode steps for {bucket.num_seqs} sequences"
+            self._announce(what)
+            started = time.perf_counter()
+            stage = self.stages[0]
+            static = dict(stage.static, decode_rows=bucket.num_seqs)
+            attention = static.pop("paged_attention")
+            decode = functools.partial(
+                multi_step.decode_steps,
+                model_step=functools.partial(step_fn, **static),
+                paged_attention=attention,
+                sample_rows=functools.partial(sample_rows, **self._sampler_static),
+                block_size=self.block_size,
+                max_steps=max_steps,
+            )
+            sharding = None if stage.mesh is None else replicated(stage.mesh)
+            vocab_size = self.model.model_config.vocab_size
+            inputs = abstract_inputs(bucket, sharding, vocab_size=vocab_size)
+            num_steps = jax.ShapeDtypeStruct((), jnp.int32)
+            program = (
+                jax.jit(decode, donate_argnums=(1, 2))
+                .lower(stage.params, stage.kv_cache, self.slot_state, inputs, num_steps)
+                .compile()
+            )
+            self._multi_step[key] = program
+            self._count(started, what)
+        return program
+
+    def dispatch_multi_step(
+        self, bucket: Bucket, inputs: StepInputs, num_steps: int, max_steps: int
+    ) -> tuple[StepOutputs, jax.Array]:
+        """Start up to `num_steps` decode steps from `inputs` in one call; -> (StepOutputs whose
+        per-row fields are stacked [max_steps, S, ...], the count of steps run), on the device.
+        Every block the steps write into must already be in `inputs.block_tables`."""
+        program = self.compile_multi_step(bucket, max_steps)
+        stage = self.stages[0]
+        with deferred_interrupts():  # donates the cache and the slot state
+            stage.kv_cache, self.slot_state, per_row, steps_run = program(
+                stage.params, stage.kv_cache, self.slot_state, inputs, np.int32(num_steps)
+            )
+        per_token = no_prompt_logprobs(bucket.num_tokens, self.num_logprobs)
+        return StepOutputs(**per_row, **per_token), steps_run
 
     def compile_block_copier(self) -> None:
         for stage in self.stages:

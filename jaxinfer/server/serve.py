@@ -37,6 +37,7 @@ ENGINE_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--max-num-seqs", "max_num_seqs", int),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int),
     ("--max-logprobs", "max_logprobs", int),
+    ("--num-scheduler-steps", "num_scheduler_steps", int),
     ("--tensor-parallel-size", "tensor_parallel_size", int),
     ("--pipeline-parallel-size", "pipeline_parallel_size", int),
     ("--data-parallel-size", "data_parallel_size", int),
