@@ -26,8 +26,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.runtime import seam_pytrees  # noqa: F401  (StepInputs as a pytree)
 from jaxinfer.runtime import slot_state as slots
-from jaxinfer.runtime.step import sampler_inputs
+from jaxinfer.runtime import step as single_step
 from jaxinfer.seam import STEP_ROW_FIELDS as ROW_FIELDS
 from jaxinfer.seam import StepInputs
 from pallas_kernels import reference
@@ -120,7 +121,7 @@ def decode_steps(
         logits, _, _ = model_step(params, kv, batch, paged_attention=attend)
         kv = tuple(written)
         slot_rows = slots.gather_rows(state, batch.slots, batch.banned)
-        per_row = sample_rows(logits, slot_rows, sampler_inputs(batch))
+        per_row = sample_rows(logits, slot_rows, single_step.sampler_inputs(batch))
         state = slots.count_sampled(state, batch.slots, per_row["tokens"], batch.sampled)
         return kv, state, per_row
 
@@ -152,3 +153,33 @@ def decode_steps(
     carry = (jnp.int32(1), kv_cache, slot_state, first["tokens"], done, stacked)
     steps_run, kv_cache, slot_state, _, _, stacked = jax.lax.while_loop(more, body, carry)
     return kv_cache, slot_state, stacked, steps_run
+
+
+def compile_decode_steps(
+    params: dict,
+    kv_cache: tuple,
+    slot_state: slots.SlotState,
+    inputs: StepInputs,  # a decode bucket's abstract inputs
+    *,
+    step_static: dict,
+    sampler_static: dict,
+    block_size: int,
+    max_steps: int,
+) -> jax.stages.Compiled:
+    """`decode_steps` compiled ahead of time for one decode bucket, the model step and the
+    sampler bound to their static arguments (the runner's single-step ones); donates the cache
+    and the slot state."""
+    static = dict(step_static)
+    decode = functools.partial(
+        decode_steps,
+        paged_attention=static.pop("paged_attention"),
+        model_step=functools.partial(single_step.step, **static),
+        sample_rows=functools.partial(single_step.sample_rows, **sampler_static),
+        block_size=block_size,
+        max_steps=max_steps,
+    )
+    num_steps = jax.ShapeDtypeStruct((), jnp.int32)
+    lowered = jax.jit(decode, donate_argnums=(1, 2)).lower(
+        params, kv_cache, slot_state, inputs, num_steps
+    )
+    return lowered.compile()

@@ -43,7 +43,6 @@ from jaxinfer.runtime.step import (
     sample_rows,
     sampler_inputs,
 )
-from jaxinfer.runtime.step import step as step_fn
 from jaxinfer.seam import Bucket, StepInputs, StepOutputs
 
 logger = logging.getLogger("jaxinfer")
@@ -321,24 +320,15 @@ class ModelRunner:
             self._announce(what)
             started = time.perf_counter()
             stage = self.stages[0]
-            static = dict(stage.static, decode_rows=bucket.num_seqs)
-            attention = static.pop("paged_attention")
-            decode = functools.partial(
-                multi_step.decode_steps,
-                model_step=functools.partial(step_fn, **static),
-                paged_attention=attention,
-                sample_rows=functools.partial(sample_rows, **self._sampler_static),
+            program = multi_step.compile_decode_steps(
+                stage.params,
+                stage.kv_cache,
+                self.slot_state,
+                abstract_inputs(bucket, vocab_size=self.model.model_config.vocab_size),
+                step_static=dict(stage.static, decode_rows=bucket.num_seqs),
+                sampler_static=self._sampler_static,
                 block_size=self.block_size,
                 max_steps=max_steps,
-            )
-            sharding = None if stage.mesh is None else replicated(stage.mesh)
-            vocab_size = self.model.model_config.vocab_size
-            inputs = abstract_inputs(bucket, sharding, vocab_size=vocab_size)
-            num_steps = jax.ShapeDtypeStruct((), jnp.int32)
-            program = (
-                jax.jit(decode, donate_argnums=(1, 2))
-                .lower(stage.params, stage.kv_cache, self.slot_state, inputs, num_steps)
-                .compile()
             )
             self._multi_step[key] = program
             self._count(started, what)

@@ -651,3 +651,90 @@ def test_can_run_ahead_only_in_steady_decoding():
     assert scheduler.can_run_ahead()
     scheduler.add(make_seq(2, 4, max_tokens=4))
     assert not scheduler.can_run_ahead()  # an arrival: the next step is a prefill
+
+
+def _decoding(scheduler: Scheduler, *seqs: Sequence) -> StepPlan:
+    """Prefill `seqs` (one step) and return the plan of their first decode step."""
+    for seq in seqs:
+        scheduler.add(seq)
+    plan = scheduler.schedule()
+    assert plan.is_prefill and plan.num_decodes == 0
+    scheduler.update(plan, fake_device(plan))
+    plan = scheduler.schedule()
+    assert not plan.is_prefill
+    return plan
+
+
+def test_reserve_steps_caps_by_max_tokens_model_length_and_blocks():
+    """Multi-step decode (num_scheduler_steps): the steps of one call stop short of every
+    sequence's max_tokens and max_model_len, and of what the free blocks cover; the blocks of
+    the later steps are in the block tables when it returns."""
+    limits = Limits(block_size=4, max_model_len=32, max_num_batched_tokens=32)
+    scheduler = make_scheduler(limits)
+    short, long = make_seq(0, 5, max_tokens=4), make_seq(1, 6, max_tokens=20)
+    plan = _decoding(scheduler, short, long)
+    assert short.num_output_tokens == 1  # the prefill sampled one
+    assert scheduler.reserve_steps(plan, max_steps=1) == 1  # off
+    assert scheduler.reserve_steps(plan, max_steps=8) == 3  # short: 3 more tokens allowed
+    bm = scheduler.block_manager
+    for seq in (short, long):  # positions num_tokens - 1 .. num_tokens + 1 have their blocks
+        assert len(seq.block_table) == bm.blocks_for_tokens(seq.num_tokens + 2)
+
+    scheduler = make_scheduler(limits)
+    near_end = make_seq(2, 28, max_tokens=10)  # max_model_len 32: 28 + 1 sampled -> 4 more fit
+    plan = _decoding(scheduler, near_end)
+    assert scheduler.reserve_steps(plan, max_steps=8) == 4
+    assert len(near_end.block_table) == 8
+
+    tight = Limits(num_blocks=5, block_size=4, max_model_len=64)  # 4 usable blocks
+    scheduler = make_scheduler(tight)
+    pair = make_seq(3, 3, max_tokens=13), make_seq(4, 3, max_tokens=13)  # 16 tokens fit alone
+    plan = _decoding(scheduler, *pair)  # 4 tokens each: one block each, two free
+    assert scheduler.block_manager.num_free_blocks == 2
+    # 5 steps write positions 3 .. 7: a second block each; a 6th step would need a third
+    assert scheduler.reserve_steps(plan, max_steps=16) == 5
+    assert scheduler.block_manager.num_free_blocks == 0
+
+
+def test_reserve_steps_only_in_steady_decoding():
+    """One step (nothing reserved) while something waits, prefills or forks: the host must see
+    each step's result to admit, prefill or fork (and a waiting request would be delayed)."""
+    scheduler = make_scheduler()
+    first = make_seq(0, 5, max_tokens=10)
+    plan = _decoding(scheduler, first)
+    scheduler.add(make_seq(1, 4, max_tokens=5))
+    tables = list(first.block_table)
+    assert scheduler.reserve_steps(plan, max_steps=8) == 1
+    assert first.block_table == tables  # nothing reserved
+    prefill = scheduler.schedule()
+    assert prefill.is_prefill
+    assert scheduler.reserve_steps(prefill, max_steps=8) == 1
+
+
+def test_next_decode_replays_a_multi_step_call_and_drops_finished():
+    """`next_decode` gives the plan each later step of a multi-step call ran, for the sequences
+    still running: replayed through `update`, they end where single steps would, with the same
+    tokens, and a sequence that finished mid-call drops out."""
+
+    def run(max_steps: int) -> dict[int, list[int]]:
+        scheduler = make_scheduler()
+        seqs = [make_seq(0, 5, max_tokens=9), make_seq(1, 3, max_tokens=12)]
+        plan = _decoding(scheduler, *seqs)
+        while scheduler.has_unfinished:
+            check_plan(scheduler, plan)
+            steps = scheduler.reserve_steps(plan, max_steps) if not plan.is_prefill else 1
+            for index in range(steps):
+                if index:
+                    plan = scheduler.next_decode(plan)
+                for seq in scheduler.update(plan, fake_device(plan)):
+                    if seq.num_output_tokens == seq.max_tokens or seq.output_token_ids[-1] == 1103:
+                        scheduler.finish(seq, "stop")
+            plan = scheduler.schedule()
+            if plan is None:
+                break
+        assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_usable_blocks
+        return {seq.seq_id: seq.output_token_ids for seq in seqs}
+
+    single = run(1)
+    assert run(4) == single
+    assert len(single[1]) == 4  # stopped on its own token, mid-call
