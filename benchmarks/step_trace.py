@@ -2,6 +2,7 @@
 
     python benchmarks/step_trace.py --quantization int8             # SmolLM2, batch 1
     python benchmarks/step_trace.py --batch 16 --steps 32
+    python benchmarks/step_trace.py --quantization int8 --num-scheduler-steps 8   # multi-step
     python benchmarks/step_trace.py --quick --model /path/to/tiny/checkpoint
 
 Why next to step_profile.py: that one times pieces compiled apart; this one watches the engine's
@@ -122,7 +123,8 @@ def trace_decode(llm, batch: int, steps: int, seed: int) -> dict:
 
     engine = llm.llm_engine
     rng = np.random.default_rng(seed)
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 4, ignore_eos=True)
+    room = steps + 4 + engine.config.num_scheduler_steps  # a multi-step call may run past `steps`
+    params = SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True)
 
     def start_requests(round_: int) -> None:
         for index in range(batch):
@@ -136,22 +138,27 @@ def trace_decode(llm, batch: int, steps: int, seed: int) -> dict:
 
     start_requests(0)
     drain()  # compiles what the run needs
-    decode = [b for b in engine.runner.stages[-1].executables if not b.is_prefill]
+    runner = engine.runner
+    programs = list(runner._multi_step.values())  # multi-step decode: its one program runs
+    if not programs:
+        decode = [b for b in runner.stages[-1].executables if not b.is_prefill]
+        programs = [runner.stages[-1].executables[bucket] for bucket in decode]
     targets: dict[str, str] = {}
-    for bucket in decode:
-        compiled = engine.runner.stages[-1].executables[bucket]
+    for compiled in programs:
         targets.update(custom_call_targets(compiled.as_text()))
     start_requests(1)
     with tempfile.TemporaryDirectory() as folder:
+        first = engine.stats.num_steps
         with jax.profiler.trace(folder):
             started = time.perf_counter()
-            for _ in range(steps):
+            while engine.stats.num_steps - first < steps:  # a multi-step call counts its steps
                 engine.step()
             wall = time.perf_counter() - started
+        traced = engine.stats.num_steps - first
         drain()
         (path,) = Path(folder).rglob("*.xplane.pb")
-        summary = summarize(ProfileData.from_file(str(path)), targets, steps)
-    return {"batch": batch, "traced_steps": steps, "traced_wall_ms_per_step": 1e3 * wall / steps,
+        summary = summarize(ProfileData.from_file(str(path)), targets, traced)
+    return {"batch": batch, "traced_steps": traced, "traced_wall_ms_per_step": 1e3 * wall / traced,
             **summary}  # fmt: skip
 
 
@@ -177,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quantization", default=None, choices=[None, "int8", "gguf"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--num-scheduler-steps", type=int, default=1, help="multi-step decode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--quick", action="store_true")
@@ -202,8 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
             model=args.model,
             quantization=args.quantization,
             async_scheduling=False,  # one step program per engine step inside the traced window
-            max_model_len=-(-(PROMPT_LEN + args.steps + 4) // 16) * 16 + 16,
+            max_model_len=-(-(PROMPT_LEN + args.steps + 4 + args.num_scheduler_steps) // 16) * 16
+            + 16,
             max_num_seqs=args.batch,
+            num_scheduler_steps=args.num_scheduler_steps,
         )
     )
     try:
@@ -217,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": throughput.machine_info(),
         "model": args.model,
         "quantization": args.quantization,
+        "num_scheduler_steps": args.num_scheduler_steps,
         "method": "jax.profiler trace with --xla_cpu_enable_xprof_traceme; per-step thunk sums",
         "loadavg_before": load_before,
         "loadavg_after": load_after,

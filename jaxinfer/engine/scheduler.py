@@ -260,7 +260,7 @@ class Scheduler:
             and self.waiting
             and budget > 0
             and len(scheduled) < self.max_prefill_seqs
-            and self._seats_taken() + self._group_size(self.waiting[0]) <= self.max_num_seqs
+            and self._could_seat(self.waiting[0])
         ):
             seq = self.waiting[0]
             item = self._admit(seq, budget)
@@ -302,6 +302,10 @@ class Scheduler:
             len(forks) for parent, forks in self._pending_forks.items() if parent in running
         )
         return len(self.running) + pending
+
+    def _could_seat(self, seq: Sequence) -> bool:
+        """Whether the batch has seats for `seq` and its forks now (blocks aside)."""
+        return self._seats_taken() + self._group_size(seq) <= self.max_num_seqs
 
     def _group_size(self, seq: Sequence) -> int:
         return 1 + len(self._pending_forks.get(seq.seq_id, ()))
@@ -403,7 +407,10 @@ class Scheduler:
     def reserve_steps(self, plan: StepPlan, max_steps: int) -> int:
         """How many decode steps `plan` may run in one multi-step call (vLLM's
         num_scheduler_steps), with the blocks of the later steps reserved now; 1 (reserving
-        nothing) unless `plan` is a plain decode of every sequence with nothing else to plan.
+        nothing) unless `plan` is a plain decode of every sequence with nothing else to plan:
+        no prefill in progress, no fork pending, and nobody waiting who could be seated now (a
+        full batch runs several steps while the queue waits for a seat, as in vLLM; a sequence
+        that finishes early in the call holds its seat to the call's end).
 
         Steps stop short of any sequence's max_tokens and max_model_len, so each later step
         feeds every sequence that has not stopped, and are cut to what the free blocks cover:
@@ -412,7 +419,7 @@ class Scheduler:
             max_steps < 2
             or plan.is_prefill
             or plan.preempted
-            or self.waiting
+            or (self.waiting and self._could_seat(self.waiting[0]))
             or self._prefilling
             or self._pending_forks
             or len(plan.scheduled) != len(self.running)

@@ -710,6 +710,13 @@ def test_reserve_steps_only_in_steady_decoding():
     assert prefill.is_prefill
     assert scheduler.reserve_steps(prefill, max_steps=8) == 1
 
+    # A full batch with a queue: the waiting sequence could not be seated before someone
+    # finishes anyway, so the batch runs several steps per call meanwhile.
+    scheduler = make_scheduler(Limits(max_num_seqs=2))
+    plan = _decoding(scheduler, make_seq(0, 5, max_tokens=10), make_seq(1, 3, max_tokens=10))
+    scheduler.add(make_seq(2, 4, max_tokens=5))
+    assert scheduler.reserve_steps(plan, max_steps=8) == 8
+
 
 def test_next_decode_replays_a_multi_step_call_and_drops_finished():
     """`next_decode` gives the plan each later step of a multi-step call ran, for the sequences
