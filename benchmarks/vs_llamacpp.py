@@ -33,7 +33,8 @@ the work does not depend on what the model says; greedy; no stop at EOS):
 Engines: jaxinfer with the default dtype (the GGUF dequantized to float32 at load), jaxinfer with
 `quantization="int8"` (weight-only int8 with per-channel scales, through the public API), jaxinfer
 with `quantization="gguf"` (the file's Q4_1 / Q8_0 blocks kept on the device; only when --model is
-a GGUF), and llama.cpp reading the file's own blocks (Q4_1, token embedding Q8_0). Each measurement runs in
+a GGUF), the int8 engine again with multi-step decode (`num_scheduler_steps`, default 8 decode
+steps per compiled call: "int8 x8"), and llama.cpp reading the file's own blocks (Q4_1, token embedding Q8_0). Each measurement runs in
 rounds that interleave the engines (A, B, C, A, B, C ...), so drift in the machine's load hits all
 of them alike; the table reports medians over rounds. Every round draws fresh prompts (seed +
 round), the same ones for every engine, so no prefix cache serves a repeated prompt.
@@ -210,7 +211,14 @@ class LlamaCpp:
 
 
 class Jaxinfer:
-    def __init__(self, name: str, model: str, plan: Plan, quantization: str | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        plan: Plan,
+        quantization: str | None,
+        num_scheduler_steps: int = 1,
+    ) -> None:
         from jaxinfer import LLM, EngineConfig
 
         self.name = name
@@ -222,6 +230,7 @@ class Jaxinfer:
                 max_model_len=plan.max_model_len,
                 max_num_seqs=plan.num_requests,
                 max_num_batched_tokens=max(512, plan.prefill_len),
+                num_scheduler_steps=num_scheduler_steps,
             )
         )
         self.load_s = time.perf_counter() - started
@@ -282,7 +291,9 @@ def measure(engines: list, plan: Plan, vocab: int, seed: int) -> dict[str, dict]
     """Interleaved rounds; -> per engine the raw per-round numbers."""
     from throughput import WorkloadSpec, make_workload
 
-    raw = {e.name: {"decode": [], "first_token_s": [], "prefill": [], "workload": []} for e in engines}
+    raw = {
+        e.name: {"decode": [], "first_token_s": [], "prefill": [], "workload": []} for e in engines
+    }
     warm = np.random.default_rng(seed + 1000)  # untimed: first calls' one-off costs, both engines
     for engine in engines:
         engine.stream(_ids(warm, vocab, plan.decode_prompt_len), plan.decode_tokens)
@@ -297,7 +308,9 @@ def measure(engines: list, plan: Plan, vocab: int, seed: int) -> dict[str, dict]
                 raise RuntimeError(f"{engine.name} generated {len(result['tokens'])} tokens")
             raw[engine.name]["decode"].append((plan.decode_tokens - 1) / result["rest_s"])
             raw[engine.name]["first_token_s"].append(result["first_token_s"])
-            raw[engine.name]["prefill"].append(plan.prefill_len / engine.prefill_seconds(prefill_prompt))
+            raw[engine.name]["prefill"].append(
+                plan.prefill_len / engine.prefill_seconds(prefill_prompt)
+            )
         print(f"   round {round_ + 1}/{plan.rounds} of decode and prefill done", flush=True)
     spec = WorkloadSpec(
         plan.num_requests, plan.prompt_range, plan.output_range, plan.num_requests, 512, 1
@@ -407,6 +420,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-llamacpp", action="store_true")
     p.add_argument("--skip-int8", action="store_true")
     p.add_argument("--skip-gguf", action="store_true")
+    p.add_argument(
+        "--num-scheduler-steps",
+        type=int,
+        default=8,
+        help="also run int8 with this many decode steps per call (multi-step decode); 1: not",
+    )
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--workload-rounds", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -451,6 +470,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.skip_int8:
             print("loading jaxinfer (int8) ...", flush=True)
             engines.append(Jaxinfer("jaxinfer int8", args.model, plan, "int8"))
+            steps = args.num_scheduler_steps
+            if steps > 1:
+                print(f"loading jaxinfer (int8, {steps} steps per call) ...", flush=True)
+                name = f"jaxinfer int8 x{steps}"
+                engines.append(Jaxinfer(name, args.model, plan, "int8", steps))
         if args.model.endswith(".gguf") and not args.skip_gguf:
             print("loading jaxinfer (gguf blocks) ...", flush=True)
             engines.append(Jaxinfer("jaxinfer gguf", args.model, plan, "gguf"))
@@ -473,8 +497,10 @@ def main(argv: list[str] | None = None) -> dict:
     load_after = _loadavg()
     print()
     print(markdown_table(table_rows(rows)))
-    print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s; load average before {load_before}, "
-          f"after {load_after}")
+    print(
+        f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s; load average before {load_before}, "
+        f"after {load_after}"
+    )
     if llamacpp_note:
         print(f"llama.cpp: {llamacpp_note}")
     llama = next((e for e in engines if isinstance(e, LlamaCpp)), None)

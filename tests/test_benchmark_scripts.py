@@ -34,7 +34,8 @@ def test_vs_llamacpp_quick_run_fills_every_column(tiny_llama, smollm2_gguf, tmp_
     )  # fmt: skip
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     engines = {row["engine"] for row in result["rows"]}
-    expected = {"jaxinfer float32", "jaxinfer int8"} | ({"llama.cpp"} if has_llamacpp else set())
+    expected = {"jaxinfer float32", "jaxinfer int8", "jaxinfer int8 x8"}
+    expected |= {"llama.cpp"} if has_llamacpp else set()
     assert engines == expected
     if not has_llamacpp:
         assert "no llama.cpp interpreter" in result["llamacpp"]
