@@ -79,9 +79,9 @@ def _write_then_attend(
     Why write first, unlike the single step (`step.write_cache` after the model): the attention
     then reads the cache the write returned, so XLA can update the loop-carried cache in place.
     Written after, every layer's cache is read by the attention and overwritten by a write XLA
-    is free to order before that read, and XLA:CPU copies every layer's whole cache in every
-    iteration instead (measured: 120 cache-sized copies per step of SmolLM2). The attention
-    reads the new token from `k_new` / `v_new` as before, so the result is the same."""
+    is free to order before that read, and XLA:CPU copied the whole cache in every iteration (a
+    64-token SmolLM2 run took 4x as long; benchmarks/RESULTS.md, "Multi-step decode"). The
+    attention reads the new token from `k_new` / `v_new` as before, so the result is the same."""
     k_cache, v_cache = reference.write_kv(k_cache, v_cache, k_new, v_new, slot_mapping)
     record((k_cache, v_cache))
     return paged_attention(q, k_new, v_new, k_cache, v_cache, *args, **options)
