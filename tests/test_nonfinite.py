@@ -129,6 +129,30 @@ def test_a_request_ends_with_finish_reason_error_and_its_real_tokens(poisoned):
     assert _all_blocks_free(llm)
 
 
+def test_multi_step_decode_ends_the_request_mid_call_with_its_real_tokens(poisoned):
+    """The same under multi-step decode (num_scheduler_steps): the NaN step falls inside a call
+    of several steps; the request ends there with the tokens it really generated, and the
+    request beside it goes on with transformers' tokens."""
+    llm, prompts, expected, token = poisoned
+    config = llm.llm_engine.config.replace(num_scheduler_steps=4)
+    with LLM(config) as multi:
+        core = multi.llm_engine
+        core.add_request("doomed", {"prompt_token_ids": prompts["decode"]}, GREEDY)
+        core.add_request("fine", {"prompt_token_ids": prompts["good"]}, GREEDY)
+        final = {}
+        while core.has_unfinished_requests():
+            for output in core.step():
+                if output.finished:
+                    final[output.request_id] = output.outputs[0]
+        assert core.stats.num_multi_step_calls >= 1
+        assert final["doomed"].finish_reason == "error"
+        assert final["doomed"].token_ids == expected["decode"][:4]
+        assert final["doomed"].token_ids[-1] == token
+        assert final["fine"].finish_reason == "length"
+        assert final["fine"].token_ids == expected["good"]
+        assert _all_blocks_free(multi)
+
+
 def test_stream_raises_naming_the_request(poisoned):
     llm, prompts, expected, _ = poisoned
     received = []
