@@ -188,8 +188,9 @@ class EngineConfig:
     async_scheduling: bool = True
     # vLLM's multi-step scheduling: up to this many decode steps in one compiled call, each
     # step's tokens fed to the next on the device (runtime/multi_step.py), so the host's
-    # per-step work and launches are paid once per call. Runs in steady decoding on one device
-    # (nothing waiting, no structured outputs or multi-token bad words); 1: one step per call.
+    # per-step work and launches are paid once per call. Runs in steady decoding (nobody waiting
+    # who could be seated, no structured outputs or multi-token bad words), on one device or a
+    # tensor-parallel mesh, not across pipeline stages; 1: one step per call.
     num_scheduler_steps: int = 1
     # A model named by Hugging Face hub id (models/hub.py): the repo revision (branch, tag or
     # commit; None: main) of the model, and of a separate `tokenizer` repo (None: the model's),

@@ -154,10 +154,11 @@ class EngineCore:
         self._run_ahead_enabled = (
             config.async_scheduling and micro_batches == 1 and mesh is None and runner is not None
         )
-        # Multi-step decode (runtime/multi_step.py): one device, one scheduler, as above.
+        # Multi-step decode (runtime/multi_step.py): one scheduler and one pipeline stage (a
+        # mesh of any tensor-parallel size is fine: the loop compiles like the single step).
         self._max_steps = (
             config.num_scheduler_steps
-            if micro_batches == 1 and mesh is None and runner is not None
+            if micro_batches == 1 and config.pipeline_parallel_size == 1 and runner is not None
             else 1
         )
         # Structured outputs: llguidance's tokenizer and compiled grammars, built on first use.

@@ -320,11 +320,13 @@ class ModelRunner:
             self._announce(what)
             started = time.perf_counter()
             stage = self.stages[0]
+            sharding = None if stage.mesh is None else replicated(stage.mesh)
+            vocab_size = self.model.model_config.vocab_size
             program = multi_step.compile_decode_steps(
                 stage.params,
                 stage.kv_cache,
                 self.slot_state,
-                abstract_inputs(bucket, vocab_size=self.model.model_config.vocab_size),
+                abstract_inputs(bucket, sharding, vocab_size=vocab_size),
                 step_static=dict(stage.static, decode_rows=bucket.num_seqs),
                 sampler_static=self._sampler_static,
                 block_size=self.block_size,

@@ -29,6 +29,14 @@ def test_logits_and_greedy_tokens_match_one_device(measured, case):
     assert report["tokens_equal"], report["tokens"]
 
 
+@pytest.mark.parametrize("case", ["kv8-tp2", "kv2-tp2"])
+def test_multi_step_decode_gives_the_same_tokens(measured, case):
+    """num_scheduler_steps=4 over a TP 2 mesh: several decode steps per call, one device's
+    greedy tokens."""
+    assert measured[case]["multi_step_calls"] > 0
+    assert measured[case]["multi_step_tokens_equal"]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_every_device_holds_only_its_shard(measured, case):
     size = int(case.split("tp")[1])

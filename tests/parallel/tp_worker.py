@@ -92,7 +92,15 @@ def main(out_path: str) -> None:
                 }
                 if size == 2:
                     report["collectives"] = collectives(e)
-                results["cases"][f"{name}-tp{size}"] = report
+            if size == 2:  # multi-step decode over the mesh: the same tokens
+                config = EngineConfig(
+                    model=str(path), tensor_parallel_size=2, num_scheduler_steps=4, **ENGINE
+                )
+                with Engine(config) as e:
+                    tokens = [o.outputs[0].token_ids for o in e.generate(prompts, GREEDY)]
+                    report["multi_step_tokens_equal"] = tokens == base_tokens
+                    report["multi_step_calls"] = e.llm_engine.stats.num_multi_step_calls
+            results["cases"][f"{name}-tp{size}"] = report
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 
