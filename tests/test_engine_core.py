@@ -201,11 +201,10 @@ def test_a_call_mixing_good_and_bad_prompts_queues_all_or_nothing(llm, prompts, 
     assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].finished  # the next call works
 
 
-def test_async_scheduling_gives_the_plain_loops_results(llm, tiny_llama):
-    """Steps planned ahead (the next decode dispatched before this one's tokens are read back)
-    change nothing a caller sees: tokens, logprobs, texts and finish reasons are those of the
-    plain loop, over seeded sampling with penalties, stop strings and tokens, n > 1, logprobs,
-    early eos-like stops and different lengths; and nothing compiles after warm-up."""
+def mixed_requests(llm: LLM) -> tuple[list[str], list[SamplingParams]]:
+    """Six prompts whose requests exercise the loop's paths: seeded sampling with penalties and
+    logprobs, n > 1, a stop string and a stop token (stops mid-decode, from this model's own
+    greedy output), a short request, min_tokens; different lengths."""
     tokenizer = llm.get_tokenizer()
     base = llm.generate("a b c", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     prompts = ["Hello there", "The capital of France is", "1 2 3", "a b c", "x", "y z"]
@@ -217,21 +216,31 @@ def test_async_scheduling_gives_the_plain_loops_results(llm, tiny_llama):
         SamplingParams(temperature=1.0, seed=5, max_tokens=3, repetition_penalty=1.3),
         SamplingParams(temperature=0.8, seed=6, max_tokens=20, min_tokens=4, ignore_eos=True),
     ]
+    return prompts, params
 
-    def run(engine: LLM) -> list:
-        return [
-            [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs]
-            for o in engine.generate(prompts, params, use_tqdm=False)
-        ]
 
+def everything_seen(engine: LLM, prompts, params) -> list:
+    """What a caller sees of each completion: tokens, text, finish and stop reasons, logprobs."""
+    return [
+        [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs]
+        for o in engine.generate(prompts, params, use_tqdm=False)
+    ]
+
+
+def test_async_scheduling_gives_the_plain_loops_results(llm, tiny_llama):
+    """Steps planned ahead (the next decode dispatched before this one's tokens are read back)
+    change nothing a caller sees: tokens, logprobs, texts and finish reasons are those of the
+    plain loop, over seeded sampling with penalties, stop strings and tokens, n > 1, logprobs,
+    early eos-like stops and different lengths; and nothing compiles after warm-up."""
+    prompts, params = mixed_requests(llm)
     plain = LLM(EngineConfig(model=str(tiny_llama), async_scheduling=False, **SMALL))
     assert not plain.llm_engine._run_ahead_enabled
-    expected = run(plain)
+    expected = everything_seen(plain, prompts, params)
     plain.shutdown()
     core = llm.llm_engine
     llm.warmup()
     compiled, ahead = llm.num_compilations, core.stats.num_steps_ahead
-    assert run(llm) == expected
+    assert everything_seen(llm, prompts, params) == expected
     assert core.stats.num_steps_ahead - ahead > 10  # it really ran ahead
     assert llm.num_compilations == compiled
     assert _all_free(llm)

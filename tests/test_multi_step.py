@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jaxinfer import LLM, EngineConfig, SamplingParams
-from tests.test_engine_core import SMALL, _all_free
+from tests.test_engine_core import SMALL, _all_free, everything_seen, mixed_requests
 
 STEPS = 4
 
@@ -21,44 +21,26 @@ def multi(tiny_llama) -> LLM:
     return LLM(EngineConfig(model=str(tiny_llama), num_scheduler_steps=STEPS, **SMALL))
 
 
-def _results(engine: LLM, prompts, params) -> list:
-    return [
-        [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs]
-        for o in engine.generate(prompts, params, use_tqdm=False)
-    ]
-
-
 def test_multi_step_gives_the_single_steps_results(single, multi):
     """Seeded sampling with penalties, stop strings and stop tokens (mid-call stops), n > 1,
     logprobs, min_tokens, different lengths and a waiting queue (more sequences than seats):
     the multi-step engine gives the tokens, texts, finish reasons and logprobs of one step per
     call, really runs several steps per call, compiles nothing after warm-up, frees everything."""
-    tokenizer = single.get_tokenizer()
-    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    base = single.generate("a b c", greedy, use_tqdm=False)[0].outputs[0].token_ids
-    prompts = ["Hello there", "The capital of France is", "1 2 3", "a b c", "x", "y z"]
-    params = [
-        SamplingParams(temperature=0.9, seed=1, max_tokens=12, presence_penalty=0.5, logprobs=2),
-        SamplingParams(temperature=0.7, top_k=20, seed=2, max_tokens=9, n=2, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=15, stop=[tokenizer.decode(base[3:5])]),
-        SamplingParams(temperature=0, max_tokens=15, stop_token_ids=[base[6]], ignore_eos=True),
-        SamplingParams(temperature=1.0, seed=5, max_tokens=3, repetition_penalty=1.3),
-        SamplingParams(temperature=0.8, seed=6, max_tokens=20, min_tokens=4, ignore_eos=True),
-    ]
-    expected = _results(single, prompts, params)
+    prompts, params = mixed_requests(single)
+    expected = everything_seen(single, prompts, params)
     core = multi.llm_engine
     multi.warmup()
     compiled, calls = multi.num_compilations, core.stats.num_multi_step_calls
     # Bitwise, logprobs too: the loop's body is the single step's functions (measured equal at
     # XLA's default and lowest optimization levels).
-    assert _results(multi, prompts, params) == expected
+    assert everything_seen(multi, prompts, params) == expected
     assert core.stats.num_multi_step_calls - calls >= 3  # it really ran several steps per call
     assert multi.num_compilations == compiled
     assert _all_free(multi)
     # Alone, a long greedy request runs almost all of its decode in calls of STEPS steps.
     calls = core.stats.num_multi_step_calls
     long = SamplingParams(temperature=0, max_tokens=41, ignore_eos=True)
-    assert _results(multi, ["Hello"], long) == _results(single, ["Hello"], long)
+    assert everything_seen(multi, ["Hello"], long) == everything_seen(single, ["Hello"], long)
     assert core.stats.num_multi_step_calls - calls == 40 // STEPS
     assert _all_free(multi)
 

@@ -106,13 +106,11 @@ def test_non_finite_logits_raise_naming_the_request_and_leave_the_engine_usable(
     assert good.outputs[0].token_ids == expected["good"]
 
 
-def test_a_request_ends_with_finish_reason_error_and_its_real_tokens(poisoned):
-    """Step by step (the vLLM LLMEngine API), in steady decoding, where the next step is already
-    dispatched when the poisoned one comes back (async scheduling): the request ends with the
-    tokens it really generated, none invented, and the request beside it is unharmed."""
-    llm, prompts, expected, token = poisoned
+def _doomed_beside_fine(llm, prompts, expected, token) -> None:
+    """Step the engine (vLLM's LLMEngine API) through a request that generates the poisoned
+    token at its 4th step beside a clean one: the first ends with finish_reason "error" and the
+    tokens it really generated, none invented; the other is unharmed; every block is free."""
     core = llm.llm_engine
-    steps_ahead = core.stats.num_steps_ahead
     core.add_request("doomed", {"prompt_token_ids": prompts["decode"]}, GREEDY)
     core.add_request("fine", {"prompt_token_ids": prompts["good"]}, GREEDY)
     final = {}
@@ -120,7 +118,6 @@ def test_a_request_ends_with_finish_reason_error_and_its_real_tokens(poisoned):
         for output in core.step():
             if output.finished:
                 final[output.request_id] = output.outputs[0]
-    assert core.stats.num_steps_ahead > steps_ahead  # the run-ahead path was taken
     assert final["doomed"].finish_reason == "error"
     assert final["doomed"].token_ids == expected["decode"][:4]  # ends with the poisoned token
     assert final["doomed"].token_ids[-1] == token
@@ -129,28 +126,24 @@ def test_a_request_ends_with_finish_reason_error_and_its_real_tokens(poisoned):
     assert _all_blocks_free(llm)
 
 
+def test_a_request_ends_with_finish_reason_error_and_its_real_tokens(poisoned):
+    """Step by step (the vLLM LLMEngine API), in steady decoding, where the next step is already
+    dispatched when the poisoned one comes back (async scheduling): the request ends with the
+    tokens it really generated, none invented, and the request beside it is unharmed."""
+    llm, prompts, expected, token = poisoned
+    steps_ahead = llm.llm_engine.stats.num_steps_ahead
+    _doomed_beside_fine(llm, prompts, expected, token)
+    assert llm.llm_engine.stats.num_steps_ahead > steps_ahead  # the run-ahead path was taken
+
+
 def test_multi_step_decode_ends_the_request_mid_call_with_its_real_tokens(poisoned):
     """The same under multi-step decode (num_scheduler_steps): the NaN step falls inside a call
     of several steps; the request ends there with the tokens it really generated, and the
     request beside it goes on with transformers' tokens."""
     llm, prompts, expected, token = poisoned
-    config = llm.llm_engine.config.replace(num_scheduler_steps=4)
-    with LLM(config) as multi:
-        core = multi.llm_engine
-        core.add_request("doomed", {"prompt_token_ids": prompts["decode"]}, GREEDY)
-        core.add_request("fine", {"prompt_token_ids": prompts["good"]}, GREEDY)
-        final = {}
-        while core.has_unfinished_requests():
-            for output in core.step():
-                if output.finished:
-                    final[output.request_id] = output.outputs[0]
-        assert core.stats.num_multi_step_calls >= 1
-        assert final["doomed"].finish_reason == "error"
-        assert final["doomed"].token_ids == expected["decode"][:4]
-        assert final["doomed"].token_ids[-1] == token
-        assert final["fine"].finish_reason == "length"
-        assert final["fine"].token_ids == expected["good"]
-        assert _all_blocks_free(multi)
+    with LLM(llm.llm_engine.config.replace(num_scheduler_steps=4)) as multi:
+        _doomed_beside_fine(multi, prompts, expected, token)
+        assert multi.llm_engine.stats.num_multi_step_calls >= 1
 
 
 def test_stream_raises_naming_the_request(poisoned):
