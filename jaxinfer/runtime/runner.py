@@ -5,7 +5,8 @@ shape that was never compiled cannot slip through as a silent retrace: it shows 
 counted by `num_compilations`, which tests watch. Each step is three or four executables: the
 forward pass to the logits (reads the cache; per bucket), the sampler (per sequence count), the
 prompt scorer (per token count, only in steps where some request wants prompt logprobs) and the
-cache writer (donates the cache; per token count), see `runtime/step.py`.
+cache writer (donates the cache; per token count), see `runtime/step.py`. Multi-step decode runs
+one more per decode bucket, several steps of all of them in a loop (`runtime/multi_step.py`).
 """
 
 from __future__ import annotations
@@ -516,4 +517,5 @@ class ModelRunner:
             stage.kv_cache = None
         self._samplers.clear()
         self._prompt_scorers.clear()
+        self._multi_step.clear()
         self.slot_state = None
