@@ -68,3 +68,24 @@ def test_num_scheduler_steps_is_checked():
     for bad in (0, -1, 65, 2.0, True):
         with pytest.raises(ValueError, match="num_scheduler_steps"):
             EngineConfig(model="m", num_scheduler_steps=bad)
+
+
+def test_the_pallas_attention_kernel_runs_in_the_loop(tiny_llama):
+    """The GPU path's attention (our Pallas kernel, interpreted on CPU) inside the multi-step
+    loop, each layer writing its K/V before the kernel reads the cache: the tokens and logprobs
+    of one step per call."""
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=9, ignore_eos=True, logprobs=1)
+    prompts = ["Hello there", "1 2 3"]
+    seen = {}
+    for steps in (1, STEPS):
+        config = EngineConfig(
+            model=str(tiny_llama),
+            attention_backend="pallas_interpret",
+            num_scheduler_steps=steps,
+            **SMALL,
+        )
+        with LLM(config) as engine:
+            seen[steps] = everything_seen(engine, prompts, params)
+            calls = engine.llm_engine.stats.num_multi_step_calls
+    assert calls >= 2
+    assert seen[STEPS] == seen[1]
