@@ -125,11 +125,11 @@ def decode_steps(
         state = slots.count_sampled(state, batch.slots, per_row["tokens"], batch.sampled)
         return kv, state, per_row
 
-    # The first step outside the loop: its outputs give the stacked buffers their shapes.
-    kv_cache, slot_state, first = one_step(jnp.int32(0), kv_cache, slot_state, inputs.token_ids)
+    # Every step runs in the loop (the model is compiled once); its outputs' shapes come from
+    # tracing one step abstractly.
+    _, _, shapes = jax.eval_shape(one_step, jnp.int32(0), kv_cache, slot_state, inputs.token_ids)
     stacked = {
-        name: jnp.zeros((max_steps, *first[name].shape), first[name].dtype).at[0].set(first[name])
-        for name in ROW_FIELDS
+        name: jnp.zeros((max_steps, *shapes[name].shape), shapes[name].dtype) for name in ROW_FIELDS
     }
 
     def stopped(per_row: dict, done: jax.Array) -> jax.Array:
@@ -149,8 +149,8 @@ def decode_steps(
         }
         return step + 1, kv, state, per_row["tokens"], stopped(per_row, done), stacked
 
-    done = stopped(first, jnp.zeros(num_rows, bool))
-    carry = (jnp.int32(1), kv_cache, slot_state, first["tokens"], done, stacked)
+    done = jnp.zeros(num_rows, bool)
+    carry = (jnp.int32(0), kv_cache, slot_state, inputs.token_ids, done, stacked)
     steps_run, kv_cache, slot_state, _, _, stacked = jax.lax.while_loop(more, body, carry)
     return kv_cache, slot_state, stacked, steps_run
 
