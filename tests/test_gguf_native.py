@@ -255,7 +255,10 @@ def test_a_tiny_gguf_in_blocks_matches_its_dequantized_self(
             params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
             outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
             layer = llm.llm_engine.model.params["layers"][1]
-            assert isinstance(layer["q"], GGUFBlockWeight) == (quantization == "gguf")
+            if quantization == "gguf":  # q/k/v share a block type: fused (fused_projections)
+                assert isinstance(layer["qkv"], GGUFBlockWeight) and "q" not in layer
+            else:
+                assert isinstance(layer["q"], jax.Array) and "qkv" not in layer
             tokens = [list(o.outputs[0].token_ids) for o in outputs]
             runs.append((tokens, engine_prefill_logits(llm, prompts)))
         finally:
@@ -333,15 +336,18 @@ def test_smollm2_blocks_are_the_files_bytes_and_the_float_paths_weights(smollm2_
     params, float_params = smollm2_pair["gguf"]["params"], smollm2_pair["float"]["params"]
     weights = [params["embed"]] + [w for layer in params["layers"] for w in layer.values()]
     blocks = [w for w in weights if isinstance(w, GGUFBlockWeight)]
-    assert len(blocks) == len(stored)
+    assert len(blocks) == 30 * 4 + 1  # q/k/v and gate/up fused (models/fused_projections.py)
     from jaxinfer.models.gguf_reader import _stored_bytes
 
     assert sum(w.nbytes for w in blocks) == sum(_stored_bytes(i) for i in stored.values())
-    assert params["embed"].qtype == "Q8_0" and params["layers"][0]["q"].qtype == "Q4_1"
+    assert params["embed"].qtype == "Q8_0" and params["layers"][0]["qkv"].qtype == "Q4_1"
     # The same float32 weights as the dequantize-first path, q/k un-permuted the same way.
     layer, float_layer = params["layers"][3], float_params["layers"][3]
-    for name in ("q", "k", "down"):
-        np.testing.assert_array_equal(np.asarray(layer[name].dequantize()), float_layer[name])
+    for name, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up")), ("down", ("down",))):
+        np.testing.assert_array_equal(
+            np.asarray(layer[name].dequantize()),
+            np.concatenate([float_layer[part] for part in parts], axis=1),
+        )
     rows = jnp.asarray([0, 17, 49151])
     np.testing.assert_array_equal(
         np.asarray(params["embed"][rows]), np.asarray(float_params["embed"])[np.asarray(rows)]

@@ -123,6 +123,10 @@ def test_int8_weights_stay_int8_on_the_device(variant):
             if isinstance(value, QuantizedWeight) or value.ndim == 2:
                 leaves[f"layers.{i}.{name}"] = value
     assert len(leaves) >= 1 + 2 * 4  # embed + per layer at least qkv/o/gate_up/down
+    for layer in model.params["layers"]:  # fused at load (models/fused_projections.py)
+        assert (
+            "qkv" in layer and "gate_up" in layer and not {"q", "k", "v", "gate", "up"} & set(layer)
+        )
     for name, weight in leaves.items():
         assert isinstance(weight, QuantizedWeight), name
         assert weight.values.dtype == np.int8 and weight.scale.dtype == np.float32, name

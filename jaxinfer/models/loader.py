@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxinfer.models import config_checks, gguf_reader, hub
+from jaxinfer.models.fused_projections import fuse_projections
 from jaxinfer.models.gguf_blocks import GGUFBlocks
 from jaxinfer.models.gguf_weight import blocks_for_device
 from jaxinfer.models.placement import ONE_DEVICE, WeightPlacement
@@ -429,6 +430,8 @@ def load_model(
         params = weight_cache.load_or_convert(
             Path(weight_cache_dir).expanduser(), source, specs, dtype, family, convert, placement
         )
+    if quantization is not None:
+        params = fuse_projections(params)
     stages = placement.stages
     partition = None if stages is None else tuple(len(r) for r in stages.ranges)
     return LoadedModel(source, hf_config, model_config, family, params, dtype, partition)
