@@ -385,6 +385,7 @@ def load_model(
     layer_partition: tuple[int, ...] | None = None,
     check_finite: bool = True,
     quantization: str | None = None,
+    fuse_quantized_projections: bool = True,
 ) -> LoadedModel:
     """`weight_cache_dir`: restore converted weights from there, or save them (weight_cache.py).
     `mesh`: place every weight straight into its tensor-parallel shard (runtime/mesh.py), on its
@@ -392,7 +393,9 @@ def load_model(
     (EngineConfig.pipeline_layer_partition; None: vLLM's default split). `check_finite`: every
     converted weight is checked for NaN/inf (EngineConfig.check_weights_finite); weights restored
     from the weight cache were checked when they were converted. `quantization`: None, "int8"
-    (EngineConfig.quantization; models/quantization.py) or "gguf" (models/gguf_weight.py)."""
+    (EngineConfig.quantization; models/quantization.py) or "gguf" (models/gguf_weight.py), whose
+    q/k/v and gate/up are then fused (models/fused_projections.py) unless
+    `fuse_quantized_projections` is False (benchmarks/quantization.py compares the two)."""
     hf_config = load_hf_config(source)
     family = model_family(hf_config)
     # Before a single layer is declared: a config claiming 10**6 layers fails here, not after
@@ -430,7 +433,7 @@ def load_model(
         params = weight_cache.load_or_convert(
             Path(weight_cache_dir).expanduser(), source, specs, dtype, family, convert, placement
         )
-    if quantization is not None:
+    if quantization is not None and fuse_quantized_projections:
         params = fuse_projections(params)
     stages = placement.stages
     partition = None if stages is None else tuple(len(r) for r in stages.ranges)
