@@ -5,9 +5,9 @@ one while it runs (`_run_ahead`, vLLM's async scheduling), read it back and reco
 Why apart from core.py: core.py holds the requests and vLLM's engine API around them (add,
 abort, warm-up, shutdown); this is the loop those requests go through, step by step. `StepLoop`
 is EngineCore's base class and works on the state EngineCore.__init__ builds: `config`,
-`runner`, `scheduler` (a SchedulerGroup), `block_manager`, `buckets`, `output_processor`,
-`stats`, `_requests`, `_by_seq`, `_free_slots`, `_in_flight`, `_run_ahead_enabled`,
-`_max_steps`, and the `structured_outputs` / `eos_token_ids` properties.
+`runner`, `scheduler` (a SchedulerGroup), `buckets`, `output_processor`, `stats`, the request
+tables and the step queue (all declared on the class), and the `structured_outputs` /
+`eos_token_ids` properties.
 
 Under pipeline parallelism there is one scheduler per micro-batch and one step of each in
 flight: `step()` reads back the oldest, updates its micro-batch, and dispatches that
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +30,15 @@ from jaxinfer.engine.scheduler import StepPlan
 from jaxinfer.interrupts import uninterruptible
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.seam import StepInputs, StepOutputs
+
+if TYPE_CHECKING:
+    from jaxinfer.config import EngineConfig
+    from jaxinfer.engine.batching import BucketTable
+    from jaxinfer.engine.block_manager import BlockManager
+    from jaxinfer.engine.core import EngineStats
+    from jaxinfer.engine.output_processor import OutputProcessor
+    from jaxinfer.engine.scheduler_group import SchedulerGroup
+    from jaxinfer.runtime.runner import ModelRunner
 
 _PLACEHOLDER = 0  # a planned-ahead token until the device hands back the real one
 
@@ -47,7 +58,22 @@ class InFlight:
 
 
 class StepLoop:
-    """EngineCore's step machinery (see the module docstring for the state it uses)."""
+    """EngineCore's step machinery; EngineCore.__init__ sets the state declared here."""
+
+    config: EngineConfig
+    runner: ModelRunner
+    scheduler: SchedulerGroup
+    block_manager: BlockManager
+    buckets: BucketTable
+    vocab_size: int
+    output_processor: OutputProcessor
+    stats: EngineStats
+    _requests: dict[str, Request]
+    _by_seq: dict[int, tuple[Request, Sample]]  # the scheduler's view -> ours
+    _free_slots: list[int]
+    _in_flight: deque[InFlight]
+    _run_ahead_enabled: bool
+    _max_steps: int
 
     @uninterruptible
     def step(self) -> list[RequestOutput]:
