@@ -46,6 +46,18 @@ class Bucket:
         """Leading rows that own one token each: all of them in a decode bucket."""
         return self.num_decode_seqs if self.is_prefill else self.num_seqs
 
+    def describe(self) -> str:
+        """The bucket in words, for the log and the progress bar."""
+        if self.num_decode_seqs:
+            return (
+                f"the unified step for {self.num_decode_seqs} decodes and "
+                f"{self.num_tokens - self.num_decode_seqs} prefill tokens of "
+                f"{self.num_seqs - self.num_decode_seqs} sequences"
+            )
+        if self.is_prefill:
+            return f"the prefill step for {self.num_tokens} tokens of {self.num_seqs} sequences"
+        return f"the decode step for {self.num_seqs} sequences"
+
 
 @dataclass(frozen=True, order=True)
 class EncoderBucket:

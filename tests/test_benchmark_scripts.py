@@ -69,7 +69,8 @@ def test_step_profile_quick_run_splits_the_step(tiny_llama, tmp_path):
 
 def test_step_trace_quick_run_names_the_int8_kernel_calls(tiny_llama, tmp_path, monkeypatch):
     """The trace is read back, the kernel's custom calls are named by target and counted: every
-    decode step runs each int8 product once (the tiny llama: 2 layers x 7, and its lm_head)."""
+    decode step runs each int8 product once (the tiny llama: 2 layers x 4, q/k/v and gate/up
+    fused at load, and its lm_head)."""
     # main() appends its trace flag to XLA_FLAGS (for JAX, not started yet in a real run); the
     # worker's later child processes must not inherit it.
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
@@ -80,7 +81,7 @@ def test_step_trace_quick_run_names_the_int8_kernel_calls(tiny_llama, tmp_path, 
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     calls = result["thunks_per_step"]["jaxinfer_int8_matmul"]
-    assert calls == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; the lm_head
+    assert calls == 2 * 4 + 1  # qkv, o, gate_up, down per layer (fused_projections); lm_head
     assert result["thunk_ms_per_step"]["jaxinfer_int8_matmul"] > 0
     assert result["python_ms_per_step"]["dispatch"] > 0
     assert module.thunk_kind("add_rsqrt_fusion.12", {}) == "add_rsqrt_fusion"

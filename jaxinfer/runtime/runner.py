@@ -53,19 +53,6 @@ def _splice_tokens(host: jax.Array, previous: jax.Array, index: jax.Array) -> ja
     return jnp.where(index >= 0, previous[jnp.maximum(index, 0)], host)
 
 
-def describe(bucket: Bucket) -> str:
-    """A bucket in words, for the log and the progress bar."""
-    if bucket.num_decode_seqs:
-        return (
-            f"the unified step for {bucket.num_decode_seqs} decodes and "
-            f"{bucket.num_tokens - bucket.num_decode_seqs} prefill tokens of "
-            f"{bucket.num_seqs - bucket.num_decode_seqs} sequences"
-        )
-    if bucket.is_prefill:
-        return f"the prefill step for {bucket.num_tokens} tokens of {bucket.num_seqs} sequences"
-    return f"the decode step for {bucket.num_seqs} sequences"
-
-
 def enable_compilation_cache(path: str) -> None:
     """Persist compiled executables across processes (JAX's own cache; CPU and GPU alike)."""
     jax.config.update("jax_compilation_cache_dir", path)
@@ -226,7 +213,7 @@ class ModelRunner:
         for index, stage in enumerate(self.stages):
             executable = stage.executables.get(bucket)
             if executable is None:
-                self._announce(describe(bucket))
+                self._announce(bucket.describe())
                 started = time.perf_counter()
                 sharding = None if stage.mesh is None else replicated(stage.mesh)
                 vocab_size = self.model.model_config.vocab_size
