@@ -20,7 +20,7 @@ import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from jaxinfer.engine.core import EngineStats
     from jaxinfer.engine.output_processor import OutputProcessor
     from jaxinfer.engine.scheduler_group import SchedulerGroup
-    from jaxinfer.runtime.runner import ModelRunner
 
 _PLACEHOLDER = 0  # a planned-ahead token until the device hands back the real one
 
@@ -61,7 +60,7 @@ class StepLoop:
     """EngineCore's step machinery; EngineCore.__init__ sets the state declared here."""
 
     config: EngineConfig
-    runner: ModelRunner
+    runner: Any  # a ModelRunner (runtime/runner.py; the engine package never imports it)
     scheduler: SchedulerGroup
     block_manager: BlockManager
     buckets: BucketTable
