@@ -12,6 +12,10 @@ A family module (llama.py, gemma.py, opt.py, ...) exports:
     logits            (params, cfg, hidden [..., E]) -> float32 logits [..., V]
     rename_tensors    optional: (cfg, (name, array) pairs) -> pairs, for exports that name tensors
                       differently from what `transformers` saves today (older GPT-2 and OPT uploads)
+    layer_kind        optional: (cfg, layer index) -> a hashable value; layers of one kind run the
+                      same code (`run_layers` traces it once per kind). Without it, every layer
+                      runs the same code whatever its index (Gemma2's windows and GPT-2's scales
+                      differ by layer: those families say so)
 
 Three pieces rather than one forward pass so that a pipeline stage can run any contiguous range of
 layers (`run_layers`): the first stage embeds, the last computes logits, the rest pass hidden
@@ -100,11 +104,27 @@ def run_layers(
     attention: Callable,
     first_layer: int = 0,
 ) -> tuple[jax.Array, tuple]:
-    """-> (the last layer's output [T, E], per layer the new (k, v) [T, K, D])."""
+    """-> (the last layer's output [T, E], per layer the new (k, v) [T, K, D]).
+
+    Each layer goes through one `jax.jit` wrapper, so JAX traces and lowers a layer's code once
+    per kind of layer (`layer_kind`) and calls it again for the others, instead of tracing the
+    same Python 30 times: a second run, whose programs come from the persistent compilation
+    cache, spent most of its time tracing (benchmarks/RESULTS.md, "Cold start"). XLA inlines the
+    calls before it optimizes, so the compiled program is the same. The layer's index given to
+    `decoder_layer` is the first index of its kind (static; all layers of a kind run alike).
+    """
+    layer_kind = getattr(family, "layer_kind", None)
+
+    def one_layer(layer, x, layer_cache, positions, *, index: int):
+        return family.decoder_layer(layer, cfg, index, x, layer_cache, positions, attention)
+
+    traced_once = jax.jit(one_layer, static_argnames="index")
+    first_of_kind: dict = {}
     new_kv = []
     for offset, (layer, layer_cache) in enumerate(zip(layers, kv_cache, strict=True)):
-        x, kv = family.decoder_layer(
-            layer, cfg, first_layer + offset, x, layer_cache, positions, attention
-        )
+        index = first_layer + offset
+        kind = None if layer_kind is None else layer_kind(cfg, index)
+        index = first_of_kind.setdefault(kind, index)
+        x, kv = traced_once(layer, x, layer_cache, positions, index=index)
         new_kv.append(kv)
     return x, tuple(new_kv)

@@ -130,6 +130,11 @@ def embed(params: dict, cfg: GemmaConfig, token_ids: jax.Array, positions: jax.A
     return table[token_ids] * jnp.asarray(cfg.hidden_size**0.5, table.dtype)
 
 
+def layer_kind(cfg, index: int):
+    """Layers differ by their sliding window (None: global attention). (family.py's `layer_kind`)"""
+    return cfg.layer_windows[index]
+
+
 def decoder_layer(
     layer: dict,
     cfg: GemmaConfig,

@@ -123,6 +123,11 @@ def embed(params: dict, cfg: GPT2Config, token_ids: jax.Array, positions: jax.Ar
     return params["embed"][token_ids] + learned_positions(params["positions"], positions)
 
 
+def layer_kind(cfg, index: int):
+    """Layers differ by their attention scale (scale_attn_by_inverse_layer_idx). (family.py's `layer_kind`)"""
+    return cfg.layer_scales[index]
+
+
 def decoder_layer(
     layer: dict,
     cfg: GPT2Config,
