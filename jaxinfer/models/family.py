@@ -103,6 +103,7 @@ def run_layers(
     positions: jax.Array,  # [T]
     attention: Callable,
     first_layer: int = 0,
+    trace_once: bool = True,
 ) -> tuple[jax.Array, tuple]:
     """-> (the last layer's output [T, E], per layer the new (k, v) [T, K, D]).
 
@@ -112,19 +113,24 @@ def run_layers(
     cache, spent most of its time tracing (benchmarks/RESULTS.md, "Cold start"). XLA inlines the
     calls before it optimizes, so the compiled program is the same. The layer's index given to
     `decoder_layer` is the first index of its kind (static; all layers of a kind run alike).
+
+    `trace_once=False` traces every layer in turn: for an `attention` with a side effect in
+    Python (the multi-step loop's records each layer's written cache), which a layer traced once
+    and called again would run only for the first layer of its kind.
     """
     layer_kind = getattr(family, "layer_kind", None)
 
     def one_layer(layer, x, layer_cache, positions, *, index: int):
         return family.decoder_layer(layer, cfg, index, x, layer_cache, positions, attention)
 
-    traced_once = jax.jit(one_layer, static_argnames="index")
+    traced_once = jax.jit(one_layer, static_argnames="index") if trace_once else one_layer
     first_of_kind: dict = {}
     new_kv = []
     for offset, (layer, layer_cache) in enumerate(zip(layers, kv_cache, strict=True)):
         index = first_layer + offset
         kind = None if layer_kind is None else layer_kind(cfg, index)
-        index = first_of_kind.setdefault(kind, index)
+        if trace_once:
+            index = first_of_kind.setdefault(kind, index)
         x, kv = traced_once(layer, x, layer_cache, positions, index=index)
         new_kv.append(kv)
     return x, tuple(new_kv)

@@ -118,7 +118,11 @@ def decode_steps(
         attend = functools.partial(
             _write_then_attend, paged_attention, batch.slot_mapping, written.append
         )
-        logits, _, _ = model_step(params, kv, batch, paged_attention=attend)
+        # Layers traced in turn: `attend` records each layer's cache, a side effect a layer
+        # traced once and called again would skip (family.run_layers).
+        logits, _, _ = model_step(
+            params, kv, batch, paged_attention=attend, trace_layers_once=False
+        )
         kv = tuple(written)
         slot_rows = slots.gather_rows(state, batch.slots, batch.banned)
         per_row = sample_rows(logits, slot_rows, single_step.sampler_inputs(batch))

@@ -117,6 +117,7 @@ def forward_hidden(
     decode_rows: int,
     paged_attention: Callable = reference.paged_attention,
     first_layer: int = 0,
+    trace_layers_once: bool = True,
 ) -> tuple[jax.Array, tuple]:
     """-> (last hidden state of every token [T, E], per layer the new (k, v) [T, K, D]).
 
@@ -124,6 +125,8 @@ def forward_hidden(
     layer `first_layer`) on the embedded tokens, or on `hidden_in` from the previous stage.
     `paged_attention` is the attention backend: the jnp reference or the Pallas kernel
     (`runtime/attention_backend.py` picks one), both with the reference's signature.
+    `trace_layers_once`: see `family.run_layers` (False where the attention records something
+    per call, as the multi-step loop's does).
     """
     attention = make_attention(
         inputs,
@@ -137,7 +140,15 @@ def forward_hidden(
     if x is None:
         x = family.embed(params, model_config, inputs.token_ids, positions)
     return run_layers(
-        family, params["layers"], model_config, kv_cache, x, positions, attention, first_layer
+        family,
+        params["layers"],
+        model_config,
+        kv_cache,
+        x,
+        positions,
+        attention,
+        first_layer,
+        trace_once=trace_layers_once,
     )
 
 
@@ -177,6 +188,7 @@ def step(
     paged_attention: Callable = reference.paged_attention,
     mesh: Mesh | None = None,
     first_layer: int = 0,
+    trace_layers_once: bool = True,
 ) -> tuple[jax.Array, jax.Array, tuple]:
     """-> (each row's logits [S, V], every token's last hidden state [T, E], per layer the new
     (k, v) [T, K, D]).
@@ -198,6 +210,7 @@ def step(
         decode_rows=decode_rows,
         paged_attention=paged_attention,
         first_layer=first_layer,
+        trace_layers_once=trace_layers_once,
     )
     logits = _whole_on_every_device(
         family.logits(params, model_config, hidden[inputs.logits_indices]), mesh

@@ -18,9 +18,11 @@ VOCAB, BLOCK, LAYERS = 16, 4, 2
 BUCKET = Bucket(False, 2, 2, 3)  # two rows: row 0 decodes, row 1 is padding
 
 
-def fake_model(params, kv_cache, batch, *, paged_attention):
+def fake_model(params, kv_cache, batch, *, paged_attention, trace_layers_once):
     """Each layer 'attends' (the backend sees the cache it wrote) with K = V = the fed token;
-    the logits make the next token the fed one + 1."""
+    the logits make the next token the fed one + 1. The loop asks for its layers traced in turn
+    (its attention records each layer's written cache)."""
+    assert trace_layers_once is False
     new = batch.token_ids.astype(jnp.float32)[:, None, None]  # [T, K=1, D=1]
     for k_cache, v_cache in kv_cache:
         paged_attention(new, new, new, k_cache, v_cache, batch.block_tables, batch.context_lens)
