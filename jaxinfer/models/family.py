@@ -124,7 +124,7 @@ def run_layers(
     def one_layer(layer, x, layer_cache, positions, *, index: int):
         return family.decoder_layer(layer, cfg, index, x, layer_cache, positions, attention)
 
-    traced_once = jax.jit(one_layer, static_argnames="index") if trace_once else one_layer
+    call_layer = jax.jit(one_layer, static_argnames="index") if trace_once else one_layer
     first_of_kind: dict = {}
     new_kv = []
     for offset, (layer, layer_cache) in enumerate(zip(layers, kv_cache, strict=True)):
@@ -132,6 +132,6 @@ def run_layers(
         kind = None if layer_kind is None else layer_kind(cfg, index)
         if trace_once:
             index = first_of_kind.setdefault(kind, index)
-        x, kv = traced_once(layer, x, layer_cache, positions, index=index)
+        x, kv = call_layer(layer, x, layer_cache, positions, index=index)
         new_kv.append(kv)
     return x, tuple(new_kv)
