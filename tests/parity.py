@@ -11,8 +11,8 @@ import numpy as np
 
 from jaxinfer import Engine, SamplingParams
 from jaxinfer.engine.batching import RowSampling, build_step_inputs
-from jaxinfer.engine.scheduler import ScheduledSeq, StepPlan
 from jaxinfer.engine.sequence import Sequence
+from jaxinfer.engine.step_plan import ScheduledSeq, StepPlan
 
 
 def engine_prefill_logits(

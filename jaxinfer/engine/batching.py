@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxinfer.engine.scheduler import StepPlan
+from jaxinfer.engine.step_plan import StepPlan
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.seam import MAX_BANNED_PER_STEP, Bucket, SamplingScalars, StepInputs
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxinfer.engine.batching import RowSampling, build_step_inputs, plan_rows
 from jaxinfer.engine.request import Request, Sample
-from jaxinfer.engine.scheduler import StepPlan
+from jaxinfer.engine.step_plan import StepPlan
 from jaxinfer.interrupts import uninterruptible
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.seam import StepInputs, StepOutputs

@@ -26,8 +26,8 @@ cache are its own), so uneven stages add no compiled programs either.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -167,3 +167,19 @@ def weight_sharding(layout: StageLayout, path: str, spec, shape) -> jax.sharding
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return named_sharding(mesh, spec.logical_axes, shape)
+
+
+@dataclass
+class StageState:
+    """One pipeline stage's device state and executables, held by the runner; the whole model
+    when P == 1."""
+
+    mesh: Mesh | None
+    layers: range
+    params: dict
+    kv_cache: tuple
+    jit: Callable  # (decode_rows) -> the jitted step (last stage) or stage forward (the others)
+    static: dict  # the step's static arguments but decode_rows (multi-step decode binds them)
+    executables: dict = field(default_factory=dict)  # Bucket -> Compiled
+    writers: dict = field(default_factory=dict)  # token count -> Compiled cache writer
+    block_copier: jax.stages.Compiled | None = None

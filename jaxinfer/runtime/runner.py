@@ -16,7 +16,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ from jaxinfer.runtime import multi_step
 from jaxinfer.runtime import slot_state as slots
 from jaxinfer.runtime.attention_backend import attention_fn, resolve_backend
 from jaxinfer.runtime.mesh import replicated
-from jaxinfer.runtime.pipeline import StageLayout, hidden_sharding
+from jaxinfer.runtime.pipeline import StageLayout, StageState, hidden_sharding
 from jaxinfer.runtime.sampling_tensors import SamplingRow, build_sampling_tensors
 from jaxinfer.runtime.seam_pytrees import abstract_inputs
 from jaxinfer.runtime.step import (
@@ -58,21 +58,6 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-@dataclass
-class _Stage:
-    """One pipeline stage's device state and executables; the whole model when P == 1."""
-
-    mesh: Mesh | None
-    layers: range
-    params: dict
-    kv_cache: tuple
-    jit: Callable  # (decode_rows) -> the jitted step (last stage) or stage forward (the others)
-    static: dict  # the step's static arguments but decode_rows (multi-step decode binds them)
-    executables: dict = field(default_factory=dict)  # Bucket -> Compiled
-    writers: dict = field(default_factory=dict)  # token count -> Compiled cache writer
-    block_copier: jax.stages.Compiled | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +102,7 @@ class ModelRunner:
             mesh, cfg.num_layers, model.family.EMBED_PARAMS, model.layer_partition
         )
         stage_params = layout.stage_params(model.params, cfg.tie_word_embeddings)
-        self.stages: list[_Stage] = []
+        self.stages: list[StageState] = []
         for stage_mesh, layers, params in zip(layout.meshes, layout.ranges, stage_params):
             static = {
                 "family": model.family,
@@ -131,7 +116,7 @@ class ModelRunner:
             jitted = functools.partial(jit, **static)
             stage_cfg = dataclasses.replace(cfg, num_layers=len(layers))
             cache = kv.allocate(stage_cfg, num_blocks, block_size, model.dtype, stage_mesh)
-            self.stages.append(_Stage(stage_mesh, layers, params, cache, jitted, static))
+            self.stages.append(StageState(stage_mesh, layers, params, cache, jitted, static))
         last = self.stages[-1]
         self.slot_state = slots.allocate(num_slots, cfg.vocab_size)
         if last.mesh is not None:  # small [slots, V] arrays: every device keeps all of them
@@ -193,7 +178,7 @@ class ModelRunner:
         if self.compile_listener is not None:
             self.compile_listener(what)
 
-    def _new_kv_shapes(self, stage: _Stage, num_tokens: int) -> tuple:
+    def _new_kv_shapes(self, stage: StageState, num_tokens: int) -> tuple:
         cfg = self.model.model_config
         new = jax.ShapeDtypeStruct((num_tokens, cfg.num_kv_heads, cfg.head_dim), self.model.dtype)
         return tuple((new, new) for _ in stage.layers)
