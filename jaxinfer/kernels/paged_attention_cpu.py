@@ -1,20 +1,24 @@
-"""Paged attention of decode rows on XLA:CPU through a `jax.ffi` custom call (cpu/paged_attention.cc).
+"""Paged attention on XLA:CPU through a `jax.ffi` custom call (cpu/paged_attention.cc).
 
-    paged_attention(q [S, H, D], k_new [S, K, D], v_new [S, K, D], k_cache [K, N, P, D],
+    paged_attention(q [T, H, D], k_new [T, K, D], v_new [T, K, D], k_cache [K, N, P, D],
                     v_cache [K, N, P, D], block_tables [S, B], context_lens [S],
-                    query_start_loc [S + 1], *, scale, sliding_window, soft_cap) -> [S, H, D]
+                    query_start_loc [S + 1], *, scale, sliding_window, soft_cap) -> [T, H, D]
 
-The signature and the result of `pallas_kernels.reference.paged_attention(..., decode_only=True)`
-(row s owns exactly token s; padding rows, past `query_start_loc[S]`, output zeros), for a float32
-or bfloat16 cache; `supports(...)` says whether a call can take it.
+The signature and the result of `pallas_kernels.reference.paged_attention` (tokens past
+`query_start_loc[S]` are padding and output zeros), for decode rows (row s owns exactly token s:
+the reference's `decode_only=True`) and ragged prefill chunks alike, for a float32 or bfloat16
+cache; `supports(...)` says whether a call can take it.
 
 Why: the reference's decode path gathers every sequence's context into float32 copies, chunk by
-chunk, as far as the longest context in the step; attention was about half of a batched SmolLM2
-decode step on the 2-core CPU. The kernel reads the cache blocks in place through the block table
-and stops each sequence at its own length. It is built on first use with the system compiler
-(kernels/native_build.py) and registered for the "cpu" platform only; `cpu_kernel_enabled()` is
-false on another backend, when the build failed (one warning, then the reference), or when
-`JAXINFER_CPU_KERNELS=0` switches the CPU kernels off. runtime/attention_backend.py decides.
+chunk, as far as the longest context in the step (attention was about half of a batched SmolLM2
+decode step on the 2-core CPU), and its prefill path scores every token of the step against every
+other and masks, a [T, T] product per head whatever the sequences (a third of an int8 SmolLM2
+prefill step of 4 x 128 tokens). The kernel reads the cache blocks in place through the block
+table and each token's own sequence only, and stops each token at its own position. It is built
+on first use with the system compiler (kernels/native_build.py) and registered for the "cpu"
+platform only; `cpu_kernel_enabled()` is false on another backend, when the build failed (one
+warning, then the reference), or when `JAXINFER_CPU_KERNELS=0` switches the CPU kernels off.
+runtime/attention_backend.py decides.
 """
 
 from __future__ import annotations
@@ -62,21 +66,22 @@ def supports(k_cache: jax.Array) -> bool:
 
 
 def paged_attention(
-    q: jax.Array,  # [S, H, D]
-    k_new: jax.Array,  # [S, K, D]
-    v_new: jax.Array,  # [S, K, D]
+    q: jax.Array,  # [T, H, D]
+    k_new: jax.Array,  # [T, K, D]
+    v_new: jax.Array,  # [T, K, D]
     k_cache: jax.Array,  # [K, N, P, D]
     v_cache: jax.Array,  # [K, N, P, D]
     block_tables: jax.Array,  # [S, B] int32
-    context_lens: jax.Array,  # [S] int32: tokens after this step, the new one included
+    context_lens: jax.Array,  # [S] int32: tokens after this step, the new ones included
     query_start_loc: jax.Array,  # [S + 1] int32
     *,
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     max_threads: int | None = None,
-) -> jax.Array:  # [S, H, D] in q's dtype
-    """Attention of each decode row's one new token over its own paged context (see the module).
+) -> jax.Array:  # [T, H, D] in q's dtype
+    """Attention of each new token over its own sequence's paged context and the step's earlier
+    tokens of that sequence (see the module).
 
     `max_threads`: at most this many threads of XLA's intra-op pool (0: all of them; default:
     `$JAXINFER_ATTENTION_KERNEL_THREADS`, else 0), read when traced."""
@@ -89,8 +94,11 @@ def paged_attention(
             f"the CPU paged-attention kernel takes a float32 or bfloat16 cache, got "
             f"{k_cache.dtype} / {v_cache.dtype}"
         )
-    if q.shape[0] != block_tables.shape[0]:
-        raise ValueError(f"decode rows: q has {q.shape[0]} tokens for {block_tables.shape[0]} rows")
+    if not q.shape[0] == k_new.shape[0] == v_new.shape[0]:
+        raise ValueError(
+            f"q, k_new and v_new must hold the same tokens, got {q.shape[0]}, {k_new.shape[0]} "
+            f"and {v_new.shape[0]}"
+        )
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be None or at least 1, got {sliding_window}")
     if soft_cap is not None and soft_cap <= 0:

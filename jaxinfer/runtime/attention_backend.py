@@ -7,12 +7,12 @@
   * "pallas": the Pallas kernel, compiled for the GPU; an error anywhere it cannot run.
   * "pallas_interpret": the same kernel in Pallas' interpret mode: slow, but it runs on CPU, so CI
     checks the kernel end to end through the engine.
-  * "reference": `pallas_kernels.reference.paged_attention` under XLA; on the CPU, decode rows
-    (`decode_only=True`) go instead to the C++ kernel `kernels/paged_attention_cpu.py` (same
-    signature and result; it reads the cache blocks in place and stops each row at its own
-    length), when it built, the cache is float32 or bfloat16, and `JAXINFER_CPU_KERNELS=0` does
-    not switch the CPU kernels off. Chosen when traced; prefill calls (and the prefill rows of a
-    unified step, which `step.make_attention` sends apart) stay on the reference.
+  * "reference": `pallas_kernels.reference.paged_attention` under XLA; on the CPU, every call,
+    decode rows and prefill chunks alike, goes instead to the C++ kernel
+    `kernels/paged_attention_cpu.py` (same signature and result; it reads the cache blocks in
+    place, each token only its own sequence's keys up to its own position), when it built, the
+    cache is float32 or bfloat16, and `JAXINFER_CPU_KERNELS=0` does not switch the CPU kernels
+    off. Chosen when traced.
 The runner itself picks "batch_invariant" (`pallas_kernels.batch_invariant.paged_attention`) when
 `EngineConfig.batch_invariant` is on: the jnp formulation whose per-token result is independent of
 the step it runs in.
@@ -93,17 +93,13 @@ def reference_or_cpu_kernel(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
 ) -> jax.Array:  # [T, H, D]
-    """The "reference" backend: decode rows through the CPU kernel where it can run, everything
-    else through the jnp reference. Decided when traced (the static `decode_only`, the cache
-    dtype, and whether the kernel is enabled then), so `JAXINFER_CPU_KERNELS=0` set before a
-    compile takes the reference for comparisons."""
+    """The "reference" backend: the CPU kernel where it can run (decode rows and prefill chunks;
+    `decode_only` is only the reference's hint), else the jnp reference. Decided when traced
+    (the cache dtype, and whether the kernel is enabled then), so `JAXINFER_CPU_KERNELS=0` set
+    before a compile takes the reference for comparisons."""
     args = (q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     options = {"scale": scale, "sliding_window": sliding_window, "soft_cap": soft_cap}
-    if (
-        decode_only
-        and paged_attention_cpu.supports(k_cache)
-        and paged_attention_cpu.cpu_kernel_enabled()
-    ):
+    if paged_attention_cpu.supports(k_cache) and paged_attention_cpu.cpu_kernel_enabled():
         return paged_attention_cpu.paged_attention(*args, **options)
     return reference.paged_attention(*args, decode_only=decode_only, **options)
 

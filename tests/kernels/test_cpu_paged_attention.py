@@ -1,4 +1,5 @@
-"""The CPU paged-attention kernel for decode rows (jaxinfer/kernels/cpu/paged_attention.cc).
+"""The CPU paged-attention kernel on decode rows (jaxinfer/kernels/cpu/paged_attention.cc); its
+prefill chunks are tests/kernels/test_cpu_paged_attention_prefill.py's.
 
 Against a float64 numpy implementation of the same attention: random caches, block tables drawn
 from a shuffled pool, ragged contexts (1, either side of a block boundary, the table's full
@@ -250,9 +251,9 @@ def test_other_instruction_sets_give_the_same_bits(isa, flags):
 
 
 def test_the_reference_backend_sends_decode_rows_to_the_kernel_on_cpu(monkeypatch):
-    """Decode calls with a float32 or bfloat16 cache lower to the custom call; prefill calls, a
-    float16 cache, a failed build and JAXINFER_CPU_KERNELS=0 take the reference; the
-    dispatcher's result is the kernel's."""
+    """Decode calls with a float32 or bfloat16 cache lower to the custom call (prefill calls too:
+    the prefill test file); a float16 cache, a failed build and JAXINFER_CPU_KERNELS=0 take the
+    reference; the dispatcher's result is the kernel's."""
     batch = make_batch(CASES["mha-d64"], seed=5)
     local = attention_fn("reference")
 
@@ -263,7 +264,6 @@ def test_the_reference_backend_sends_decode_rows_to_the_kernel_on_cpu(monkeypatc
     assert "jaxinfer_paged_attention_f32" in lowered(decode_only=True)
     assert "jaxinfer_paged_attention_bf16" in lowered(decode_only=True, cache_dtype=jnp.bfloat16)
     assert "jaxinfer_paged_attention" not in lowered(decode_only=True, cache_dtype=jnp.float16)
-    assert "jaxinfer_paged_attention" not in lowered(decode_only=False)
     np.testing.assert_array_equal(
         _run(local, batch, scale=0.125, decode_only=True),
         _run(kernel.paged_attention, batch, scale=0.125),
@@ -342,8 +342,8 @@ def _greedy_and_programs(path, prompts) -> tuple[list, list[tuple[bool, bool, st
 
 def test_engine_greedy_tokens_match_with_the_kernel_off(tiny_llama, monkeypatch):
     """Tiny Llama (GQA 4:2, head dim 16), prompts of 1 to 40 tokens, 20 greedy tokens that cross
-    8-token blocks: the same tokens with the kernel and without; the decode programs hold the
-    custom call, the prefill-only ones and every program with the kernel switched off do not."""
+    8-token blocks: the same tokens with the kernel and without; every program holds the custom
+    call (decode rows and prefill chunks), none with the kernel switched off."""
     rng = np.random.default_rng(20)
     prompts = [rng.integers(5, 500, size=n).tolist() for n in (1, 7, 8, 23, 40)]
     with_kernel, programs = _greedy_and_programs(tiny_llama, prompts)
@@ -351,11 +351,9 @@ def test_engine_greedy_tokens_match_with_the_kernel_off(tiny_llama, monkeypatch)
     without, programs_off = _greedy_and_programs(tiny_llama, prompts)
     assert with_kernel == without
     assert all(len(tokens) == 20 for tokens in with_kernel)
-    decode = [text for prefill, mixed, text in programs if not prefill or mixed]
-    assert decode and all("jaxinfer_paged_attention_f32" in text for text in decode)
-    for prefill, mixed, text in programs:
-        if prefill and not mixed:
-            assert "jaxinfer_paged_attention" not in text
+    assert any(prefill for prefill, _, _ in programs)
+    assert any(not prefill for prefill, _, _ in programs)
+    assert all("jaxinfer_paged_attention_f32" in text for *_, text in programs)
     assert not any("jaxinfer_paged_attention" in text for *_, text in programs_off)
 
 

@@ -1,22 +1,30 @@
-// Paged attention of decode rows (row s owns exactly token s) on XLA:CPU, reading the cache blocks
-// in place through the block table: an XLA FFI custom call (jaxinfer/kernels/paged_attention_cpu.py
-// builds it on first use and registers "jaxinfer_paged_attention_f32" / "..._bf16", one per cache
-// dtype). It computes what pallas_kernels/reference.py::paged_attention(decode_only=True) does.
+// Paged attention on XLA:CPU, reading the cache blocks in place through the block table: an XLA
+// FFI custom call (jaxinfer/kernels/paged_attention_cpu.py builds it on first use and registers
+// "jaxinfer_paged_attention_f32" / "..._bf16", one per cache dtype). It computes what
+// pallas_kernels/reference.py::paged_attention does, for decode rows (row s owns exactly token s)
+// and for ragged prefill chunks alike.
 //
 // Why a kernel: the jnp reference gathers the context in 128-position chunks into float32 copies
 // [K, S, C, D] and runs every sequence as far as the longest context in the step; attention was
-// about half of a batched SmolLM2 decode step on the 2-core CPU (benchmarks/RESULTS.md). Here each
-// (sequence, kv head) work item reads its own blocks, stops at its own context length (and starts
-// at its sliding window), and keeps the softmax state of its G query heads in L1.
+// about half of a batched SmolLM2 decode step on the 2-core CPU (benchmarks/RESULTS.md). For a
+// prefill step it scores every token against every token of the step and masks ([T, T] per
+// head: 4 prompts of 128 tokens in a 512-token step do 8x the causal work, and a third of an
+// int8 SmolLM2 prefill step went there). Here each (token, kv head) work item reads its own
+// sequence's keys only, stops at its own position (and starts at its sliding window), and keeps
+// the softmax state of its G query heads in L1.
 //
-// Shapes (the reference's legend): q [S, H, D], k_new / v_new [S, K, D] float32; k_cache / v_cache
+// Shapes (the reference's legend): q [T, H, D], k_new / v_new [T, K, D] float32; k_cache / v_cache
 // [K, N, P, D] float32 or bfloat16; block_tables [S, B], context_lens [S] (tokens after this step,
-// the new one included), query_start_loc [S + 1] int32; out [S, H, D] float32, H = K * G.
+// the new ones included), query_start_loc [S + 1] int32; out [T, H, D] float32, H = K * G. Token t
+// belongs to the sequence s with query_start_loc[s] <= t < query_start_loc[s + 1] (the handler
+// maps them once per call); tokens past query_start_loc[S] are padding.
 //
-// One work item (s, kh): the G query heads kh * G .. kh * G + G - 1 of row s, pre-scaled by
-// `scale`, score the row's new token (always visible) and then the cached positions
-// lo .. cached - 1 block by block (cached = context_lens[s] - q_len, lo = cached - window + 1
-// with a sliding window, else 0). The heads go in groups of up to four, whose partial sums stay in
+// One work item (t, kh): the G query heads kh * G .. kh * G + G - 1 of token t, pre-scaled by
+// `scale`, score the token itself (always visible) first, then the cached positions
+// lo .. cached - 1 block by block (cached = context_lens[s] - q_len; with a sliding window
+// lo = position - window + 1, else 0), then the step's earlier tokens of its sequence, P at a
+// time (none for a decode row, whose result is therefore what it was when the kernel took decode
+// rows only). The heads go in groups of up to four, whose partial sums stay in
 // registers while each key and value row is loaded once for the group. Scores: one lane-wise
 // fused multiply-add per element over D (lanes.h's order, the tail of D zero padded), Reduce,
 // then soft_cap * tanh(score / soft_cap) if asked. Online softmax per block: the new max over the
@@ -24,15 +32,15 @@
 // Exp(score - max) 16 at a time (Exp below: Cephes' polynomial, within 1 ulp), their sum in
 // position order, then the weighted V rows added position by position. While a block is scored,
 // the next block's rows are prefetched (blocks are scattered; the hardware prefetcher stops at a
-// page). Rows past query_start_loc[S] (padding) write zeros and read nothing, so NaN there does
-// not leak; nor do cache slots outside [lo, cached), which are never read. The order of every
-// operation depends on the item alone and each helper below is one IEEE operation per lane, so the
-// AVX-512, AVX2 and plain C++ builds give the same bits, and a row's result does not depend on
-// the other rows of the step or on the threads.
+// page). Padding tokens write zeros and read nothing, so NaN there does not leak; nor do cache
+// slots outside [lo, cached), which are never read. The order of every operation depends on the
+// item alone and each helper below is one IEEE operation per lane, so the AVX-512, AVX2 and plain
+// C++ builds give the same bits, and a token's result does not depend on the other sequences of
+// the step or on the threads.
 //
-// Threads: tiles.h's RunTiles over one "row" of S * K "channels" (the work items), with a nominal
+// Threads: tiles.h's RunTiles over one "row" of T * K "channels" (the work items), with a nominal
 // row size of a whole channel block so that each unit of work is one tile of kSingleRowCols items
-// (8 with AVX-512): 6 units for both cores at S = 16 (SmolLM2 has K = 3), handed out through its
+// (8 with AVX-512): 6 units for both cores at T = 16 (SmolLM2 has K = 3), handed out through its
 // atomic counter, which also evens out ragged context lengths.
 
 #include <algorithm>
@@ -170,17 +178,18 @@ inline float SoftCap(float score, float soft_cap) {
 constexpr int64_t kHeadsAtOnce = 4;
 
 template <typename T>  // float or uint16_t (bfloat16 bits): the cache's element type
-struct Problem {       // the kernel tiles.h runs: item o = s * kv_heads + kh
-  const float* q;            // [S, H, D]
-  const float* k_new;        // [S, K, D]
-  const float* v_new;        // [S, K, D]
+struct Problem {       // the kernel tiles.h runs: item o = t * kv_heads + kh
+  const float* q;            // [T, H, D]
+  const float* k_new;        // [T, K, D]
+  const float* v_new;        // [T, K, D]
   const T* k_cache;          // [K, N, P, D]
   const T* v_cache;          // [K, N, P, D]
   const int32_t* tables;     // [S, B]
   const int32_t* lens;       // [S]
   const int32_t* starts;     // [S + 1]
-  float* out;                // [S, H, D]
-  int64_t seqs, heads, kv_heads, head_dim, num_blocks, block_size, table_width;
+  const int32_t* token_seq;  // [T]: each token's sequence, -1 for padding (the handler's)
+  float* out;                // [T, H, D]
+  int64_t tokens, seqs, heads, kv_heads, head_dim, num_blocks, block_size, table_width;
   float scale, soft_cap;     // soft_cap 0: none
   int64_t window;            // 0: none
 
@@ -195,48 +204,54 @@ struct Problem {       // the kernel tiles.h runs: item o = s * kv_heads + kh
     // Scratch of one head group: scaled queries and outputs [4, chunks * 16], scores [4, room].
     std::vector<float> scratch(kHeadsAtOnce * (2 * chunks * kLanes + score_room));
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t item = o + c, s = item / kv_heads, kh = item % kv_heads;
+      const int64_t item = o + c, t = item / kv_heads, kh = item % kv_heads;
       const int64_t group = heads / kv_heads;
-      if (s >= starts[seqs]) {  // a padding row: zeros, and nothing of it is read
-        float* rows = out + (s * heads + kh * group) * head_dim;
+      if (token_seq[t] < 0) {  // a padding token: zeros, and nothing of it is read
+        float* rows = out + (t * heads + kh * group) * head_dim;
         std::fill(rows, rows + group * head_dim, 0.0f);
         continue;
       }
       for (int64_t g = 0; g < group; g += kHeadsAtOnce) {
         switch (std::min(kHeadsAtOnce, group - g)) {
-          case 1: Heads<1>(s, kh, kh * group + g, scratch.data()); break;
-          case 2: Heads<2>(s, kh, kh * group + g, scratch.data()); break;
-          case 3: Heads<3>(s, kh, kh * group + g, scratch.data()); break;
-          case 4: Heads<4>(s, kh, kh * group + g, scratch.data()); break;
+          case 1: Heads<1>(t, kh, kh * group + g, scratch.data()); break;
+          case 2: Heads<2>(t, kh, kh * group + g, scratch.data()); break;
+          case 3: Heads<3>(t, kh, kh * group + g, scratch.data()); break;
+          case 4: Heads<4>(t, kh, kh * group + g, scratch.data()); break;
         }
       }
     }
   }
 
   template <int G>
-  void Heads(int64_t s, int64_t kh, int64_t first_head, float* scratch) const;
+  void Heads(int64_t t, int64_t kh, int64_t first_head, float* scratch) const;
+
+  // Folds key / value rows from .. to - 1 (row j at keys + j * stride) into the softmax state
+  // of G heads; `next_keys` / `next_values` (or null): the next block, prefetched meanwhile.
+  template <int G, typename R>
+  void Absorb(const R* keys, const R* values, int64_t stride, int64_t from, int64_t to,
+              const char* next_keys, const char* next_values, const float* qs, float* acc,
+              float* scores, float* top, float* total) const;
 };
 
-// Query heads first_head .. first_head + G - 1 of row s (all of kv head kh).
+// Query heads first_head .. first_head + G - 1 of token t (all of kv head kh).
 template <typename T>
 template <int G>
-void Problem<T>::Heads(int64_t s, int64_t kh, int64_t first_head, float* scratch) const {
+void Problem<T>::Heads(int64_t t, int64_t kh, int64_t first_head, float* scratch) const {
   const int64_t D = head_dim, P = block_size;
   const int64_t chunks = (D + kLanes - 1) / kLanes, padded = chunks * kLanes;
   float* qs = scratch;                 // [G, padded]: q * scale, zero tail
   float* acc = qs + G * padded;        // [G, padded]: the unnormalized output
   float* scores = acc + G * padded;    // [G, room]: one block's scores, then weights
-  const int64_t room = (P + kLanes - 1) / kLanes * kLanes;
   float top[G], total[G];
 
-  const float* own_k = k_new + (s * kv_heads + kh) * D;  // [D]
-  const float* own_v = v_new + (s * kv_heads + kh) * D;
+  const float* own_k = k_new + (t * kv_heads + kh) * D;  // [D]
+  const float* own_v = v_new + (t * kv_heads + kh) * D;
   for (int g = 0; g < G; ++g) {
-    const float* q_row = q + (s * heads + first_head + g) * D;
+    const float* q_row = q + (t * heads + first_head + g) * D;
     for (int64_t d = 0; d < D; ++d) qs[g * padded + d] = q_row[d] * scale;
     std::fill(qs + g * padded + D, qs + (g + 1) * padded, 0.0f);
   }
-  {  // The new token first: its score starts the running max, its value row with weight 1.
+  {  // The token itself first: its score starts the running max, its value row with weight 1.
     Lanes dot[G];
     for (int g = 0; g < G; ++g) dot[g] = Zero();
     for (int64_t c = 0; c < chunks; ++c) {
@@ -251,77 +266,96 @@ void Problem<T>::Heads(int64_t s, int64_t kh, int64_t first_head, float* scratch
     }
   }
 
-  const int64_t q_len = starts[s + 1] - starts[s];
+  const int64_t s = token_seq[t], start = starts[s];
+  const int64_t q_len = starts[s + 1] - start;
   const int64_t cached = std::clamp<int64_t>(lens[s] - q_len, 0, table_width * P);
-  const int64_t first = window > 0 ? std::max<int64_t>(cached - window + 1, 0) : 0;
+  const int64_t position = cached + (t - start);  // a decode row's: `cached`
+  const int64_t first = window > 0 ? std::max<int64_t>(position - window + 1, 0) : 0;
   const int32_t* table = tables + s * table_width;
-  const int64_t row_bytes = D * sizeof(T);
   auto block_at = [&](int64_t b) {
     return (kh * num_blocks + std::clamp<int64_t>(table[b], 0, num_blocks - 1)) * P * D;
   };
-  for (int64_t b = first / P; b * P < cached; ++b) {
-    const int64_t from = std::max<int64_t>(first - b * P, 0);
-    const int64_t to = std::min<int64_t>(cached - b * P, P);
-    const T* keys = k_cache + block_at(b);  // [P, D]
-    const T* values = v_cache + block_at(b);
-    // The next block lies elsewhere (the hardware prefetcher stops at its page): ask for its
-    // rows, one per position scored here (64 rows x 512 positions, one thread: 9.5 -> 3.5 ms).
+  for (int64_t b = first / P; b * P < cached; ++b) {  // the cached context, block by block
     const bool has_next = (b + 1) * P < cached;
     const int64_t next = has_next ? block_at(b + 1) : 0;
-    const char* next_keys = reinterpret_cast<const char*>(k_cache + next);
-    const char* next_values = reinterpret_cast<const char*>(v_cache + next);
-    for (int64_t j = from; j < to; ++j) {
-      if (has_next) {
-        for (int64_t line = 0; line < row_bytes; line += 64) {
-          __builtin_prefetch(next_keys + j * row_bytes + line, 0, 3);
-          __builtin_prefetch(next_values + j * row_bytes + line, 0, 3);
-        }
-      }
-      Lanes dot[G];
-      for (int g = 0; g < G; ++g) dot[g] = Zero();
-      for (int64_t c = 0; c < chunks; ++c) {
-        const Lanes k = LoadRowLanes(keys + j * D, c * kLanes, D);
-        for (int g = 0; g < G; ++g) dot[g] = Fma(LoadX(qs + g * padded + c * kLanes), k, dot[g]);
-      }
-      for (int g = 0; g < G; ++g) scores[g * room + j] = SoftCap(Reduce(dot[g]), soft_cap);
-    }
-    Lanes rescale[G];
-    bool rescaled = false;
-    for (int g = 0; g < G; ++g) {
-      float* row = scores + g * room;
-      float new_top = top[g];
-      for (int64_t j = from; j < to; ++j) new_top = std::max(new_top, row[j]);
-      rescale[g] = Broadcast(1.0f);
-      if (new_top > top[g]) {  // exp(old max - new max), the same Exp as the weights
-        alignas(64) float factor[kLanes];
-        Store(Exp(Broadcast(top[g] - new_top)), factor);
-        total[g] *= factor[0];
-        rescale[g] = Broadcast(factor[0]);
-        rescaled = true;
-        top[g] = new_top;
-      }
-      for (int64_t j = from / kLanes * kLanes; j < to; j += kLanes)  // lanes past `to` unused
-        Store(Exp(Add(LoadX(row + j), Broadcast(-new_top))), row + j);
-      float block_total = 0.0f;
-      for (int64_t j = from; j < to; ++j) block_total += row[j];
-      total[g] += block_total;
-    }
-    for (int64_t c = 0; c < chunks; ++c) {  // each group of output lanes over the block's rows
-      Lanes sums[G];
-      for (int g = 0; g < G; ++g) {
-        sums[g] = LoadX(acc + g * padded + c * kLanes);
-        if (rescaled) sums[g] = Mul(sums[g], rescale[g]);
-      }
-      for (int64_t j = from; j < to; ++j) {
-        const Lanes v = LoadRowLanes(values + j * D, c * kLanes, D);
-        for (int g = 0; g < G; ++g) sums[g] = Fma(Broadcast(scores[g * room + j]), v, sums[g]);
-      }
-      for (int g = 0; g < G; ++g) Store(sums[g], acc + g * padded + c * kLanes);
-    }
+    Absorb<G>(k_cache + block_at(b), v_cache + block_at(b), D, std::max<int64_t>(first - b * P, 0),
+              std::min<int64_t>(cached - b * P, P),
+              has_next ? reinterpret_cast<const char*>(k_cache + next) : nullptr,
+              has_next ? reinterpret_cast<const char*>(v_cache + next) : nullptr, qs, acc, scores,
+              top, total);
+  }
+  // Then the step's earlier tokens of the same sequence (a prefill chunk's; none for a decode
+  // row), P rows at a time, in position order.
+  const int64_t stride = kv_heads * D;
+  for (int64_t u = start + std::max<int64_t>(first - cached, 0); u < t; u += P) {
+    const int64_t offset = (u * kv_heads + kh) * D;
+    Absorb<G>(k_new + offset, v_new + offset, stride, 0, std::min<int64_t>(t - u, P), nullptr,
+              nullptr, qs, acc, scores, top, total);
   }
   for (int g = 0; g < G; ++g) {
-    float* out_row = out + (s * heads + first_head + g) * D;
+    float* out_row = out + (t * heads + first_head + g) * D;
     for (int64_t d = 0; d < D; ++d) out_row[d] = acc[g * padded + d] / total[g];
+  }
+}
+
+template <typename T>
+template <int G, typename R>
+void Problem<T>::Absorb(const R* keys, const R* values, int64_t stride, int64_t from, int64_t to,
+                        const char* next_keys, const char* next_values, const float* qs,
+                        float* acc, float* scores, float* top, float* total) const {
+  const int64_t D = head_dim;
+  const int64_t chunks = (D + kLanes - 1) / kLanes, padded = chunks * kLanes;
+  const int64_t room = (block_size + kLanes - 1) / kLanes * kLanes;
+  const int64_t row_bytes = D * sizeof(R);
+  for (int64_t j = from; j < to; ++j) {
+    // The next block lies elsewhere (the hardware prefetcher stops at its page): ask for its
+    // rows, one per position scored here (64 rows x 512 positions, one thread: 9.5 -> 3.5 ms).
+    if (next_keys != nullptr) {
+      for (int64_t line = 0; line < row_bytes; line += 64) {
+        __builtin_prefetch(next_keys + j * row_bytes + line, 0, 3);
+        __builtin_prefetch(next_values + j * row_bytes + line, 0, 3);
+      }
+    }
+    Lanes dot[G];
+    for (int g = 0; g < G; ++g) dot[g] = Zero();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const Lanes k = LoadRowLanes(keys + j * stride, c * kLanes, D);
+      for (int g = 0; g < G; ++g) dot[g] = Fma(LoadX(qs + g * padded + c * kLanes), k, dot[g]);
+    }
+    for (int g = 0; g < G; ++g) scores[g * room + j] = SoftCap(Reduce(dot[g]), soft_cap);
+  }
+  Lanes rescale[G];
+  bool rescaled = false;
+  for (int g = 0; g < G; ++g) {
+    float* row = scores + g * room;
+    float new_top = top[g];
+    for (int64_t j = from; j < to; ++j) new_top = std::max(new_top, row[j]);
+    rescale[g] = Broadcast(1.0f);
+    if (new_top > top[g]) {  // exp(old max - new max), the same Exp as the weights
+      alignas(64) float factor[kLanes];
+      Store(Exp(Broadcast(top[g] - new_top)), factor);
+      total[g] *= factor[0];
+      rescale[g] = Broadcast(factor[0]);
+      rescaled = true;
+      top[g] = new_top;
+    }
+    for (int64_t j = from / kLanes * kLanes; j < to; j += kLanes)  // lanes past `to` unused
+      Store(Exp(Add(LoadX(row + j), Broadcast(-new_top))), row + j);
+    float block_total = 0.0f;
+    for (int64_t j = from; j < to; ++j) block_total += row[j];
+    total[g] += block_total;
+  }
+  for (int64_t c = 0; c < chunks; ++c) {  // each group of output lanes over the block's rows
+    Lanes sums[G];
+    for (int g = 0; g < G; ++g) {
+      sums[g] = LoadX(acc + g * padded + c * kLanes);
+      if (rescaled) sums[g] = Mul(sums[g], rescale[g]);
+    }
+    for (int64_t j = from; j < to; ++j) {
+      const Lanes v = LoadRowLanes(values + j * stride, c * kLanes, D);
+      for (int g = 0; g < G; ++g) sums[g] = Fma(Broadcast(scores[g * room + j]), v, sums[g]);
+    }
+    for (int g = 0; g < G; ++g) Store(sums[g], acc + g * padded + c * kLanes);
   }
 }
 
@@ -342,28 +376,37 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   auto table_dims = block_tables.dimensions();
   if (q_dims.size() != 3 || cache_dims.size() != 4 || table_dims.size() != 2) {
     return ffi::Error::InvalidArgument(
-        "jaxinfer_paged_attention: q [S, H, D], caches [K, N, P, D], block_tables [S, B]");
+        "jaxinfer_paged_attention: q [T, H, D], caches [K, N, P, D], block_tables [S, B]");
   }
-  const int64_t seqs = q_dims[0], heads = q_dims[1], head_dim = q_dims[2];
-  const int64_t kv_heads = cache_dims[0];
+  const int64_t tokens = q_dims[0], heads = q_dims[1], head_dim = q_dims[2];
+  const int64_t seqs = table_dims[0], kv_heads = cache_dims[0];
   const bool agree =
       cache_dims[3] == head_dim && kv_heads > 0 && heads % kv_heads == 0 &&
       SameDims(v_cache.dimensions(), cache_dims) && k_new.dimensions().size() == 3 &&
-      k_new.dimensions()[0] == seqs && k_new.dimensions()[1] == kv_heads &&
+      k_new.dimensions()[0] == tokens && k_new.dimensions()[1] == kv_heads &&
       k_new.dimensions()[2] == head_dim && SameDims(v_new.dimensions(), k_new.dimensions()) &&
-      table_dims[0] == seqs && static_cast<int64_t>(context_lens.element_count()) == seqs &&
+      static_cast<int64_t>(context_lens.element_count()) == seqs &&
       static_cast<int64_t>(query_start_loc.element_count()) == seqs + 1 &&
       SameDims(out->dimensions(), q_dims) && cache_dims[1] > 0 && cache_dims[2] > 0;
   if (!agree) return ffi::Error::InvalidArgument("jaxinfer_paged_attention: shapes do not agree");
+  // Each token's sequence (its rows of query_start_loc), -1 past the last sequence's tokens.
+  const int32_t* starts = query_start_loc.typed_data();
+  std::vector<int32_t> token_seq(tokens, -1);
+  for (int64_t s = 0; s < seqs; ++s) {
+    const int64_t begin = std::clamp<int64_t>(starts[s], 0, tokens);
+    const int64_t end = std::clamp<int64_t>(starts[s + 1], begin, tokens);
+    std::fill(token_seq.begin() + begin, token_seq.begin() + end, static_cast<int32_t>(s));
+  }
   using T = ffi::NativeType<CacheType>;
   const Problem<T> problem{
       q.typed_data(),       k_new.typed_data(),        v_new.typed_data(),
       k_cache.typed_data(), v_cache.typed_data(),      block_tables.typed_data(),
-      context_lens.typed_data(), query_start_loc.typed_data(), out->typed_data(),
-      seqs, heads, kv_heads, head_dim, /*num_blocks=*/cache_dims[1], /*block_size=*/cache_dims[2],
-      /*table_width=*/table_dims[1], scale, soft_cap, /*window=*/sliding_window};
-  // One row of S * K items; a nominal row size of a whole block makes each unit one tile.
-  RunTiles(pool, problem, 1, seqs * kv_heads, /*row_bytes=*/kBlockBytes, max_threads);
+      context_lens.typed_data(), starts, token_seq.data(), out->typed_data(),
+      tokens, seqs, heads, kv_heads, head_dim, /*num_blocks=*/cache_dims[1],
+      /*block_size=*/cache_dims[2], /*table_width=*/table_dims[1], scale, soft_cap,
+      /*window=*/sliding_window};
+  // One row of T * K items; a nominal row size of a whole block makes each unit one tile.
+  RunTiles(pool, problem, 1, tokens * kv_heads, /*row_bytes=*/kBlockBytes, max_threads);
   return ffi::Error::Success();
 }
 
