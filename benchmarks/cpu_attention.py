@@ -1,5 +1,6 @@
-"""Decode attention on the CPU: the jnp reference (`decode_only=True`) against the C++ kernel
-(jaxinfer/kernels/cpu/paged_attention.cc), one layer of SmolLM2-135M's shapes.
+"""Attention on the CPU: the jnp reference against the C++ kernel
+(jaxinfer/kernels/cpu/paged_attention.cc), one layer of SmolLM2-135M's shapes, decode rows and
+prefill chunks.
 
     python benchmarks/cpu_attention.py                 # the table below, JSON to --out
     python benchmarks/cpu_attention.py --quick         # smoke run (tests/kernels runs it)
@@ -9,6 +10,11 @@ Shapes: 9 query heads, 3 kv heads, head dim 64, 16-token blocks, a float32 cache
 from 1 .. 2 x that ("ragged", same mean: the reference runs every row as far as the longest, the
 kernel each row to its own length). Block tables of shuffled blocks, as wide as the longest
 context allows.
+
+Prefill chunks (the reference's ragged path, `decode_only=False`, which scores every token of the
+step against every other and masks): a 512-token step holding 16 fresh prompts of 32 tokens, 4 of
+128, one of 512, and a 256-token later chunk of a prompt with 256 positions already cached
+(chunked prefill), beside the kernel, which scores each token against its own sequence only.
 
 Timing: the two are interleaved (reference, kernel, reference, kernel, ...: `--rounds` rounds of
 `--repeats` calls each) because the machine is shared; each is the median over its calls, in ms
@@ -62,12 +68,37 @@ def make_inputs(rows: int, context: int, ragged: bool, seed: int = 0) -> tuple:
     return tuple(jnp.asarray(a) for a in arrays)
 
 
-def measure(rows: int, context: int, ragged: bool, rounds: int, repeats: int) -> dict:
-    args = make_inputs(rows, context, ragged)
+PREFILL = {  # name -> (cached positions, new tokens) of each sequence of a 512-token step
+    "16 x 32 fresh": ((0, 32),) * 16,
+    "4 x 128 fresh": ((0, 128),) * 4,
+    "1 x 512 fresh": ((0, 512),),
+    "256 after 256 cached": ((256, 256),),
+}
+
+
+def make_prefill_inputs(seqs: tuple[tuple[int, int], ...], seed: int = 0) -> tuple:
+    """One prefill step: sequence s feeds seqs[s][1] tokens after seqs[s][0] cached positions."""
+    rng = np.random.default_rng(seed)
+    lens = np.array([cached + new for cached, new in seqs], np.int32)
+    width = -(-int(lens.max()) // BLOCK)
+    tables = (rng.permutation(len(seqs) * width) + 1).reshape(len(seqs), width).astype(np.int32)
+    cache_shape = (KV_HEADS, len(seqs) * width + 1, BLOCK, HEAD_DIM)
+    k_cache = rng.standard_normal(cache_shape, np.float32)
+    v_cache = rng.standard_normal(cache_shape, np.float32)
+    tokens = sum(new for _, new in seqs)
+    q = rng.standard_normal((tokens, HEADS, HEAD_DIM), np.float32)
+    k_new = rng.standard_normal((tokens, KV_HEADS, HEAD_DIM), np.float32)
+    v_new = rng.standard_normal((tokens, KV_HEADS, HEAD_DIM), np.float32)
+    starts = np.cumsum([0] + [new for _, new in seqs]).astype(np.int32)
+    arrays = (q, k_new, v_new, k_cache, v_cache, tables, lens, starts)
+    return tuple(jnp.asarray(a) for a in arrays)
+
+
+def _time_both(args: tuple, decode_only: bool, rounds: int, repeats: int) -> dict:
     scale = HEAD_DIM**-0.5
     functions = {
         "reference": jax.jit(
-            lambda *a: reference.paged_attention(*a, scale=scale, decode_only=True)
+            lambda *a: reference.paged_attention(*a, scale=scale, decode_only=decode_only)
         ),
         "kernel": jax.jit(lambda *a: kernel.paged_attention(*a, scale=scale)),
     }
@@ -82,14 +113,21 @@ def measure(rows: int, context: int, ragged: bool, rounds: int, repeats: int) ->
     reference_ms = 1e3 * statistics.median(samples["reference"])
     kernel_ms = 1e3 * statistics.median(samples["kernel"])
     return {
-        "rows": rows,
-        "context": context,
-        "contexts": "ragged" if ragged else "equal",
         "reference_ms": reference_ms,
         "kernel_ms": kernel_ms,
         "speedup": reference_ms / kernel_ms,
         "max_abs_diff": float(np.abs(outputs["reference"] - outputs["kernel"]).max()),
     }
+
+
+def measure(rows: int, context: int, ragged: bool, rounds: int, repeats: int) -> dict:
+    timed = _time_both(make_inputs(rows, context, ragged), True, rounds, repeats)
+    return {"rows": rows, "context": context, "contexts": "ragged" if ragged else "equal", **timed}
+
+
+def measure_prefill(name: str, rounds: int, repeats: int) -> dict:
+    timed = _time_both(make_prefill_inputs(PREFILL[name]), False, rounds, repeats)
+    return {"step": name, "tokens": sum(new for _, new in PREFILL[name]), **timed}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -109,6 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
         for context in (CONTEXTS[:1] if args.quick else CONTEXTS)
         for ragged in (False, True)
     ]
+    prefill = [
+        measure_prefill(name, rounds, repeats)
+        for name in (list(PREFILL)[1:2] if args.quick else PREFILL)
+    ]
     report = {
         "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block": BLOCK},
         "kernel_isa": kernel.kernel_isa(),
@@ -118,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": rounds,
         "repeats": repeats,
         "results": results,
+        "prefill": prefill,
     }
     print(f"load average before {load_before}, after {report['loadavg_after']}")
     print("| S | context | rows | reference ms | kernel ms | speedup | max abs diff |")
@@ -126,6 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"| {r['rows']} | {r['context']} | {r['contexts']} | {r['reference_ms']:.3f} | "
             f"{r['kernel_ms']:.3f} | {r['speedup']:.1f}x | {r['max_abs_diff']:.1e} |"
+        )
+    print("\n| prefill step (512 tokens) | reference ms | kernel ms | speedup | max abs diff |")
+    print("|---|---:|---:|---:|---:|")
+    for r in prefill:
+        print(
+            f"| {r['step']} | {r['reference_ms']:.3f} | {r['kernel_ms']:.3f} | "
+            f"{r['speedup']:.1f}x | {r['max_abs_diff']:.1e} |"
         )
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return report

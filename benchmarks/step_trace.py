@@ -1,8 +1,9 @@
-"""Where a decode step's device time goes, op by op, from an XLA:CPU trace (issue 20).
+"""Where a decode (or prefill) step's device time goes, op by op, from an XLA:CPU trace (issue 20).
 
     python benchmarks/step_trace.py --quantization int8             # SmolLM2, batch 1
     python benchmarks/step_trace.py --batch 16 --steps 32
     python benchmarks/step_trace.py --quantization int8 --num-scheduler-steps 8   # multi-step
+    python benchmarks/step_trace.py --quantization int8 --prefill --batch 4 --prompt-len 128
     python benchmarks/step_trace.py --quick --model /path/to/tiny/checkpoint
 
 Why next to step_profile.py: that one times pieces compiled apart; this one watches the engine's
@@ -21,6 +22,9 @@ and divided by N:
     their target, read from the compiled decode step's HLO (`ffi_call.N -> custom_call_target`;
     another program's `ffi_call.N`, the sampler's, would take the step's name: none has one);
   * XLA's own thunks by kind (fusions, copies, ...), the instruction names less their numbers.
+With `--prefill`, each traced step is the prefill of B fresh prompts of `--prompt-len` random
+tokens (one step: B * prompt-len must fit `max_num_batched_tokens`, which is set to it), the
+requests aborted after it; the custom calls are named from that prefill bucket's program.
 Also the Python thread's time per step inside the runner's dispatch and collect. Thunks of
 other programs (sampler, cache writer) count by kind too. Thunk times overlap when XLA runs
 thunks concurrently, and the trace adds a little to each, so read shares, not exact sums.
@@ -162,6 +166,46 @@ def trace_decode(llm, batch: int, steps: int, seed: int) -> dict:
             **summary}  # fmt: skip
 
 
+def trace_prefill(llm, batch: int, prompt_len: int, steps: int, seed: int) -> dict:
+    """`steps` traced engine steps, each the prefill of `batch` fresh random prompts of
+    `prompt_len` tokens (then aborted); two untraced rounds first (compiles)."""
+    import jax
+    from jax.profiler import ProfileData
+
+    from jaxinfer import SamplingParams
+
+    engine = llm.llm_engine
+    rng = np.random.default_rng(seed)
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+
+    def prefill_step(tag: str) -> float:
+        ids = [f"prefill-{tag}-{index}" for index in range(batch)]
+        for request_id in ids:
+            prompt = {"prompt_token_ids": rng.integers(16, llm.vocab_size, prompt_len).tolist()}
+            engine.add_request(request_id, prompt, params)
+        started = time.perf_counter()
+        engine.step()
+        seconds = time.perf_counter() - started
+        for request_id in ids:
+            engine.abort_request(request_id)
+        return seconds
+
+    for round_ in range(2):
+        prefill_step(f"warm{round_}")
+    runner = engine.runner
+    tokens = batch * prompt_len
+    buckets = [b for b in runner.stages[-1].executables if b.is_prefill and b.num_tokens >= tokens]
+    bucket = min(buckets, key=lambda b: b.num_tokens)  # the bucket the prefill steps ran in
+    targets = custom_call_targets(runner.stages[-1].executables[bucket].as_text())
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            walls = [prefill_step(f"traced{index}") for index in range(steps)]
+        (path,) = Path(folder).rglob("*.xplane.pb")
+        summary = summarize(ProfileData.from_file(str(path)), targets, steps)
+    return {"batch": batch, "prompt_len": prompt_len, "traced_steps": steps,
+            "traced_wall_ms_per_step": 1e3 * float(np.median(walls)), **summary}  # fmt: skip
+
+
 def table(result: dict, top: int) -> str:
     rows = list(result["thunk_ms_per_step"].items())
     lines = ["| thunk kind | ms / step | per step | share |", "|---|---:|---:|---:|"]
@@ -185,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--num-scheduler-steps", type=int, default=1, help="multi-step decode")
+    p.add_argument("--prefill", action="store_true", help="trace prefill steps instead")
+    p.add_argument("--prompt-len", type=int, default=128, help="with --prefill")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--quick", action="store_true")
@@ -192,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.steps = 4
+    if args.prefill:
+        args.steps = min(args.steps, 8)
     if "jax" in sys.modules and TRACE_FLAG not in os.environ.get("XLA_FLAGS", ""):
         print("note: JAX was imported before the trace flag was set: thunks may be unnamed")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TRACE_FLAG}".strip()
@@ -205,19 +253,29 @@ def main(argv: list[str] | None = None) -> dict:
 
         args.model = str(default_model_path())
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    prefill_settings = {}
+    if args.prefill:  # one step takes the whole batch's prompts
+        tokens = args.batch * args.prompt_len
+        prefill_settings = {"max_num_batched_tokens": tokens, "max_prefill_seqs": args.batch}
     llm = LLM(
         EngineConfig(
             model=args.model,
             quantization=args.quantization,
             async_scheduling=False,  # one step program per engine step inside the traced window
-            max_model_len=-(-(PROMPT_LEN + args.steps + 4 + args.num_scheduler_steps) // 16) * 16
-            + 16,
+            max_model_len=max(
+                -(-(PROMPT_LEN + args.steps + 4 + args.num_scheduler_steps) // 16) * 16 + 16,
+                -(-(args.prompt_len + 2) // 16) * 16 + 16 if args.prefill else 0,
+            ),
             max_num_seqs=args.batch,
             num_scheduler_steps=args.num_scheduler_steps,
+            **prefill_settings,
         )
     )
     try:
-        traced = trace_decode(llm, args.batch, args.steps, args.seed)
+        if args.prefill:
+            traced = trace_prefill(llm, args.batch, args.prompt_len, args.steps, args.seed)
+        else:
+            traced = trace_decode(llm, args.batch, args.steps, args.seed)
     finally:
         llm.shutdown()
     load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -228,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "quantization": args.quantization,
         "num_scheduler_steps": args.num_scheduler_steps,
+        "prefill": args.prefill,
         "method": "jax.profiler trace with --xla_cpu_enable_xprof_traceme; per-step thunk sums",
         "loadavg_before": load_before,
         "loadavg_after": load_after,

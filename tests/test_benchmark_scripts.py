@@ -90,6 +90,20 @@ def test_step_trace_quick_run_names_the_int8_kernel_calls(tiny_llama, tmp_path, 
     ) == {"ffi_call.3": "jaxinfer_int8_matmul"}
 
 
+def test_step_trace_prefill_mode_traces_prefill_steps(tiny_llama, tmp_path, monkeypatch):
+    """--prefill: each traced step is one prefill of B fresh prompts; its attention goes through
+    the CPU kernel (one call per layer) and every int8 product runs once."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    module = _load("step_trace")
+    out = tmp_path / "prefill.json"
+    args = ["--quick", "--model", str(tiny_llama), "--quantization", "int8", "--out", str(out)]
+    result = module.main([*args, "--prefill", "--batch", "2", "--prompt-len", "24"])
+    assert result["prefill"] and result["prompt_len"] == 24 and result["traced_steps"] == 4
+    assert result["thunks_per_step"]["jaxinfer_int8_matmul"] == 2 * 4 + 1
+    assert result["thunks_per_step"]["jaxinfer_paged_attention_f32"] == 2  # one per layer
+    assert result["traced_wall_ms_per_step"] > 0
+
+
 def test_quantization_products_only_quick_run_times_every_block_type(tmp_path):
     """benchmarks/quantization.py's product tables alone (the engine sections need SmolLM2)."""
     module = _load("quantization")

@@ -371,6 +371,7 @@ def test_the_benchmark_quick_run_fills_its_table(tmp_path):
         (16, "equal"),
         (16, "ragged"),
     ]
-    for row in report["results"]:
+    assert [(r["step"], r["tokens"]) for r in report["prefill"]] == [("4 x 128 fresh", 512)]
+    for row in report["results"] + report["prefill"]:
         assert row["reference_ms"] > 0 and row["kernel_ms"] > 0
         assert row["max_abs_diff"] < 1e-5
