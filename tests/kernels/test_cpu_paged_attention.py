@@ -11,9 +11,9 @@ the new token's own slot) and so are the padding rows' q / k_new / v_new: a stra
 Tolerance, derived from the reference: the jnp reference (`decode_only=True`) runs the same
 float32 computation in another order, so its own error against float64 is the yardstick. Per
 case, the kernel's largest error must be at most FACTOR = 4 times the reference's (measured
-ratios 0.57-1.25 over these cases, errors 1e-7 to 5e-7; with a window of 1 both are exact), so a
-wrong position, weight or rescale fails (dropping the last cached position: error 0.93) while
-rounding cannot. For a bfloat16 cache the float64 answer uses the same bfloat16 values (the cast to
+ratios 0.53-1.25 over these cases, errors 1e-7 to 5e-7, and 0.47-1.43, errors 3e-7 to 7e-7, over
+the prefill file's; with a window of 1 both are exact), so a wrong position, weight or rescale
+fails (dropping the last cached position: error 0.93) while rounding cannot. For a bfloat16 cache the float64 answer uses the same bfloat16 values (the cast to
 float32 is exact).
 """
 
@@ -68,31 +68,48 @@ class DecodeCase:
         assert all(1 <= c <= self.width * self.block_size for c in self.contexts)
 
 
-def make_batch(case: DecodeCase, seed: int = 0) -> dict[str, np.ndarray]:
-    """Decode rows 0..R-1 (one token each), then padding rows; NaN wherever nothing is owed."""
+@dataclass(frozen=True, kw_only=True)
+class RaggedCase:
+    seqs: tuple[tuple[int, int], ...]  # (cached positions, new tokens) of each sequence
+    padding_tokens: int = 3
+    padding_seqs: int = 1  # table rows with no tokens (a bucket's spare sequence slots)
+    kv_heads: int = 2
+    group: int = 3
+    head_dim: int = 64
+    block_size: int = 16
+    width: int = 6
+    spare_blocks: int = 3
+
+
+def make_ragged_batch(case: RaggedCase, seed: int = 0) -> dict[str, np.ndarray]:
+    """Sequence s feeds seqs[s][1] tokens after seqs[s][0] cached positions, then padding tokens
+    and table rows with no tokens; NaN wherever nothing is owed."""
     rng = np.random.default_rng(seed)
-    rows = len(case.contexts) + case.padding_rows
     kv, group, dim, size = case.kv_heads, case.group, case.head_dim, case.block_size
-    needed = [math.ceil(c / size) for c in case.contexts]
-    num_blocks = 1 + sum(needed) + case.spare_blocks  # block 0: the padding sink
+    rows = len(case.seqs) + case.padding_seqs
+    needed = [math.ceil((c + n) / size) for c, n in case.seqs]
+    assert max(needed) <= case.width
+    num_blocks = 1 + sum(needed) + case.spare_blocks
     pool = rng.permutation(np.arange(1, num_blocks))
     tables = np.zeros((rows, case.width), np.int32)
     k_cache = np.full((kv, num_blocks, size, dim), np.nan, np.float32)
     v_cache = np.full_like(k_cache, np.nan)
     used = 0
-    for s, (context, count) in enumerate(zip(case.contexts, needed, strict=True)):
+    for s, ((cached, _), count) in enumerate(zip(case.seqs, needed, strict=True)):
         tables[s, :count] = pool[used : used + count]
         used += count
-        for position in range(context - 1):  # the cached positions; the new token's slot stays NaN
+        for position in range(cached):  # the new tokens' own slots stay NaN
             block, offset = tables[s, position // size], position % size
             k_cache[:, block, offset] = rng.standard_normal((kv, dim))
             v_cache[:, block, offset] = rng.standard_normal((kv, dim))
-    real = len(case.contexts)
-    q = rng.standard_normal((rows, kv * group, dim)).astype(np.float32)
-    k_new = rng.standard_normal((rows, kv, dim)).astype(np.float32)
-    v_new = rng.standard_normal((rows, kv, dim)).astype(np.float32)
+    real = sum(n for _, n in case.seqs)
+    tokens = real + case.padding_tokens
+    q = rng.standard_normal((tokens, kv * group, dim)).astype(np.float32)
+    k_new = rng.standard_normal((tokens, kv, dim)).astype(np.float32)
+    v_new = rng.standard_normal((tokens, kv, dim)).astype(np.float32)
     for array in (q, k_new, v_new):
         array[real:] = np.nan
+    starts = np.cumsum([0] + [n for _, n in case.seqs] + [0] * case.padding_seqs)
     return {
         "q": q,
         "k_new": k_new,
@@ -100,33 +117,60 @@ def make_batch(case: DecodeCase, seed: int = 0) -> dict[str, np.ndarray]:
         "k_cache": k_cache,
         "v_cache": v_cache,
         "block_tables": tables,
-        "context_lens": np.array([*case.contexts] + [0] * case.padding_rows, np.int32),
-        "query_start_loc": np.minimum(np.arange(rows + 1), real).astype(np.int32),
+        "context_lens": np.array([c + n for c, n in case.seqs] + [0] * case.padding_seqs, np.int32),
+        "query_start_loc": starts.astype(np.int32),
     }
 
 
 def numpy_attention(batch, *, scale, window=None, cap=None) -> np.ndarray:
-    """Each real row's heads over its cached positions (in the window) and its new token, float64."""
+    """Each real token's heads over its sequence's cached positions and the step's tokens up to
+    itself (inside the window), float64."""
     q, k_cache, v_cache = (batch[n].astype(np.float64) for n in ("q", "k_cache", "v_cache"))
     k_new, v_new = batch["k_new"].astype(np.float64), batch["v_new"].astype(np.float64)
-    rows, heads, dim = q.shape
+    heads = q.shape[1]
     group, size = heads // k_cache.shape[0], k_cache.shape[2]
-    out = np.zeros((rows, heads, dim))
-    for s in range(int(batch["query_start_loc"][-1])):
-        cached = int(batch["context_lens"][s]) - 1
-        positions = [p for p in range(cached) if window is None or p > cached - window]
-        blocks = [batch["block_tables"][s, p // size] for p in positions]
-        offsets = [p % size for p in positions]
-        for h in range(heads):
-            kh = h // group
-            keys = np.concatenate([k_cache[kh, blocks, offsets], k_new[s, kh][None]])
-            values = np.concatenate([v_cache[kh, blocks, offsets], v_new[s, kh][None]])
-            scores = keys @ (q[s, h] * scale)
-            if cap is not None:
-                scores = cap * np.tanh(scores / cap)
-            weights = np.exp(scores - scores.max())
-            out[s, h] = weights @ values / weights.sum()
+    starts = batch["query_start_loc"]
+    out = np.zeros(q.shape)
+    for s in range(len(starts) - 1):
+        q_len = int(starts[s + 1] - starts[s])
+        cached = int(batch["context_lens"][s]) - q_len
+        for i in range(q_len):
+            t, position = int(starts[s]) + i, cached + i
+            visible = [p for p in range(position + 1) if window is None or p > position - window]
+            for h in range(heads):
+                kh = h // group
+                keys, values = [], []
+                for p in visible:
+                    if p < cached:
+                        block, offset = batch["block_tables"][s, p // size], p % size
+                        keys.append(k_cache[kh, block, offset])
+                        values.append(v_cache[kh, block, offset])
+                    else:
+                        keys.append(k_new[int(starts[s]) + p - cached, kh])
+                        values.append(v_new[int(starts[s]) + p - cached, kh])
+                scores = np.stack(keys) @ (q[t, h] * scale)
+                if cap is not None:
+                    scores = cap * np.tanh(scores / cap)
+                weights = np.exp(scores - scores.max())
+                out[t, h] = weights @ np.stack(values) / weights.sum()
     return out
+
+
+def make_batch(case: DecodeCase, seed: int = 0) -> dict[str, np.ndarray]:
+    """Decode rows 0..R-1 (one token each after context - 1 cached positions), then padding rows
+    (table rows and tokens); NaN wherever nothing is owed."""
+    ragged = RaggedCase(
+        seqs=tuple((context - 1, 1) for context in case.contexts),
+        padding_tokens=case.padding_rows,
+        padding_seqs=case.padding_rows,
+        kv_heads=case.kv_heads,
+        group=case.group,
+        head_dim=case.head_dim,
+        block_size=case.block_size,
+        width=case.width,
+        spare_blocks=case.spare_blocks,
+    )
+    return make_ragged_batch(ragged, seed)
 
 
 def _args(batch, cache_dtype=jnp.float32):
@@ -154,23 +198,33 @@ CASES = {
 }
 
 
+def check_against_float64(batch, reference_fn, exact_fn, *, group, scale, window, cap) -> None:
+    """The kernel's result on `batch`: finite, zeros for padding tokens, its largest error against
+    `exact_fn` (float64) at most FACTOR times `reference_fn`'s, and with a window of 1 (only the
+    token itself visible) exactly its value row."""
+    static = {"scale": scale, "sliding_window": window, "soft_cap": cap}
+    got = _run(kernel.paged_attention, batch, **static)
+    ours = _run(reference_fn, batch, **static)
+    exact = exact_fn(batch, scale=scale, window=window, cap=cap)
+    real = int(batch["query_start_loc"][-1])
+    assert np.isfinite(got).all()
+    assert (got[real:] == 0).all(), "padding tokens output zeros"
+    error, yardstick = np.abs(got - exact).max(), np.abs(ours - exact).max()
+    assert error <= FACTOR * yardstick, (error, yardstick)
+    if window == 1:
+        np.testing.assert_array_equal(got[:real], np.repeat(batch["v_new"][:real], group, 1))
+
+
 @pytest.mark.parametrize("window", [None, 1, 7, 20])
 @pytest.mark.parametrize("cap", [None, 5.0])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_kernel_error_within_a_factor_of_the_references(name, window, cap):
     case = CASES[name]
     batch = make_batch(case, seed=len(name) + (window or 0))
-    static = {"scale": case.head_dim**-0.5, "sliding_window": window, "soft_cap": cap}
-    got = _run(kernel.paged_attention, batch, **static)
-    ours = _run(_reference, batch, **static)
-    exact = numpy_attention(batch, scale=static["scale"], window=window, cap=cap)
-    real = len(case.contexts)
-    assert np.isfinite(got).all()
-    assert (got[real:] == 0).all(), "padding rows output zeros"
-    error, yardstick = np.abs(got - exact).max(), np.abs(ours - exact).max()
-    assert error <= FACTOR * yardstick, (error, yardstick)
-    if window == 1:  # only the new token is visible: its value row, exactly
-        np.testing.assert_array_equal(got[:real], np.repeat(batch["v_new"][:real], case.group, 1))
+    check_against_float64(
+        batch, _reference, numpy_attention, group=case.group, scale=case.head_dim**-0.5,
+        window=window, cap=cap,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
@@ -221,33 +275,40 @@ def test_a_rows_result_does_not_depend_on_the_other_rows_or_threads():
         )
 
 
-@pytest.mark.parametrize(
-    ("isa", "flags"),
-    [("avx2", ("-mno-avx512f",)), ("portable", ("-mno-avx2", "-mno-fma", "-mno-avx512f"))],
-)
-def test_other_instruction_sets_give_the_same_bits(isa, flags):
-    """The AVX2 and plain C++ paths run the same sequence of operations as this machine's."""
+OTHER_ISAS = [
+    ("avx2", ("-mno-avx512f",)),
+    ("portable", ("-mno-avx2", "-mno-fma", "-mno-avx512f")),
+]
+
+
+def assert_other_isa_gives_the_same_bits(isa, flags, batch, window, cap) -> None:
+    """The kernel built for `isa` (float32 and bfloat16 caches) gives this build's bits."""
     path = build_shared_library(kernel.SOURCE, (jax.ffi.include_dir(),), extra_flags=flags)
     assert path is not None
     library = ctypes.CDLL(str(path))
     library.JaxinferPagedAttentionIsa.restype = ctypes.c_char_p
     assert library.JaxinferPagedAttentionIsa().decode() == isa
-    case = CASES["gqa4-d24-p8"]
-    batch = make_batch(case, seed=2)
-    static = {"scale": 0.2, "sliding_window": 30, "soft_cap": 4.0}
+    static = {"scale": 0.2, "sliding_window": window, "soft_cap": cap}
     attrs = {
         "scale": np.float32(0.2),
-        "sliding_window": np.int64(30),
-        "soft_cap": np.float32(4.0),
+        "sliding_window": np.int64(window),
+        "soft_cap": np.float32(cap),
         "max_threads": np.int64(0),
     }
     for symbol, dtype in (("F32", jnp.float32), ("BF16", jnp.bfloat16)):
-        target = f"jaxinfer_paged_attention_test_{isa}_{symbol}"
+        target = f"jaxinfer_paged_attention_test_{isa}_{symbol}_{len(batch['q'])}"
         handler = jax.ffi.pycapsule(getattr(library, f"JaxinferPagedAttention{symbol}"))
         jax.ffi.register_ffi_target(target, handler, platform="cpu")
         call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(batch["q"].shape, jnp.float32))
         got = np.asarray(jax.jit(lambda *a, call=call: call(*a, **attrs))(*_args(batch, dtype)))
         np.testing.assert_array_equal(got, _run(kernel.paged_attention, batch, dtype, **static))
+
+
+@pytest.mark.parametrize(("isa", "flags"), OTHER_ISAS)
+def test_other_instruction_sets_give_the_same_bits(isa, flags):
+    """The AVX2 and plain C++ paths run the same sequence of operations as this machine's."""
+    batch = make_batch(CASES["gqa4-d24-p8"], seed=2)
+    assert_other_isa_gives_the_same_bits(isa, flags, batch, window=30, cap=4.0)
 
 
 def test_the_reference_backend_sends_decode_rows_to_the_kernel_on_cpu(monkeypatch):
