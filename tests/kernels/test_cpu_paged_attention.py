@@ -13,8 +13,8 @@ float32 computation in another order, so its own error against float64 is the ya
 case, the kernel's largest error must be at most FACTOR = 4 times the reference's (measured
 ratios 0.53-1.25 over these cases, errors 1e-7 to 5e-7, and 0.47-1.43, errors 3e-7 to 7e-7, over
 the prefill file's; with a window of 1 both are exact), so a wrong position, weight or rescale
-fails (dropping the last cached position: error 0.93) while rounding cannot. For a bfloat16 cache the float64 answer uses the same bfloat16 values (the cast to
-float32 is exact).
+fails (dropping the last cached position: error 0.93) while rounding cannot. For a bfloat16
+cache the float64 answer uses the same bfloat16 values (the cast to float32 is exact).
 """
 
 from __future__ import annotations
