@@ -166,9 +166,12 @@ def trace_decode(llm, batch: int, steps: int, seed: int) -> dict:
             **summary}  # fmt: skip
 
 
-def trace_prefill(llm, batch: int, prompt_len: int, steps: int, seed: int) -> dict:
+def trace_prefill(
+    llm, batch: int, prompt_len: int, steps: int, seed: int, prompt_logprobs: int | None = None
+) -> dict:
     """`steps` traced engine steps, each the prefill of `batch` fresh random prompts of
-    `prompt_len` tokens (then aborted); two untraced rounds first (compiles)."""
+    `prompt_len` tokens (then aborted); two untraced rounds first (compiles). `prompt_logprobs`:
+    the requests ask for them (lm-eval's scoring), so the step also runs the prompt scorer."""
     import jax
     from jax.profiler import ProfileData
 
@@ -176,7 +179,9 @@ def trace_prefill(llm, batch: int, prompt_len: int, steps: int, seed: int) -> di
 
     engine = llm.llm_engine
     rng = np.random.default_rng(seed)
-    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=prompt_logprobs
+    )
 
     def prefill_step(tag: str) -> float:
         ids = [f"prefill-{tag}-{index}" for index in range(batch)]
@@ -197,6 +202,7 @@ def trace_prefill(llm, batch: int, prompt_len: int, steps: int, seed: int) -> di
     buckets = [b for b in runner.stages[-1].executables if b.is_prefill and b.num_tokens >= tokens]
     bucket = min(buckets, key=lambda b: b.num_tokens)  # the bucket the prefill steps ran in
     targets = custom_call_targets(runner.stages[-1].executables[bucket].as_text())
+    # The prompt scorer's own custom calls, if any, would take the step's names: it has none.
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
             walls = [prefill_step(f"traced{index}") for index in range(steps)]
@@ -231,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-scheduler-steps", type=int, default=1, help="multi-step decode")
     p.add_argument("--prefill", action="store_true", help="trace prefill steps instead")
     p.add_argument("--prompt-len", type=int, default=128, help="with --prefill")
+    p.add_argument(
+        "--prompt-logprobs", type=int, default=None, help="with --prefill: scoring requests"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--quick", action="store_true")
@@ -273,7 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     try:
         if args.prefill:
-            traced = trace_prefill(llm, args.batch, args.prompt_len, args.steps, args.seed)
+            traced = trace_prefill(
+                llm, args.batch, args.prompt_len, args.steps, args.seed, args.prompt_logprobs
+            )
         else:
             traced = trace_decode(llm, args.batch, args.steps, args.seed)
     finally:
@@ -287,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         "quantization": args.quantization,
         "num_scheduler_steps": args.num_scheduler_steps,
         "prefill": args.prefill,
+        "prompt_logprobs": args.prompt_logprobs,
         "method": "jax.profiler trace with --xla_cpu_enable_xprof_traceme; per-step thunk sums",
         "loadavg_before": load_before,
         "loadavg_after": load_after,

@@ -130,7 +130,11 @@ class EngineConfig:
     # Scheduler.
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
-    max_prefill_seqs: int = 4  # prefill attention costs (tokens x seqs x context): keep seqs few
+    # New prompts a step may take (its prefill rows). 8: lm-eval's short scoring prompts fill a
+    # 512-token step (with 4, 8-11% of it was padding; benchmarks/RESULTS.md "Prompt scoring").
+    # The jnp reference's prefill attention over cached context costs tokens x seqs x context;
+    # the CPU kernel and the Pallas kernel score each token against its own sequence only.
+    max_prefill_seqs: int = 8
     # Reuse the K/V of full blocks whose token prefix was computed before (vLLM's automatic
     # prefix caching, on by default as in vLLM V1): engine/block_manager.py.
     enable_prefix_caching: bool = True
