@@ -143,15 +143,6 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:  # x [T, 
     return rotated.astype(x.dtype)
 
 
-def apply_rope(
-    x: jax.Array,  # [T, heads, D]
-    positions: jax.Array,  # [T]
-    inv_freq: jax.Array,  # [D / 2]
-) -> jax.Array:
-    """Rotary embedding in Hugging Face's rotate-half layout (first half / second half pairs)."""
-    return rotate(x, *rope_tables(positions, inv_freq))
-
-
 def learned_positions(
     table: jax.Array,  # [max_positions + offset, E]
     positions: jax.Array,  # [T]
