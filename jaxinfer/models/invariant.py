@@ -13,6 +13,8 @@ step as a function of its own, so no trace is shared between the modes):
     shape a row's result depends neither on its position nor on the other rows: measured);
   * `row_sum` / `mean` / `log_softmax` / `cumsum` add in an order fixed by the row's length alone
     (`tree_sum`; a Hillis-Steele scan for `cumsum`): elementwise adds, which XLA never reassociates.
+    On XLA:CPU with the kernels on, `log_softmax` / `log_normalizer` of float32 logits take the
+    row-statistics kernel in both modes (kernels/row_stats.py: its order is fixed per row).
 Outside it they are the plain jnp operations, bit for bit what the step computed before.
 The families call these instead of `@`, `jnp.mean`, ...: no flag is threaded through every layer.
 """
@@ -28,6 +30,8 @@ import jax.numpy as jnp
 
 from jaxinfer.kernels.gguf_matmul import gguf_kernel_enabled
 from jaxinfer.kernels.int8_matmul import cpu_kernel_enabled
+from jaxinfer.kernels.row_stats import cpu_kernel_enabled as row_stats_enabled
+from jaxinfer.kernels.row_stats import row_stats
 from jaxinfer.models.gguf_weight import GGUFBlockWeight, gguf_block_matmul
 from jaxinfer.models.quantization import QuantizedWeight, quantized_matmul
 from pallas_kernels.batch_invariant import tree_sum
@@ -100,16 +104,27 @@ def mean(x: jax.Array) -> jax.Array:
 
 def log_softmax(x: jax.Array) -> jax.Array:
     """log_softmax over the last axis (as `jax.nn.log_softmax`: shift by the max, log-sum-exp)."""
-    if not _active.get():
+    if not _active.get() and not _row_stats_kernel(x):
         return jax.nn.log_softmax(x, axis=-1)
     shift, log_sum = log_normalizer(x)
     return (x - shift) - log_sum
+
+
+def _row_stats_kernel(x: jax.Array) -> bool:
+    """Whether x's normalizer goes through the CPU row-statistics kernel (kernels/row_stats.py):
+    float32 logits on XLA:CPU with the kernels on. Its sum is in a fixed order per row (batch
+    invariant as it stands), so both modes take it."""
+    return x.dtype == jnp.float32 and x.ndim >= 1 and x.shape[-1] > 0 and row_stats_enabled()
 
 
 def log_normalizer(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(shift, log_sum), each [..., 1], with `log_softmax(x) == (x - shift) - log_sum` bit for bit
     in either mode: for the few entries of a wide row that are wanted (prompt logprobs), without
     writing the whole log-softmax out."""
+    if _row_stats_kernel(x):
+        stats = row_stats(x.reshape(-1, x.shape[-1]))
+        keep = (*x.shape[:-1], 1)
+        return stats.shift.reshape(keep), stats.log_sum.reshape(keep)
     top = jnp.max(x, axis=-1, keepdims=True)
     if not _active.get():  # jax.nn.log_softmax's own steps
         shifted = x - jax.lax.stop_gradient(top)

@@ -59,6 +59,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend.random import threefry_2x32
 
+from jaxinfer.kernels.row_stats import RowStats, row_stats
+from jaxinfer.kernels.row_stats import cpu_kernel_enabled as row_stats_enabled
 from jaxinfer.models import invariant
 from jaxinfer.runtime.sampling_tensors import SamplingTensors
 from jaxinfer.sampling_params import GREEDY_TEMPERATURE
@@ -316,20 +318,39 @@ def _sample_random(
     return jax.lax.cond(jnp.all(settled), lambda: cand_tokens, full_vocab)
 
 
-def argmax(x: jax.Array) -> jax.Array:
-    """[S] int32 index of each row's maximum, the first on ties, as `jnp.argmax`.
+def logit_stats(logits: jax.Array, bitmask: jax.Array | None = None) -> RowStats:
+    """Each row's argmax (the first on ties, as `jnp.argmax`), maximum and log-softmax normalizer
+    of the logits after `bitmask` (`apply_token_bitmask`; None: all allowed), and whether the
+    logits before it are all finite. `log_softmax == (masked - shift) - log_sum`.
 
-    `lax.top_k(x, 1)`: on XLA:CPU the TopK kernel beats the variadic (value, index) reduce behind
-    `jnp.argmax` (64 x 151,936: 19 ms vs 44 ms) and, unlike max-then-match, needs no [S, V]
-    temporary (temporaries above glibc's 32 MiB mmap threshold are page-faulted in on every call).
+    On XLA:CPU one custom call (kernels/row_stats.py: XLA:CPU's reductions along a row run one
+    element at a time, and these were a sizable part of a decode step); elsewhere `lax.top_k`
+    (on XLA:CPU's TopK kernel beats the variadic reduce behind `jnp.argmax`) and
+    `invariant.log_normalizer`. Unused fields cost nothing under jit.
     """
-    return jax.lax.top_k(x, 1)[1][:, 0]
+    logits = logits.astype(jnp.float32)
+    if row_stats_enabled():
+        return row_stats(logits, bitmask)
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    if bitmask is not None:
+        logits = apply_token_bitmask(logits, bitmask)
+    values, ids = jax.lax.top_k(logits, 1)
+    shift, log_sum = invariant.log_normalizer(logits)
+    return RowStats(
+        argmax=ids[:, 0].astype(jnp.int32), max=values[:, 0], shift=shift, log_sum=log_sum,
+        finite=finite,
+    )  # fmt: skip
+
+
+def argmax(x: jax.Array) -> jax.Array:
+    """[S] int32 index of each row's maximum, the first on ties, as `jnp.argmax`."""
+    return logit_stats(x).argmax
 
 
 def _argmax_and_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[S] int32 index of each row's maximum (the first on ties) and [S] the maximum itself."""
-    values, ids = jax.lax.top_k(x, 1)
-    return ids[:, 0], values[:, 0]
+    stats = logit_stats(x)
+    return stats.argmax, stats.max
 
 
 def _unless_all_masked(
@@ -370,9 +391,15 @@ def sample(
     t: SamplingTensors,
     max_top_k: int = 256,  # static
     topk_barrier: bool = True,  # static; see _sample_random
+    *,
+    bitmask: jax.Array | None = None,  # [S, ceil(V / 32)] int32, see apply_token_bitmask
+    stats: RowStats | None = None,  # logit_stats(logits, bitmask), when the caller has it
 ) -> tuple[jax.Array, jax.Array]:
     """-> (tokens [S] int32, raw_logprobs [S, V] f32: the model's log_softmax, before any
     processing, which is what vLLM reports by default). Unused logprobs cost nothing under jit.
+
+    `bitmask` (structured outputs) applies to the logits before anything else, the logprobs
+    included; the masked [S, V] array is made only inside the branches that read it whole.
 
     Three programs behind two `lax.cond`s, chosen by the batch but each exact for every row, so
     the choice never changes a token: all rows greedy with nothing to apply -> argmax of the raw
@@ -381,22 +408,30 @@ def sample(
     """
     if max_top_k < 1:
         raise ValueError(f"max_top_k must be >= 1, got {max_top_k}")
-    logits = logits.astype(jnp.float32)
-    raw_logprobs = invariant.log_softmax(logits)
+    raw = logits.astype(jnp.float32)
+    if stats is None:
+        stats = logit_stats(raw, bitmask)
+
+    def masked() -> jax.Array:
+        return raw if bitmask is None else apply_token_bitmask(raw, bitmask)
+
+    raw_logprobs = (masked() - stats.shift) - stats.log_sum
     is_greedy = t.temperature < GREEDY_TEMPERATURE
 
     def sampled() -> jax.Array:
+        logits = masked()
         processed = process_logits(logits, t)
         greedy, row_max = _argmax_and_max(processed)
         drawn = _sample_random(processed, t, max_top_k, topk_barrier)
         return _unless_all_masked(jnp.where(is_greedy, greedy, drawn), row_max, logits, t)
 
     def greedy_processed() -> jax.Array:
+        logits = masked()
         greedy, row_max = _argmax_and_max(process_logits(logits, t))
         return _unless_all_masked(greedy, row_max, logits, t)
 
     def greedy_raw() -> jax.Array:
-        return argmax(logits)
+        return stats.argmax
 
     branch = jnp.where(jnp.all(is_greedy), _needs_processing(t).astype(jnp.int32), 2)
     tokens = jax.lax.switch(branch, [greedy_raw, greedy_processed, sampled])

@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxinfer.kernels.row_stats import RowStats
 from jaxinfer.models import invariant
 from jaxinfer.models.family import run_layers
 from jaxinfer.runtime.sampling import (
     apply_token_bitmask,
+    logit_stats,
     sample,
     top_logprobs,
     top_logprobs_of_logits,
@@ -152,15 +154,32 @@ def forward_hidden(
     )
 
 
-def _logprob_outputs(raw_logprobs: jax.Array, tokens: jax.Array, k: int, wanted: jax.Array):
-    """(token logprob, rank, top-k ids, top-k logprobs) of each row; the top-k search and rank
-    only when `wanted` (a [] bool), zeros otherwise."""
+def _logprob_outputs(
+    logits: jax.Array,  # [S, V] f32, before the bitmask
+    bitmask: jax.Array,  # [S, ceil(V / 32)] int32
+    stats: RowStats,  # sampling.logit_stats(logits, bitmask)
+    tokens: jax.Array,
+    k: int,
+    wanted: jax.Array,
+):
+    """(token logprob, rank, top-k ids, top-k logprobs) of each row from the raw log-softmax of
+    the masked logits, `(masked - shift) - log_sum`; the top-k search and rank only when `wanted`
+    (a [] bool), zeros otherwise. Without them only each row's token entry is computed: the
+    [S, V] log-softmax is not written out."""
+
+    def with_top() -> tuple:
+        raw_logprobs = (apply_token_bitmask(logits, bitmask) - stats.shift) - stats.log_sum
+        return top_logprobs(raw_logprobs, tokens, k)
 
     def without() -> tuple:
-        token_logprob = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+        chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)
+        word = jnp.take_along_axis(bitmask, tokens[:, None] // 32, axis=-1)
+        allowed = ((word >> (tokens[:, None] % 32)) & 1).astype(bool)
+        chosen = jnp.where(allowed, chosen, jnp.asarray(-jnp.inf, chosen.dtype))
+        token_logprob = ((chosen - stats.shift) - stats.log_sum)[:, 0]
         return (token_logprob, *_no_top_logprobs(tokens.shape[0], k)[1:])
 
-    return jax.lax.cond(wanted, lambda: top_logprobs(raw_logprobs, tokens, k), without)
+    return jax.lax.cond(wanted, with_top, without)
 
 
 def _no_top_logprobs(count: int, k: int) -> tuple:
@@ -248,14 +267,20 @@ def sample_rows(
     `sampler_inputs(inputs)`: every input is [S, ...] or [S, V], so one program per S serves
     every engine of this vocabulary. `topk_barrier`: see `sampling.sample`.
     """
-    logits_finite = jnp.all(jnp.isfinite(logits), axis=-1)  # the model's, before any mask
-    logits = apply_token_bitmask(logits, rows["token_bitmask"])  # structured outputs
+    logits = logits.astype(jnp.float32)
+    bitmask = rows["token_bitmask"]  # structured outputs; all ones for the other rows
+    # One pass for the argmax, the log-softmax normalizer (after the bitmask) and the finite
+    # check (before it: the model's own logits).
+    stats = logit_stats(logits, bitmask)
     tensors = batch_tensors(slot_rows, rows["sampling"])
-    tokens, raw_logprobs = sample(logits, tensors, max_top_k, topk_barrier=topk_barrier)
+    tokens, _ = sample(
+        logits, tensors, max_top_k, topk_barrier=topk_barrier, bitmask=bitmask, stats=stats
+    )
     wanted = jnp.any(rows["want_logprobs"])
     token_logprob, token_rank, top_ids, top_values = _logprob_outputs(
-        raw_logprobs, tokens, num_logprobs, wanted
+        logits, bitmask, stats, tokens, num_logprobs, wanted
     )
+    logits_finite = stats.finite
     return {
         "tokens": tokens,
         "token_logprob": token_logprob,
