@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.random import threefry_2x32
 
+from jaxinfer.kernels import row_stats as row_kernel
 from jaxinfer.kernels.row_stats import RowStats, row_stats
 from jaxinfer.kernels.row_stats import cpu_kernel_enabled as row_stats_enabled
 from jaxinfer.models import invariant
@@ -473,6 +474,7 @@ def top_logprobs_of_logits(
     logits: jax.Array,  # [S, V] f32
     tokens: jax.Array,  # [S] int32
     k: int,  # static
+    stats: RowStats | None = None,  # logit_stats(logits), when the caller has it
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """`top_logprobs(log_softmax(logits), tokens, k)`, the same numbers, for wide S (prompt
     logprobs: every token of a prefill step) without the [S, V] log-softmax in memory.
@@ -485,7 +487,14 @@ def top_logprobs_of_logits(
     equals order by logprob except where rounding makes two logprobs equal, and then it names
     tokens of the same logprob.
     """
-    shift, log_sum = invariant.log_normalizer(logits)  # [S, 1] each
+    if stats is None:
+        shift, log_sum = invariant.log_normalizer(logits)  # [S, 1] each
+    else:
+        shift, log_sum = stats.shift, stats.log_sum
+    if row_stats_enabled() and logits.dtype == jnp.float32:
+        # The same numbers in one pass per row (kernels/row_stats.py): XLA:CPU's rank count and
+        # top-k over a wide [S, V] cost more than the lm_head product's share of a scoring step.
+        return row_kernel.top_logprobs(logits, tokens, shift, log_sum, k)
     token_logit = jnp.take_along_axis(logits, tokens[:, None], axis=-1)  # [S, 1]
     token_logprob = (token_logit - shift) - log_sum
     rank = jnp.sum((logits - shift) - log_sum >= token_logprob, axis=-1, dtype=jnp.int32)

@@ -30,7 +30,6 @@ from jaxinfer.runtime.sampling import (
     apply_token_bitmask,
     logit_stats,
     sample,
-    top_logprobs,
     top_logprobs_of_logits,
 )
 from jaxinfer.runtime.slot_state import batch_tensors
@@ -168,8 +167,7 @@ def _logprob_outputs(
     [S, V] log-softmax is not written out."""
 
     def with_top() -> tuple:
-        raw_logprobs = (apply_token_bitmask(logits, bitmask) - stats.shift) - stats.log_sum
-        return top_logprobs(raw_logprobs, tokens, k)
+        return top_logprobs_of_logits(apply_token_bitmask(logits, bitmask), tokens, k, stats)
 
     def without() -> tuple:
         chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)

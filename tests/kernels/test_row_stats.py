@@ -156,6 +156,62 @@ def test_a_row_gives_the_same_bits_in_any_batch_and_on_any_thread_count():
             assert alone[name][0] == together[name][row] == single_thread[name][row], name
 
 
+# ---- the top logprobs --------------------------------------------------------------------------
+
+
+def jnp_top_logprobs(x, tokens, shift, log_sum, k):
+    """The jnp formulas of sampling.top_logprobs_of_logits for a given normalizer."""
+    token_logprob = (jnp.take_along_axis(x, tokens[:, None], axis=-1) - shift) - log_sum
+    rank = jnp.sum((x - shift) - log_sum >= token_logprob, axis=-1, dtype=jnp.int32)
+    values, ids = jax.lax.top_k(x, k)
+    return token_logprob[:, 0], rank, ids, (values - shift) - log_sum
+
+
+@pytest.mark.parametrize(
+    ("rows", "vocab", "k", "ties"),
+    [(5, 1000, 20, False), (7, 300, 5, True), (3, 49152, 1, False), (4, 40, 40, True),
+     (2, 100, 0, False), (3, 600, 20, True)],
+)  # fmt: skip
+def test_top_logprobs_are_the_jnp_formulas_bit_for_bit(rows, vocab, k, ties):
+    """Given the same normalizer: the token logprob, the rank (ties counted, as vLLM) and the top
+    logprobs are the same float32 operations, so the same bits; the top ids are lax.top_k's, ties
+    by the lower index and -0 below +0 (rounded logits make many ties and signed zeros)."""
+    rng = np.random.default_rng(rows * vocab + k)
+    x = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    if ties:
+        x = np.round(x).astype(np.float32)
+    tokens = rng.integers(0, vocab, rows).astype(np.int32)
+    stats = jax.jit(kernel.row_stats)(x)
+    got = jax.jit(kernel.top_logprobs, static_argnums=4)(x, tokens, stats.shift, stats.log_sum, k)
+    want = jax.jit(jnp_top_logprobs, static_argnums=4)(x, tokens, stats.shift, stats.log_sum, k)
+    for name, a, b in zip(("token_logprob", "rank", "top_ids", "top_logprobs"), got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+def test_top_logprobs_skip_nan_and_fill_short_rows():
+    """A NaN never enters the top k (lax.top_k would rank it first; such a row's logits are
+    reported non-finite); a row with fewer than k other entries pads with NaN logprobs."""
+    x = np.array([[1.0, np.nan, 3.0, 2.0], [np.nan, np.nan, np.nan, 5.0]], np.float32)
+    stats = jax.jit(kernel.row_stats)(x)
+    _, _, ids, values = jax.jit(kernel.top_logprobs, static_argnums=4)(
+        x, np.array([0, 3], np.int32), stats.shift, stats.log_sum, 3
+    )
+    assert np.asarray(ids)[0].tolist() == [2, 3, 0]
+    assert np.asarray(ids)[1, 0] == 3 and np.isnan(np.asarray(values)[1, 1:]).all()
+
+
+def test_a_later_plus_zero_displaces_a_minus_zero():
+    """lax.top_k puts +0 above -0: a block whose maximum only equals the k-th value as a float
+    must still be looked at (its +0 beats the list's -0)."""
+    x = np.full((1, 600), -1.0, np.float32)
+    x[0, 5], x[0, 400] = -0.0, 0.0
+    stats = jax.jit(kernel.row_stats)(x)
+    _, _, ids, _ = jax.jit(kernel.top_logprobs, static_argnums=4)(
+        x, np.zeros(1, np.int32), stats.shift, stats.log_sum, 1
+    )
+    assert np.asarray(ids)[0].tolist() == [400] == np.asarray(jax.lax.top_k(x, 1)[1])[0].tolist()
+
+
 OTHER_ISAS = [
     ("avx2", ("-mno-avx512f",)),
     ("portable", ("-mno-avx2", "-mno-fma", "-mno-avx512f")),
@@ -171,6 +227,9 @@ def test_other_instruction_sets_give_the_same_bits(isa, flags):
     assert library.JaxinferRowStatsIsa().decode() == isa
     target = f"jaxinfer_row_stats_test_{isa}"
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.JaxinferRowStats), platform="cpu")
+    top_target = f"jaxinfer_top_logprobs_test_{isa}"
+    top_handler = jax.ffi.pycapsule(library.JaxinferTopLogprobs)
+    jax.ffi.register_ffi_target(top_target, top_handler, platform="cpu")
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((5, 4099)) * 6).astype(np.float32)
     x[3, 17] = np.inf
@@ -184,6 +243,21 @@ def test_other_instruction_sets_give_the_same_bits(isa, flags):
     ours = kernel_stats(x, bitmask)
     for name, value in zip(FIELDS, other, strict=True):
         np.testing.assert_array_equal(np.asarray(value).astype(ours[name].dtype), ours[name])
+    tokens = rng.integers(0, x.shape[1], rows).astype(np.int32)
+    shift, log_sum = ours["shift"][:, None], ours["log_sum"][:, None]
+    top_shapes = (
+        jax.ShapeDtypeStruct((rows,), jnp.float32),
+        jax.ShapeDtypeStruct((rows,), jnp.int32),
+        jax.ShapeDtypeStruct((rows, 7), jnp.int32),
+        jax.ShapeDtypeStruct((rows, 7), jnp.float32),
+    )
+    top_call = jax.ffi.ffi_call(top_target, top_shapes)
+    other_top = jax.jit(lambda *a: top_call(*a, max_threads=np.int64(0)))(
+        x, tokens, shift[:, 0], log_sum[:, 0]
+    )
+    our_top = jax.jit(kernel.top_logprobs, static_argnums=4)(x, tokens, shift, log_sum, 7)
+    for a, b in zip(other_top, our_top, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ---- the sampler ---------------------------------------------------------------------------------

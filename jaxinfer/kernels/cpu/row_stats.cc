@@ -229,6 +229,131 @@ ffi::Error RowStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// ---- the top logprobs: each row's token logprob, its rank and the k largest ----
+//
+// For logits x [T, V], tokens [T] and the row's normalizer (shift, log_sum) from RowStats:
+//   token_logprob = (x[token] - shift) - log_sum
+//   rank = #{i : (x_i - shift) - log_sum >= token_logprob}          (vLLM's rank: ties count)
+//   top ids: the k largest x_i, in decreasing order (-0 below +0), the lower index first among
+//   equal values (lax.top_k's order), and their logprobs (x_i - shift) - log_sum.
+// Each logprob is the same two float32 subtractions XLA makes of `(x - shift) - log_sum`, so the
+// values and the rank are bitwise those of sampling.top_logprobs_of_logits given the same
+// normalizer. A NaN never enters the top k (a NaN row is reported as non-finite anyway).
+
+constexpr int64_t kScanBlock = 256;  // entries whose maximum is checked before a closer look
+
+// lax.top_k's order of floats: as the values, and -0 below +0 (the sign bit flips the rest).
+inline int32_t OrderKey(float value) {
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits ^ ((bits >> 31) & 0x7fffffff);
+}
+
+struct TopProblem {  // the kernel tiles.h runs: a column unit is one row of x
+  static constexpr int kTileRows = 1, kTileCols = 1, kSingleRowCols = 1;
+  const float* x;
+  const int32_t* tokens;
+  const float *shift, *log_sum;
+  float* token_logprob;
+  int32_t* rank;
+  int32_t* top_ids;
+  float* top_logprobs;
+  int64_t vocab, k;
+
+  template <int R, int C>
+  void Tile(int64_t, int64_t row) const {
+    const float* values = x + row * vocab;
+    const float a = shift[row], b = log_sum[row];
+    const int64_t token = std::clamp<int64_t>(tokens[row], 0, vocab - 1);
+    const float wanted = (values[token] - a) - b;
+    token_logprob[row] = wanted;
+    rank[row] = static_cast<int32_t>(Rank(values, a, b, wanted));
+    if (k > 0) TopK(values, top_ids + row * k, top_logprobs + row * k, a, b);
+  }
+
+  int64_t Rank(const float* values, float a, float b, float wanted) const {
+    Ints count = Ints{};
+    const int64_t full = vocab - vocab % kLanes;
+    for (int64_t i = 0; i < full; i += kLanes) count -= ((Load(values + i) - a) - b) >= wanted;
+    int64_t total = 0;
+    for (int64_t l = 0; l < kLanes; ++l) total += count[l];
+    for (int64_t i = full; i < vocab; ++i) total += ((values[i] - a) - b) >= wanted;
+    return total;
+  }
+
+  void TopK(const float* values, int32_t* ids, float* logprobs, float a, float b) const {
+    // ids / logprobs hold the best `filled` so far, by decreasing value (then increasing id).
+    float* best = logprobs;  // the raw values first; turned into logprobs at the end
+    int64_t filled = 0;
+    auto offer = [&](int64_t i) {
+      const float value = values[i];
+      if (value != value) return;  // NaN never enters
+      const int32_t key = OrderKey(value);
+      if (filled == k && key <= OrderKey(best[k - 1])) return;
+      int64_t at = std::min(filled, k - 1);
+      while (at > 0 && OrderKey(best[at - 1]) < key) {  // equal values keep the lower id first
+        best[at] = best[at - 1];
+        ids[at] = ids[at - 1];
+        --at;
+      }
+      best[at] = value;
+      ids[at] = static_cast<int32_t>(i);
+      filled = std::min(filled + 1, k);
+    };
+    int64_t i = 0;
+    for (; i < vocab && filled < k; ++i) offer(i);
+    const float inf = std::numeric_limits<float>::infinity();
+    for (; i + kScanBlock <= vocab; i += kScanBlock) {
+      Floats block_max = Splat(-inf);
+      for (int64_t j = 0; j < kScanBlock; j += kLanes) {
+        const Floats v = Load(values + i + j);
+        block_max = v > block_max ? v : block_max;
+      }
+      bool promising = false;
+      // >=: a +0 must still displace a -0 at the bottom of the list
+      for (int64_t l = 0; l < kLanes; ++l) promising |= block_max[l] >= best[k - 1];
+      if (promising) {
+        for (int64_t j = 0; j < kScanBlock; ++j) offer(i + j);
+      }
+    }
+    for (; i < vocab; ++i) offer(i);
+    for (int64_t j = 0; j < filled; ++j) logprobs[j] = (best[j] - a) - b;
+    for (int64_t j = filled; j < k; ++j) {  // fewer than k non-NaN entries in the row
+      ids[j] = 0;
+      logprobs[j] = std::numeric_limits<float>::quiet_NaN();
+    }
+  }
+};
+
+ffi::Error TopLogprobs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::Buffer<ffi::S32> tokens, ffi::Buffer<ffi::F32> shift,
+                       ffi::Buffer<ffi::F32> log_sum, ffi::ResultBuffer<ffi::F32> token_logprob,
+                       ffi::ResultBuffer<ffi::S32> rank, ffi::ResultBuffer<ffi::S32> top_ids,
+                       ffi::ResultBuffer<ffi::F32> top_logprobs, int64_t max_threads) {
+  auto dims = x.dimensions();
+  const int64_t rows = dims.size() == 2 ? dims[0] : -1;
+  auto top_dims = top_ids->dimensions();
+  if (dims.size() != 2 || dims[1] < 1 || tokens.dimensions().size() != 1 ||
+      tokens.dimensions()[0] != rows || shift.dimensions()[0] != rows ||
+      log_sum.dimensions()[0] != rows || top_dims.size() != 2 || top_dims[0] != rows ||
+      top_dims[1] > dims[1]) {
+    return ffi::Error::InvalidArgument(
+        "jaxinfer_top_logprobs: x [T, V], tokens / shift / log_sum [T], top [T, k <= V]");
+  }
+  const TopProblem problem{x.typed_data(),
+                           tokens.typed_data(),
+                           shift.typed_data(),
+                           log_sum.typed_data(),
+                           token_logprob->typed_data(),
+                           rank->typed_data(),
+                           top_ids->typed_data(),
+                           top_logprobs->typed_data(),
+                           dims[1],
+                           top_dims[1]};
+  RunTiles(pool, problem, 1, rows, /*unit_bytes=*/dims[1] * 4, max_threads);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferRowStats, RowStats,
@@ -241,6 +366,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferRowStats, RowStats,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferTopLogprobs, TopLogprobs,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("max_threads"));
 
 // Which instruction set the build targets (the code is the same plain C++ for all of them).
