@@ -33,24 +33,25 @@ Top-k / top-p without sorting the vocabulary, exactly:
    of (key, token_id // 2), word token_id % 2 -- so both paths, any K and any batch see the same
    noise for the same token; the two paths give the same token (tested).
 
-Measured on this project's shared 2-core CPU (jax 0.10.2, S = 64, K = 256, jit, best of 7 calls,
-load average ~3 from other work, so read the ratios more than the numbers;
-`benchmarks/sampling.py` reproduces it):
+Measured on this project's shared 2-core CPU (jax 0.10.2, S = 64, K = 256, jit, best of 5 calls,
+freed memory kept mapped as the engine keeps it, 2026-12-04; `benchmarks/sampling.py` reproduces
+it):
 
     case                                           V = 32,000    V = 151,936
-    greedy, nothing else (fast path)                     6 ms         19 ms
-    greedy + penalties, bias, masks                     11 ms         60 ms
-    all features, top_k = 50 (candidate path)           28 ms        153 ms
-    all features, top_k off, top_p 0.9 (bisection)      56 ms        439 ms
-    temperature only (full-vocabulary draw)             45 ms        243 ms
-    argsort + cumsum top-p (reference, not used)       531 ms       3129 ms
+    greedy, nothing else (fast path)                   3.5 ms        9.5 ms
+    greedy + penalties, bias, masks                    6.0 ms       27.6 ms
+    all features, top_k = 50 (candidate path)         14.3 ms       75.9 ms
+    all features, top_k off, top_p 0.9 (bisection)    31.9 ms      254.3 ms
+    temperature only (full-vocabulary draw)           26.7 ms      156.3 ms
+    argsort + cumsum top-p (reference, not used)     473.5 ms     2700.3 ms
 
-Most of the full-vocabulary cost is the threefry noise for every token (~140 ms at V = 151,936)
-and XLA:CPU materializing [S, V] temporaries for its reductions. A program whose temporaries
+Most of the full-vocabulary cost is the threefry noise for every token and XLA:CPU's reductions
+along the vocabulary, which it runs one element at a time: on the CPU the argmax, the finite
+check and the log-softmax normalizer therefore come from one kernel call (`logit_stats`,
+kernels/row_stats.py; the greedy row was 5.3 / 20.0 ms before it). A program whose temporaries
 exceed glibc's 32 MiB mmap threshold page-faults them in on every call (~0.25 ms per MB touched
-here), which is why the greedy paths avoid [S, V] temporaries. With freed memory kept mapped
-(`mallopt`, jaxinfer.runtime.host_allocator) rows 2-5 of the table take 6 / 19 / 42 /
-32 ms at V = 32,000 and 47 / 118 / 381 / 229 ms at V = 151,936.
+here) unless freed memory stays mapped (`mallopt`, jaxinfer.runtime.host_allocator, which the
+engine sets up on the CPU), which is why the greedy paths avoid [S, V] temporaries.
 """
 
 from __future__ import annotations
