@@ -17,7 +17,6 @@ invariant as it stands.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -72,10 +71,7 @@ def gguf_matmul(
         raise ValueError(f"gguf_matmul: mins go with {_WITH_MINS} only (qtype {qtype!r})")
     if (sub_scales is not None) != (qtype in _WITH_SUB_SCALES):
         raise ValueError(f"gguf_matmul: sub_scales go with {_WITH_SUB_SCALES} only ({qtype!r})")
-    if max_threads is None:
-        max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
-    if _LIBRARY.load() is None:
-        raise RuntimeError(f"the {SOURCE.name} kernels are not available (see the warning logged)")
+    max_threads = _LIBRARY.call_threads(max_threads, THREADS_ENV)
     rows, out = x.shape[0], quants.shape[0]
     call = jax.ffi.ffi_call(
         TARGETS[qtype][0], jax.ShapeDtypeStruct((rows, out), jnp.float32), vmap_method="sequential"

@@ -20,7 +20,6 @@ so the product is batch invariant as it stands.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -73,10 +72,7 @@ def int8_matmul(
 
     `max_threads`: at most this many threads of XLA's intra-op pool (0: all of them; default:
     `$JAXINFER_INT8_KERNEL_THREADS`, else 0), read when traced."""
-    if max_threads is None:
-        max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
-    if _LIBRARY.load() is None:
-        raise RuntimeError(f"the {TARGET} kernel is not available (see the warning logged)")
+    max_threads = _LIBRARY.call_threads(max_threads, THREADS_ENV)
     rows, out = x.shape[0], scale.shape[0]
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct((rows, out), jnp.float32), vmap_method="sequential"

@@ -197,6 +197,18 @@ class FfiKernelLibrary:
         switched off (`JAXINFER_CPU_KERNELS=0`), and the library built and loaded."""
         return cpu_kernels_wanted() and self.load() is not None
 
+    def call_threads(self, max_threads: int | None, threads_env: str) -> int:
+        """For a call traced now: the thread limit to pass it (`max_threads`, else
+        `$threads_env`, else 0: all of XLA's intra-op pool), after making sure the library is
+        loaded (RuntimeError if it cannot be: callers ask `enabled()` first)."""
+        if self.load() is None:
+            raise RuntimeError(
+                f"the kernels of {self.source.name} are not available (see the warning logged)"
+            )
+        if max_threads is None:
+            max_threads = int(os.environ.get(threads_env, "0") or 0)
+        return max_threads
+
     def isa(self) -> str | None:
         """Which of the source's implementations the build holds: avx512, avx2 or portable."""
         library = self.load()

@@ -23,7 +23,6 @@ runtime/attention_backend.py decides.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -85,10 +84,7 @@ def paged_attention(
 
     `max_threads`: at most this many threads of XLA's intra-op pool (0: all of them; default:
     `$JAXINFER_ATTENTION_KERNEL_THREADS`, else 0), read when traced."""
-    if max_threads is None:
-        max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
-    if _LIBRARY.load() is None:
-        raise RuntimeError("the CPU paged-attention kernel is not available (see the warning)")
+    max_threads = _LIBRARY.call_threads(max_threads, THREADS_ENV)
     if not supports(k_cache) or v_cache.dtype != k_cache.dtype:
         raise TypeError(
             f"the CPU paged-attention kernel takes a float32 or bfloat16 cache, got "

@@ -26,7 +26,6 @@ logprobs agree bit for bit with one another.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import jax
@@ -78,10 +77,7 @@ def row_stats(
 
     `max_threads`: at most this many threads of XLA's intra-op pool (0: all of them; default:
     `$JAXINFER_ROW_STATS_THREADS`, else 0), read when traced."""
-    if max_threads is None:
-        max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
-    if _LIBRARY.load() is None:
-        raise RuntimeError(f"the {TARGET} kernel is not available (see the warning logged)")
+    max_threads = _LIBRARY.call_threads(max_threads, THREADS_ENV)
     if x.ndim != 2 or x.shape[1] < 1:
         raise ValueError(f"row_stats takes x [S, V] with V >= 1, got shape {x.shape}")
     rows, vocab = x.shape
@@ -116,10 +112,7 @@ def top_logprobs(
     """-> (token_logprob [T], rank [T] int32, top_ids [T, k] int32, top_logprobs [T, k]) through
     the kernel: `sampling.top_logprobs_of_logits`' quantities, bitwise its logprobs and ranks for
     the same normalizer, with the top k in `lax.top_k`'s order (cpu/row_stats.cc)."""
-    if max_threads is None:
-        max_threads = int(os.environ.get(THREADS_ENV, "0") or 0)
-    if _LIBRARY.load() is None:
-        raise RuntimeError(f"the {TOP_TARGET} kernel is not available (see the warning logged)")
+    max_threads = _LIBRARY.call_threads(max_threads, THREADS_ENV)
     rows, vocab = x.shape
     if not 0 <= k <= vocab:
         raise ValueError(f"k must be in [0, {vocab}], got {k}")
