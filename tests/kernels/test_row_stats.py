@@ -283,51 +283,52 @@ def _sampler_args(rng: np.random.Generator, rows: int, vocab: int, want_logprobs
     return logits, slot_rows, inputs
 
 
-def _run_sampler(logits, slot_rows, inputs, monkeypatch, kernels: bool) -> tuple[dict, str]:
+def _compile_sampler(logits, slot_rows, inputs, monkeypatch, kernels: bool):
     monkeypatch.setenv("JAXINFER_CPU_KERNELS", "1" if kernels else "0")
     function = jax.jit(functools.partial(sample_rows, max_top_k=8, num_logprobs=3))
-    compiled = function.lower(logits, slot_rows, inputs).compile()
-    return {k: np.asarray(v) for k, v in compiled(logits, slot_rows, inputs).items()}, (
-        compiled.as_text()
-    )
+    return function.lower(logits, slot_rows, inputs).compile()
 
 
-@pytest.mark.parametrize("want_logprobs", [False, True])
-def test_the_sampler_takes_the_kernel_and_keeps_its_tokens(monkeypatch, want_logprobs):
+def test_the_sampler_takes_the_kernel_and_keeps_its_tokens(monkeypatch):
     """`sample_rows` on the CPU lowers its argmax and normalizer to one kernel call; its tokens
     and top-logprob ids are the jnp path's, its logprobs within the derived bound of them (the two
-    normalizers differ in rounding only), the finite flag the raw logits'."""
+    normalizers differ in rounding only), the finite flag the raw logits'. A row's logprob is the
+    same number whether or not some row of the batch asked for top logprobs (the two branches of
+    `want_logprobs`, one compiled program)."""
     import jaxinfer.runtime.seam_pytrees  # noqa: F401  (SamplingScalars as a pytree)
 
     rng = np.random.default_rng(5)
-    logits, slot_rows, inputs = _sampler_args(rng, 6, 300, want_logprobs)
+    logits, slot_rows, inputs = _sampler_args(rng, 6, 300, want_logprobs=False)
     logits[4, 9] = np.inf  # a non-finite row is reported, whatever the mask
-    with_kernel, text = _run_sampler(logits, slot_rows, inputs, monkeypatch, kernels=True)
-    assert text.count('custom_call_target="jaxinfer_row_stats"') >= 1
-    without, plain = _run_sampler(logits, slot_rows, inputs, monkeypatch, kernels=False)
-    assert "jaxinfer_row_stats" not in plain
-    np.testing.assert_array_equal(with_kernel["tokens"], without["tokens"])
-    np.testing.assert_array_equal(with_kernel["logits_finite"], np.isfinite(logits).all(-1))
-    np.testing.assert_array_equal(with_kernel["logits_finite"], without["logits_finite"])
-    finite = with_kernel["logits_finite"]
+    with_kernel = _compile_sampler(logits, slot_rows, inputs, monkeypatch, kernels=True)
+    assert with_kernel.as_text().count('custom_call_target="jaxinfer_row_stats"') >= 1
+    without = _compile_sampler(logits, slot_rows, inputs, monkeypatch, kernels=False)
+    assert "jaxinfer_row_stats" not in without.as_text()
+    finite = np.isfinite(logits).all(-1)
     masked = np.asarray(apply_token_bitmask(jnp.asarray(logits), inputs["token_bitmask"]))
-    exact = numpy_stats(logits, inputs["token_bitmask"])["log_sum"]
-    chosen = masked[np.arange(6), with_kernel["tokens"]].astype(np.float64)
-    exact_logprob = chosen - numpy_stats(logits, inputs["token_bitmask"])["shift"] - exact
-    bound = log_sum_bound(exact) + U * np.abs(exact_logprob)  # and the subtraction's rounding
-    error = np.abs(with_kernel["token_logprob"] - exact_logprob)
-    assert (error[finite] <= 2 * bound[finite]).all()
-    if want_logprobs:
-        np.testing.assert_array_equal(with_kernel["top_ids"][finite], without["top_ids"][finite])
-        np.testing.assert_array_equal(
-            with_kernel["token_rank"][finite], without["token_rank"][finite]
-        )
-        # the reported token's logprob is the same number as its entry among the top logprobs
-        top_entry = with_kernel["top_logprobs"][np.arange(6), 0]
-        first = with_kernel["top_ids"][:, 0] == with_kernel["tokens"]
-        np.testing.assert_array_equal(
-            top_entry[first & finite], with_kernel["token_logprob"][first & finite]
-        )
+    want = numpy_stats(logits, inputs["token_bitmask"])
+    results = {}
+    for want_logprobs in (False, True):
+        asked = {**inputs, "want_logprobs": np.full(6, want_logprobs)}
+        ours = {k: np.asarray(v) for k, v in with_kernel(logits, slot_rows, asked).items()}
+        theirs = {k: np.asarray(v) for k, v in without(logits, slot_rows, asked).items()}
+        results[want_logprobs] = ours
+        np.testing.assert_array_equal(ours["tokens"], theirs["tokens"])
+        np.testing.assert_array_equal(ours["logits_finite"], finite)
+        np.testing.assert_array_equal(theirs["logits_finite"], finite)
+        chosen = masked[np.arange(6), ours["tokens"]].astype(np.float64)
+        exact_logprob = chosen - want["shift"] - want["log_sum"]
+        # the normalizer's bound, and the subtraction's rounding
+        bound = log_sum_bound(want["log_sum"]) + U * np.abs(exact_logprob)
+        error = np.abs(ours["token_logprob"] - exact_logprob)
+        assert (error[finite] <= 2 * bound[finite]).all()
+    asked = results[True]
+    np.testing.assert_array_equal(asked["token_logprob"], results[False]["token_logprob"])
+    np.testing.assert_array_equal(asked["top_ids"][finite], theirs["top_ids"][finite])
+    np.testing.assert_array_equal(asked["token_rank"][finite], theirs["token_rank"][finite])
+    # the reported token's logprob is the same number as its entry among the top logprobs
+    first = (asked["top_ids"][:, 0] == asked["tokens"]) & finite
+    np.testing.assert_array_equal(asked["top_logprobs"][first, 0], asked["token_logprob"][first])
 
 
 def test_logit_stats_falls_back_to_jnp(monkeypatch):
