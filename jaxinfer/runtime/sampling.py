@@ -503,6 +503,13 @@ def top_logprobs_of_logits(
     return token_logprob[:, 0], rank, top_ids.astype(jnp.int32), (top_values - shift) - log_sum
 
 
+def bitmask_allows(bitmask: jax.Array, tokens: jax.Array) -> jax.Array:
+    """[S, n] bool: whether row s's packed bitmask (see `apply_token_bitmask`) allows each of its
+    tokens [S, n], without unpacking the whole row."""
+    word = jnp.take_along_axis(bitmask, tokens // 32, axis=-1)
+    return ((word >> (tokens % 32)) & 1).astype(bool)
+
+
 def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
     """Structured outputs: logits [S, V] with every token whose bit is clear in the packed
     `bitmask` [S, ceil(V/32)] int32 (bit t % 32 of word t // 32) set to -inf, as vLLM applies the

@@ -28,6 +28,7 @@ from jaxinfer.models import invariant
 from jaxinfer.models.family import run_layers
 from jaxinfer.runtime.sampling import (
     apply_token_bitmask,
+    bitmask_allows,
     logit_stats,
     sample,
     top_logprobs_of_logits,
@@ -171,8 +172,7 @@ def _logprob_outputs(
 
     def without() -> tuple:
         chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)
-        word = jnp.take_along_axis(bitmask, tokens[:, None] // 32, axis=-1)
-        allowed = ((word >> (tokens[:, None] % 32)) & 1).astype(bool)
+        allowed = bitmask_allows(bitmask, tokens[:, None])
         chosen = jnp.where(allowed, chosen, jnp.asarray(-jnp.inf, chosen.dtype))
         token_logprob = ((chosen - stats.shift) - stats.log_sum)[:, 0]
         return (token_logprob, *_no_top_logprobs(tokens.shape[0], k)[1:])

@@ -193,15 +193,11 @@ struct Problem {  // the kernel tiles.h runs: a column unit is one row of x
     const float* values = x + row * vocab;
     const int32_t* mask = bitmask + row * words;
     Stats s = FirstPass(values, mask, vocab);
-    if (!s.finite) {
-      // NaN: NaN; +inf: +inf; a row of -inf (and finite otherwise): the formula.
-      const bool nan = s.max != s.max, plus_inf = s.max == std::numeric_limits<float>::infinity();
-      s.log_sum = nan ? std::numeric_limits<float>::quiet_NaN()
-                      : plus_inf ? std::numeric_limits<float>::infinity()
-                                 : LogSum(values, mask, vocab, s.shift);
-    } else {
-      s.log_sum = LogSum(values, mask, vocab, s.shift);
-    }
+    // A NaN maximum gives NaN, +inf gives +inf; anything else (a row of -inf too) the formula.
+    const bool nan = s.max != s.max, plus_inf = s.max == std::numeric_limits<float>::infinity();
+    s.log_sum = nan        ? std::numeric_limits<float>::quiet_NaN()
+                : plus_inf ? std::numeric_limits<float>::infinity()
+                           : LogSum(values, mask, vocab, s.shift);
     argmax[row] = s.argmax;
     max[row] = s.max;
     shift[row] = s.shift;
