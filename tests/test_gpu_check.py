@@ -100,6 +100,14 @@ def test_quick_and_model_options_reach_the_benchmarks():
     assert "[no limit]" in run("--dry-run", "--no-time-limits").stdout
 
 
+def test_steps_option_runs_a_subset_in_the_fixed_order():
+    assert list(plan("--steps", "throughput,kernel_tests")) == ["kernel_tests", "throughput"]
+    assert list(plan("--steps=paged_attention")) == ["paged_attention"]
+    bad = run("--dry-run", "--steps", "kernel_tests,throughput_")
+    assert bad.returncode == 2 and "unknown step 'throughput_'" in bad.stderr
+    assert run("--steps").returncode == 2
+
+
 def test_without_a_gpu_it_says_skip_and_writes_nothing(tmp_path):
     result = run(str(tmp_path / "out"), JAX_PLATFORMS="cpu")
     assert result.returncode == 0, result.stderr

@@ -301,6 +301,8 @@ def build_gguf_tokenizer(metadata: GGUFMetadata, name_or_path: str):
         tokenizer_config[name] = tokens[token_id] if token_id is not None else None
 
     backend, extra = convert(metadata.architecture, tokenizer_dict)
+    # The converter's own settings win, as in transformers' loader (`kwargs.update(...)` in that
+    # order); some versions (5.17) repeat a special token there, e.g. unk_token.
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, name_or_path=name_or_path, **tokenizer_config, **extra
+        tokenizer_object=backend, name_or_path=name_or_path, **{**tokenizer_config, **extra}
     )
