@@ -28,4 +28,4 @@ def test_quick_run_writes_a_complete_table(tmp_path):
     for row in result["rows"]:
         assert "error" not in row, row
         assert row["ms"] > 0 and math.isfinite(row["ms"])
-    assert result["copy_bandwidth_GB/s"] > 0
+    assert result["read_bandwidth_GB/s"] > 0

@@ -15,6 +15,7 @@ every group x dtype x mode.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 
@@ -57,7 +58,21 @@ def lower_for_cuda(
         sliding_window=window,
         soft_cap=cap,
     )
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with cuda_target():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def cuda_target():
+    """Where no GPU is present, name one for the lowering: since jax 0.11 Pallas' Triton lowering
+    asks the device for its compute capability ("No supported GPU devices found, please specify an
+    abstract GPU device") and takes it from an abstract mesh's device instead. An H100 (sm_90):
+    the GPUs this project is lent. jax 0.10 needs nothing (and has no AbstractDevice)."""
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu or not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 def test_engine_block_sizes_are_the_ones_lowered_here():
