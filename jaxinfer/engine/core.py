@@ -14,6 +14,7 @@ of each request) is engine/step_loop.py, EngineCore's base class.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from jaxinfer.engine.structured_output import StructuredOutputs
 from jaxinfer.interrupts import uninterruptible
 from jaxinfer.outputs import RequestOutput
+from jaxinfer.runtime.program_cache import compile_concurrently
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.seeds import request_seed, row_seed
 
@@ -314,16 +316,23 @@ class EngineCore(StepLoop):
         return str(self._num_requests)
 
     def warmup(self) -> int:
-        """Compile every bucket now, so that no request mix compiles later. Returns the count."""
-        for bucket in self.buckets.all_buckets():
-            self.runner.compile(bucket)
-        self.runner.compile_block_copier()
+        """Compile every bucket now, so that no request mix compiles later, on a few threads
+        (runtime/program_cache.py: the compilations overlap). Returns the count."""
+        runner, buckets = self.runner, self.buckets.all_buckets()
+        jobs = [functools.partial(runner.compile, bucket) for bucket in buckets]
+        jobs.append(runner.compile_block_copier)
         if self._max_steps > 1:
-            for bucket in self.buckets.all_buckets():
-                if not bucket.is_prefill:
-                    self.runner.compile_multi_step(bucket, self._max_steps)
+            jobs += [
+                functools.partial(runner.compile_multi_step, bucket, self._max_steps)
+                for bucket in buckets
+                if not bucket.is_prefill
+            ]
         if self._run_ahead_enabled:  # decode steps feed decode steps of any width
-            for num_seqs in self.buckets.seq_buckets:
-                for previous in self.buckets.seq_buckets:
-                    self.runner.compile_token_splice(num_seqs, previous)
-        return self.runner.num_compilations
+            widths = self.buckets.seq_buckets
+            jobs += [
+                functools.partial(runner.compile_token_splice, num_seqs, previous)
+                for num_seqs in widths
+                for previous in widths
+            ]
+        compile_concurrently(jobs)
+        return runner.num_compilations

@@ -182,4 +182,3 @@ class StageState:
     static: dict  # the step's static arguments but decode_rows (multi-step decode binds them)
     executables: dict = field(default_factory=dict)  # Bucket -> Compiled
     writers: dict = field(default_factory=dict)  # token count -> Compiled cache writer
-    block_copier: jax.stages.Compiled | None = None

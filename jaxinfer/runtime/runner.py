@@ -31,6 +31,7 @@ from jaxinfer.runtime import slot_state as slots
 from jaxinfer.runtime.attention_backend import attention_fn, resolve_backend
 from jaxinfer.runtime.mesh import replicated
 from jaxinfer.runtime.pipeline import StageLayout, StageState, hidden_sharding
+from jaxinfer.runtime.program_cache import ProgramCache
 from jaxinfer.runtime.sampling_tensors import SamplingRow, build_sampling_tensors
 from jaxinfer.runtime.seam_pytrees import abstract_inputs
 from jaxinfer.runtime.step import (
@@ -156,22 +157,25 @@ class ModelRunner:
                 batch_invariant=batch_invariant,
             )
         )
-        self.num_compilations = 0
-        self.compile_seconds = 0.0
         self._splices: dict[tuple[int, int], jax.stages.Compiled] = {}
+        self._block_copiers: dict[int, jax.stages.Compiled] = {}  # stage index -> its copier
         # Told what is about to compile, so a waiting user sees why (the progress bar sets it).
         self.compile_listener: Callable[[str], None] | None = None
+        self._programs = ProgramCache(self._announce)
+
+    @property
+    def num_compilations(self) -> int:
+        return self._programs.num_compilations
+
+    @property
+    def compile_seconds(self) -> float:
+        """Summed over programs: more than the wall time where a warm-up overlapped them."""
+        return self._programs.compile_seconds
 
     @property
     def kv_cache(self) -> tuple:
         """Every layer's (k, v) cache, in layer order, wherever its stage keeps it."""
         return tuple(layer for stage in self.stages for layer in stage.kv_cache)
-
-    def _count(self, started: float, what: object) -> None:
-        elapsed = time.perf_counter() - started
-        self.compile_seconds += elapsed
-        self.num_compilations += 1
-        logger.debug("compiled %s in %.2fs", what, elapsed)
 
     def _announce(self, what: str) -> None:
         logger.info("compiling %s (first use of this shape; cached for later runs)", what)
@@ -196,48 +200,57 @@ class ModelRunner:
             return  # every step after warm-up
         hidden = None  # the first stage embeds; the others take the previous stage's output
         for index, stage in enumerate(self.stages):
-            executable = stage.executables.get(bucket)
-            if executable is None:
-                self._announce(bucket.describe())
-                started = time.perf_counter()
-                sharding = None if stage.mesh is None else replicated(stage.mesh)
-                vocab_size = self.model.model_config.vocab_size
-                inputs = abstract_inputs(bucket, sharding, vocab_size=vocab_size)
-                jitted = stage.jit(decode_rows=bucket.decode_rows)
-                executable = jitted.lower(stage.params, stage.kv_cache, inputs, hidden).compile()
-                stage.executables[bucket] = executable
-                self._count(started, bucket)
+            executable = self._programs.get(
+                stage.executables,
+                bucket,
+                bucket.describe(),
+                functools.partial(self._compile_forward, stage, bucket, hidden),
+            )
             if stage is not last:
                 out = executable.out_info[0]
                 hidden = jax.ShapeDtypeStruct(
                     out.shape, out.dtype, sharding=hidden_sharding(self.stages[index + 1].mesh)
                 )
-            if bucket.num_tokens not in stage.writers:
-                self._announce(f"the cache writer for {bucket.num_tokens} tokens")
-                started = time.perf_counter()
-                slot_mapping = jax.ShapeDtypeStruct((bucket.num_tokens,), jnp.int32)
-                stage.writers[bucket.num_tokens] = jit_write_cache.lower(
-                    stage.kv_cache, self._new_kv_shapes(stage, bucket.num_tokens), slot_mapping
-                ).compile()
-                self._count(started, f"cache writer for {bucket.num_tokens} tokens")
-        if bucket.num_seqs not in self._samplers:
-            self._announce(f"the sampler for {bucket.num_seqs} sequences")
-            started = time.perf_counter()
-            logits_info = last.executables[bucket].out_info[0]
-            sharding = None if last.mesh is None else replicated(last.mesh)
-            vocab_size = self.model.model_config.vocab_size
-            inputs = abstract_inputs(bucket, sharding, vocab_size=vocab_size)
-            gather = self._gather_rows.lower(self.slot_state, inputs.slots, inputs.banned).compile()
-            sample = self._sample_rows.lower(
-                logits_info, gather.out_info, sampler_inputs(inputs)
-            ).compile()
-            count = self._count_sampled.lower(
-                self.slot_state, inputs.slots, sample.out_info["tokens"], inputs.sampled
-            ).compile()
-            self._samplers[bucket.num_seqs] = _Sampler(gather=gather, sample=sample, count=count)
-            self._count(started, f"sampler for {bucket.num_seqs} sequences")
+            self._programs.get(
+                stage.writers,
+                bucket.num_tokens,
+                f"the cache writer for {bucket.num_tokens} tokens",
+                functools.partial(self._compile_writer, stage, bucket.num_tokens),
+            )
+        self._programs.get(
+            self._samplers,
+            bucket.num_seqs,
+            f"the sampler for {bucket.num_seqs} sequences",
+            functools.partial(self._compile_sampler, last.executables[bucket], bucket),
+        )
         if prompt_logprobs and bucket.is_prefill:
             self._prompt_scorer(bucket)
+
+    def _compile_forward(self, stage: StageState, bucket: Bucket, hidden) -> jax.stages.Compiled:
+        sharding = None if stage.mesh is None else replicated(stage.mesh)
+        vocab_size = self.model.model_config.vocab_size
+        inputs = abstract_inputs(bucket, sharding, vocab_size=vocab_size)
+        jitted = stage.jit(decode_rows=bucket.decode_rows)
+        return jitted.lower(stage.params, stage.kv_cache, inputs, hidden).compile()
+
+    def _compile_writer(self, stage: StageState, num_tokens: int) -> jax.stages.Compiled:
+        slot_mapping = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
+        new_kv = self._new_kv_shapes(stage, num_tokens)
+        return jit_write_cache.lower(stage.kv_cache, new_kv, slot_mapping).compile()
+
+    def _compile_sampler(self, forward: jax.stages.Compiled, bucket: Bucket) -> _Sampler:
+        last = self.stages[-1]
+        sharding = None if last.mesh is None else replicated(last.mesh)
+        vocab_size = self.model.model_config.vocab_size
+        inputs = abstract_inputs(bucket, sharding, vocab_size=vocab_size)
+        gather = self._gather_rows.lower(self.slot_state, inputs.slots, inputs.banned).compile()
+        sample = self._sample_rows.lower(
+            forward.out_info[0], gather.out_info, sampler_inputs(inputs)
+        ).compile()
+        count = self._count_sampled.lower(
+            self.slot_state, inputs.slots, sample.out_info["tokens"], inputs.sampled
+        ).compile()
+        return _Sampler(gather=gather, sample=sample, count=count)
 
     def _has_prompt_scorer(self, bucket: Bucket) -> bool:
         """Decode-only buckets score no prompt tokens, so they need none."""
@@ -246,29 +259,24 @@ class ModelRunner:
     def _prompt_scorer(self, bucket: Bucket) -> jax.stages.Compiled:
         """The prompt scorer for the bucket's token count, compiled on first need (after the
         bucket's forward program, whose hidden-state output it takes)."""
-        scorer = self._prompt_scorers.get(bucket.num_tokens)
-        if scorer is None:
-            self._announce(f"the prompt-logprob scorer for {bucket.num_tokens} tokens")
-            started = time.perf_counter()
-            last = self.stages[-1]
+        last = self.stages[-1]
+
+        def build() -> jax.stages.Compiled:
             hidden_info = last.executables[bucket].out_info[1]
             sharding = None if last.mesh is None else replicated(last.mesh)
             next_ids = jax.ShapeDtypeStruct((bucket.num_tokens,), jnp.int32, sharding=sharding)
-            scorer = self._prompt_logprobs.lower(last.params, hidden_info, next_ids).compile()
-            self._prompt_scorers[bucket.num_tokens] = scorer
-            self._count(started, f"prompt-logprob scorer for {bucket.num_tokens} tokens")
-        return scorer
+            return self._prompt_logprobs.lower(last.params, hidden_info, next_ids).compile()
+
+        what = f"the prompt-logprob scorer for {bucket.num_tokens} tokens"
+        return self._programs.get(self._prompt_scorers, bucket.num_tokens, what, build)
 
     def compile_token_splice(self, num_tokens: int, num_previous: int):
         """The tiny program that feeds a step the tokens its predecessor is still computing
         (async scheduling): token_ids[t] = previous[index[t]] where index[t] >= 0."""
-        key = (num_tokens, num_previous)
-        splice = self._splices.get(key)
-        if splice is None:
-            self._announce(f"the token splice {num_previous} -> {num_tokens}")
-            started = time.perf_counter()
-            i32 = jnp.int32
-            splice = (
+        i32 = jnp.int32
+
+        def build() -> jax.stages.Compiled:
+            return (
                 jax.jit(_splice_tokens)
                 .lower(
                     jax.ShapeDtypeStruct((num_tokens,), i32),
@@ -277,25 +285,21 @@ class ModelRunner:
                 )
                 .compile()
             )
-            self._splices[key] = splice
-            self._count(started, f"token splice {key}")
-        return splice
+
+        what = f"the token splice {num_previous} -> {num_tokens}"
+        return self._programs.get(self._splices, (num_tokens, num_previous), what, build)
 
     def compile_multi_step(self, bucket: Bucket, max_steps: int) -> jax.stages.Compiled:
         """The program that runs up to `max_steps` decode steps of a decode `bucket` in one call
         (runtime/multi_step.py); one stage only. Donates the cache and the slot state."""
-        key = (bucket, max_steps)
-        program = self._multi_step.get(key)
-        if program is None:
-            if len(self.stages) != 1 or bucket.is_prefill:
-                raise ValueError("multi-step decode runs decode buckets on a single stage")
-            what = f"{max_steps} decode steps for {bucket.num_seqs} sequences"
-            self._announce(what)
-            started = time.perf_counter()
-            stage = self.stages[0]
+        if len(self.stages) != 1 or bucket.is_prefill:
+            raise ValueError("multi-step decode runs decode buckets on a single stage")
+        stage = self.stages[0]
+
+        def build() -> jax.stages.Compiled:
             sharding = None if stage.mesh is None else replicated(stage.mesh)
             vocab_size = self.model.model_config.vocab_size
-            program = multi_step.compile_decode_steps(
+            return multi_step.compile_decode_steps(
                 stage.params,
                 stage.kv_cache,
                 self.slot_state,
@@ -305,9 +309,9 @@ class ModelRunner:
                 block_size=self.block_size,
                 max_steps=max_steps,
             )
-            self._multi_step[key] = program
-            self._count(started, what)
-        return program
+
+        what = f"{max_steps} decode steps for {bucket.num_seqs} sequences"
+        return self._programs.get(self._multi_step, (bucket, max_steps), what, build)
 
     def dispatch_multi_step(
         self, bucket: Bucket, inputs: StepInputs, num_steps: int, max_steps: int
@@ -325,12 +329,14 @@ class ModelRunner:
         return StepOutputs(**per_row, **per_token), steps_run
 
     def compile_block_copier(self) -> None:
-        for stage in self.stages:
-            if stage.block_copier is None:
-                started = time.perf_counter()
-                pairs = jax.ShapeDtypeStruct((self.max_block_copies,), jnp.int32)
-                stage.block_copier = jit_copy_blocks.lower(stage.kv_cache, pairs, pairs).compile()
-                self._count(started, "block copier")
+        pairs = jax.ShapeDtypeStruct((self.max_block_copies,), jnp.int32)
+        for index, stage in enumerate(self.stages):
+            self._programs.get(
+                self._block_copiers,
+                index,
+                "the block copier",
+                lambda stage=stage: jit_copy_blocks.lower(stage.kv_cache, pairs, pairs).compile(),
+            )
 
     def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
         """Copy KV blocks (src, dst) in order; copy-on-write of shared blocks before a step."""
@@ -342,8 +348,9 @@ class ModelRunner:
         pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
         self.compile_block_copier()
         with deferred_interrupts():  # donates the cache: see jaxinfer/interrupts.py
-            for stage in self.stages:
-                stage.kv_cache = stage.block_copier(stage.kv_cache, pairs[0], pairs[1])
+            for index, stage in enumerate(self.stages):
+                copier = self._block_copiers[index]
+                stage.kv_cache = copier(stage.kv_cache, pairs[0], pairs[1])
 
     def write_slot(self, slot: int, row: slots.SlotState) -> None:
         """Install one request's sampling row (host arrays [V]) in its slot."""
