@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from jaxinfer.engine.structured_output import StructuredOutputs
 from jaxinfer.interrupts import uninterruptible
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.runtime.program_cache import compile_concurrently
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.seeds import request_seed, row_seed
 
@@ -334,5 +333,5 @@ class EngineCore(StepLoop):
                 for num_seqs in widths
                 for previous in widths
             ]
-        compile_concurrently(jobs)
+        runner.compile_concurrently(jobs)
         return runner.num_compilations

@@ -31,7 +31,7 @@ from jaxinfer.runtime import slot_state as slots
 from jaxinfer.runtime.attention_backend import attention_fn, resolve_backend
 from jaxinfer.runtime.mesh import replicated
 from jaxinfer.runtime.pipeline import StageLayout, StageState, hidden_sharding
-from jaxinfer.runtime.program_cache import ProgramCache
+from jaxinfer.runtime.program_cache import ProgramCache, compile_concurrently
 from jaxinfer.runtime.sampling_tensors import SamplingRow, build_sampling_tensors
 from jaxinfer.runtime.seam_pytrees import abstract_inputs
 from jaxinfer.runtime.step import (
@@ -171,6 +171,11 @@ class ModelRunner:
     def compile_seconds(self) -> float:
         """Summed over programs: more than the wall time where a warm-up overlapped them."""
         return self._programs.compile_seconds
+
+    @staticmethod
+    def compile_concurrently(jobs: list[Callable[[], object]]) -> None:
+        """Run compile jobs (this runner's `compile*` calls) on a few threads: the warm-up."""
+        compile_concurrently(jobs)
 
     @property
     def kv_cache(self) -> tuple:
