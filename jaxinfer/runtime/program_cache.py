@@ -29,7 +29,19 @@ Program = TypeVar("Program")
 
 # Threads a warm-up compiles on, at most (and never more than the host's cores): each compilation
 # holds its own working memory, so a large model's warm-up should not multiply it without bound.
+# $JAXINFER_COMPILE_THREADS overrides it (1: one program at a time, as before 2026-12-04).
 MAX_COMPILE_THREADS = 8
+COMPILE_THREADS_ENV = "JAXINFER_COMPILE_THREADS"
+
+
+def max_compile_threads() -> int:
+    """$JAXINFER_COMPILE_THREADS if set (a positive integer), else MAX_COMPILE_THREADS."""
+    configured = os.environ.get(COMPILE_THREADS_ENV, "").strip()
+    if not configured:
+        return MAX_COMPILE_THREADS
+    if not configured.isdigit() or int(configured) < 1:
+        raise ValueError(f"${COMPILE_THREADS_ENV} must be a positive integer, got {configured!r}")
+    return int(configured)
 
 
 class ProgramCache:
@@ -67,11 +79,14 @@ class ProgramCache:
 
 
 def compile_concurrently(
-    jobs: Sequence[Callable[[], object]], max_threads: int = MAX_COMPILE_THREADS
+    jobs: Sequence[Callable[[], object]], max_threads: int | None = None
 ) -> None:
-    """Run the compile `jobs` on up to `max_threads` threads (one: in order, on this thread).
+    """Run the compile `jobs` on up to `max_threads` threads (default `max_compile_threads()`;
+    never more than the cores; one: in order, on this thread).
     The first job to fail raises here; jobs not yet started are cancelled and the running ones
     finish first, so every table entry is a whole program (Ctrl-C likewise)."""
+    if max_threads is None:
+        max_threads = max_compile_threads()
     threads = min(len(jobs), os.cpu_count() or 1, max_threads)
     if threads <= 1:
         for job in jobs:

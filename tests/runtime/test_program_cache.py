@@ -112,3 +112,17 @@ def test_a_failing_job_raises_and_the_queued_ones_never_start(monkeypatch):
     assert set(started) <= {"failing", 0, 1}
     # ... and the call returned only after the running ones finished (no half-built program).
     assert time.perf_counter() - began >= 0.4 and release.is_set()
+
+
+def test_the_environment_sets_the_thread_limit(monkeypatch):
+    monkeypatch.setattr(program_cache.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("JAXINFER_COMPILE_THREADS", raising=False)
+    assert program_cache.max_compile_threads() == program_cache.MAX_COMPILE_THREADS
+    monkeypatch.setenv("JAXINFER_COMPILE_THREADS", "1")
+    seen = []
+    compile_concurrently([lambda: seen.append(threading.current_thread())] * 3)
+    assert seen == [threading.main_thread()] * 3  # one thread: in order, on the caller's
+    for bad in ("0", "two", "-3"):
+        monkeypatch.setenv("JAXINFER_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="JAXINFER_COMPILE_THREADS must be a positive"):
+            compile_concurrently([lambda: None] * 2)
