@@ -82,12 +82,17 @@ def compile_concurrently(
     jobs: Sequence[Callable[[], object]], max_threads: int | None = None
 ) -> None:
     """Run the compile `jobs` on up to `max_threads` threads (default `max_compile_threads()`;
-    never more than the cores; one: in order, on this thread).
+    never more than the cores; one: in order, on this thread). On this thread alone while the
+    caller holds thread-local JAX settings (inside `with jax.default_matmul_precision(...)`, say):
+    other threads would not see them, and a warmed-up program must be the one this thread would
+    compile for the same shape later.
     The first job to fail raises here; jobs not yet started are cancelled and the running ones
     finish first, so every table entry is a whole program (Ctrl-C likewise)."""
     if max_threads is None:
         max_threads = max_compile_threads()
     threads = min(len(jobs), os.cpu_count() or 1, max_threads)
+    if threads > 1 and not threads_trace_like_this_one():
+        threads = 1
     if threads <= 1:
         for job in jobs:
             job()
@@ -98,3 +103,15 @@ def compile_concurrently(
             future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def threads_trace_like_this_one() -> bool:
+    """Whether a new thread traces under this thread's JAX settings, by jit's own cache key for
+    them (`trace_context`: private, so anything unexpected answers False, one thread)."""
+    try:
+        from jax._src.config import trace_context
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(trace_context).result() == trace_context()
+    except Exception:  # noqa: BLE001 (a jax without it, or another failure: the safe answer)
+        return False

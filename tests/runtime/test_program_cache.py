@@ -126,3 +126,24 @@ def test_the_environment_sets_the_thread_limit(monkeypatch):
         monkeypatch.setenv("JAXINFER_COMPILE_THREADS", bad)
         with pytest.raises(ValueError, match="JAXINFER_COMPILE_THREADS must be a positive"):
             compile_concurrently([lambda: None] * 2)
+
+
+def test_inside_a_thread_local_jax_setting_the_warm_up_stays_on_this_thread(monkeypatch):
+    """Threads do not inherit `with jax.default_matmul_precision(...)`: compiling there would give
+    programs other than the ones this thread compiles for the same shapes later."""
+    import jax
+
+    monkeypatch.setattr(program_cache.os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("JAXINFER_COMPILE_THREADS", raising=False)
+
+    def threads_used() -> set:
+        seen = set()
+        compile_concurrently([lambda: seen.add(threading.current_thread())] * 4)
+        return seen
+
+    assert program_cache.threads_trace_like_this_one()
+    assert threading.main_thread() not in threads_used()
+    with jax.default_matmul_precision("highest"):
+        assert not program_cache.threads_trace_like_this_one()
+        assert threads_used() == {threading.main_thread()}
+    assert program_cache.threads_trace_like_this_one()  # the block left: threads again
