@@ -6,11 +6,14 @@ cache writer per token count, a sampler per sequence count, ...), and one XLA co
 about one core busy. The compiler releases the GIL, so compiling on several threads overlaps them.
 Measured on the 2-core CPU container (SmolLM2-135M, the 24 forward programs of an engine with
 max_num_seqs=8, max_num_batched_tokens=128, no compilation cache): 16.8 s one after another,
-12.4 s on two threads. A GPU host has more cores than programs compile in parallel here.
+12.4 s on two threads (`benchmarks/warmup.py` has the whole warm-up). A GPU host has more cores
+(16 on the H200 machine lent to this project) and overlaps more.
 
 A program several buckets share (the sampler for 8 sequences, the cache writer for 128 tokens)
 is compiled by the first thread that needs it while the others wait on its key's lock, so each
-program is compiled, counted and timed once whatever the order.
+program is compiled, counted and timed once whatever the order. Thread-local JAX settings (a
+`with jax.default_matmul_precision(...)` block) do not reach other threads, so inside one the
+warm-up compiles on the caller's thread alone.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ def compile_concurrently(
     caller holds thread-local JAX settings (inside `with jax.default_matmul_precision(...)`, say):
     other threads would not see them, and a warmed-up program must be the one this thread would
     compile for the same shape later.
+
     The first job to fail raises here; jobs not yet started are cancelled and the running ones
     finish first, so every table entry is a whole program (Ctrl-C likewise)."""
     if max_threads is None:
