@@ -267,7 +267,8 @@ def _build_single(config: EngineConfig, devices) -> tuple[EngineCore | EncoderEn
     )
     from jaxinfer.runtime import distributed, kv_cache
     from jaxinfer.runtime.host_allocator import keep_freed_memory_mapped
-    from jaxinfer.runtime.runner import ModelRunner, enable_compilation_cache
+    from jaxinfer.runtime.program_cache import enable_compilation_cache
+    from jaxinfer.runtime.runner import ModelRunner
 
     # Before any device is touched: joins jax.distributed when configured (several processes).
     multi_process = distributed.initialize(config)

@@ -1,5 +1,6 @@
 """Compiled programs held by key, each compiled once even when several threads ask for it at once,
-and a warm-up that compiles them on a thread pool.
+a warm-up that compiles them on a thread pool, and the switch that persists them on disk (JAX's
+compilation cache).
 
 Why threads: a warm-up compiles every bucket's programs (dozens: each bucket's forward pass, a
 cache writer per token count, a sampler per sequence count, ...), and one XLA compilation keeps
@@ -119,3 +120,12 @@ def threads_trace_like_this_one() -> bool:
             return pool.submit(trace_context).result() == trace_context()
     except Exception:  # noqa: BLE001 (a jax without it, or another failure: the safe answer)
         return False
+
+
+def enable_compilation_cache(path: str) -> None:
+    """Persist compiled executables across processes (JAX's own cache; CPU and GPU alike)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -54,13 +54,6 @@ def _splice_tokens(host: jax.Array, previous: jax.Array, index: jax.Array) -> ja
     return jnp.where(index >= 0, previous[jnp.maximum(index, 0)], host)
 
 
-def enable_compilation_cache(path: str) -> None:
-    """Persist compiled executables across processes (JAX's own cache; CPU and GPU alike)."""
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 @dataclass(frozen=True, kw_only=True)
 class _Sampler:
     """The three programs that sample S rows. Why three: `sample` (the heavy one) takes only
