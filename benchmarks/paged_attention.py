@@ -155,8 +155,9 @@ def bench_decode(args, read_rate: float) -> list[dict]:
 
 def dense_attention_seconds(dense_args, repeats: int) -> tuple[str, float]:
     """`jax.nn.dot_product_attention(is_causal=True)` timed with cuDNN's flash attention where it
-    runs (asked for by name: the default, `implementation=None`, gave XLA's unfused attention on
-    the H200 with jax 0.11.2, ~52 TFLOP/s at 8k), else XLA's. -> (implementation, seconds)."""
+    runs (asked for by name: the default, `implementation=None`, ran at ~52 TFLOP/s at 8k on the
+    H200 with jax 0.11.2, by all appearances XLA's unfused attention), else XLA's.
+    -> (implementation, seconds)."""
 
     def seconds_with(implementation: str) -> float:
         attention = functools.partial(
