@@ -224,10 +224,13 @@ class ModelRunner:
         if prompt_logprobs and bucket.is_prefill:
             self._prompt_scorer(bucket)
 
-    def _compile_forward(self, stage: StageState, bucket: Bucket, hidden) -> jax.stages.Compiled:
+    def _abstract_inputs(self, bucket: Bucket, stage: StageState) -> StepInputs:
+        """The step's inputs as shapes, replicated over the stage's mesh (for lowering)."""
         sharding = None if stage.mesh is None else replicated(stage.mesh)
-        vocab_size = self.model.model_config.vocab_size
-        inputs = abstract_inputs(bucket, sharding, vocab_size=vocab_size)
+        return abstract_inputs(bucket, sharding, vocab_size=self.model.model_config.vocab_size)
+
+    def _compile_forward(self, stage: StageState, bucket: Bucket, hidden) -> jax.stages.Compiled:
+        inputs = self._abstract_inputs(bucket, stage)
         jitted = stage.jit(decode_rows=bucket.decode_rows)
         return jitted.lower(stage.params, stage.kv_cache, inputs, hidden).compile()
 
@@ -237,10 +240,7 @@ class ModelRunner:
         return jit_write_cache.lower(stage.kv_cache, new_kv, slot_mapping).compile()
 
     def _compile_sampler(self, forward: jax.stages.Compiled, bucket: Bucket) -> _Sampler:
-        last = self.stages[-1]
-        sharding = None if last.mesh is None else replicated(last.mesh)
-        vocab_size = self.model.model_config.vocab_size
-        inputs = abstract_inputs(bucket, sharding, vocab_size=vocab_size)
+        inputs = self._abstract_inputs(bucket, self.stages[-1])
         gather = self._gather_rows.lower(self.slot_state, inputs.slots, inputs.banned).compile()
         sample = self._sample_rows.lower(
             forward.out_info[0], gather.out_info, sampler_inputs(inputs)
@@ -295,13 +295,11 @@ class ModelRunner:
         stage = self.stages[0]
 
         def build() -> jax.stages.Compiled:
-            sharding = None if stage.mesh is None else replicated(stage.mesh)
-            vocab_size = self.model.model_config.vocab_size
             return multi_step.compile_decode_steps(
                 stage.params,
                 stage.kv_cache,
                 self.slot_state,
-                abstract_inputs(bucket, sharding, vocab_size=vocab_size),
+                self._abstract_inputs(bucket, stage),
                 step_static=dict(stage.static, decode_rows=bucket.num_seqs),
                 sampler_static=self._sampler_static,
                 block_size=self.block_size,
