@@ -52,8 +52,10 @@ def run_jaxinfer(
         **engine_overrides,
     )
     engine, load_s = _timed(lambda: Engine(config))
+    print(f"   loaded in {load_s:.1f} s; warming up", flush=True)
     workload = make_workload(spec, seed, engine.vocab_size)
     num_compiled, warmup_s = _timed(engine.warmup)
+    print(f"   warm-up compiled {num_compiled} programs in {warmup_s:.1f} s", flush=True)
     compile_s = engine.llm_engine.runner.compile_seconds
 
     greedy = [

@@ -76,12 +76,21 @@ def default_tiling(
     }
 
 
+def _sequence_of(starts: jax.Array, index: jax.Array, num_seqs: int) -> jax.Array:
+    """The sequence each index falls in, for non-decreasing sequence starts (the last start <=
+    index), clipped to [0, num_seqs). One fused comparison rather than `searchsorted`'s default binary
+    search, which XLA runs as a loop of small kernels (a launch each on a GPU); the grids here are
+    at most a few thousand by a few hundred."""
+    below = (starts[None, :] <= index[:, None]).sum(axis=1)
+    return jnp.clip(below - 1, 0, num_seqs - 1).astype(jnp.int32)
+
+
 def _tile_layout(query_start_loc: jax.Array, num_tiles: int, tokens_per_tile: int):
     """-> per tile (sequence, first token, token count), and per sequence its first tile."""
     num_seqs = query_start_loc.shape[0] - 1
     first_tile = query_start_loc[:-1] // tokens_per_tile + jnp.arange(num_seqs)  # [S], increasing
     tiles = jnp.arange(num_tiles)
-    tile_seq = jnp.clip(jnp.searchsorted(first_tile, tiles, side="right") - 1, 0, num_seqs - 1)
+    tile_seq = _sequence_of(first_tile, tiles, num_seqs)
     first_token = query_start_loc[tile_seq] + (tiles - first_tile[tile_seq]) * tokens_per_tile
     count = jnp.clip(query_start_loc[tile_seq + 1] - first_token, 0, tokens_per_tile)
     return (
@@ -368,16 +377,19 @@ def paged_attention(
     else:
         out = out[0]
 
-    # Back to token order: token t of sequence s sits in tile first_tile[s] + local // tiles,
-    # at rows (local % tokens_per_tile) * G' + g.
-    token = jnp.arange(num_tokens)
-    seq = jnp.clip(jnp.searchsorted(query_start_loc, token, side="right") - 1, 0, num_seqs - 1)
-    local = token - query_start_loc[seq]
-    tile = first_tile[seq] + local // tokens_per_tile
-    tile = jnp.clip(tile, 0, num_tiles - 1)
     out = out.reshape(num_tiles, kv_heads, tokens_per_tile, padded_group, head_dim)
-    out = out[tile, :, local % tokens_per_tile, :group, :]  # [T, K, G, D]
-    real = token < query_start_loc[num_seqs]
+    if decode_only:  # tile s holds token s in its first row group: no search needed
+        out = out[:, :, 0, :group, :]  # [T, K, G, D]
+        real = jnp.arange(num_tokens) < query_start_loc[num_seqs]
+    else:
+        # Back to token order: token t of sequence s sits in tile first_tile[s] + local // tiles,
+        # at rows (local % tokens_per_tile) * G' + g.
+        token = jnp.arange(num_tokens)
+        seq = _sequence_of(query_start_loc, token, num_seqs)
+        local = token - query_start_loc[seq]
+        tile = jnp.clip(first_tile[seq] + local // tokens_per_tile, 0, num_tiles - 1)
+        out = out[tile, :, local % tokens_per_tile, :group, :]  # [T, K, G, D]
+        real = token < query_start_loc[num_seqs]
     out = jnp.where(real[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 

@@ -1,0 +1,210 @@
+"""Decode tuning for the Pallas paged-attention kernel: its tile knobs searched on the device at
+hand, one knob at a time, against the device's read bandwidth.
+
+    python benchmarks/paged_attention_sweep.py                  # on a GPU
+    python benchmarks/paged_attention_sweep.py --quick          # CPU smoke run (interpreted)
+
+Why: `default_tiling` (pallas_kernels/paged_attention.py) was written before the kernel first ran
+on a GPU; the H200's first run read 70-73% of the device's read bandwidth at long context, and
+Triton's software pipelining (`num_stages`), the warps per program, the keys loaded per loop step
+(`pages_per_step`) and the split-K count (`num_splits`) decide how many bytes are in flight.
+
+How: for each (batch, context) cell, start from the defaults, then for each knob in turn try its
+values with the others at the best so far and keep the fastest (a coordinate search: a few dozen
+compilations per cell, not the full product). Each timing is the median of `--repeats` runs
+after a warm-up (paged_attention.timed). The search stops at `--time-limit` seconds and writes
+what it has (a GPU lease is short). Table on stdout, JSON to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paged_attention import random_paged_batch, timed
+from roofline import measure_device_bandwidth
+
+from pallas_kernels import paged_attention as kernel
+
+# Values tried per knob, in search order. `num_splits` is tried as multiples of the default.
+KNOBS: dict[str, tuple] = {
+    "pages_per_step": (2, 4, 8, 16),
+    "num_warps": (2, 4, 8),
+    "num_stages": (1, 2, 3, 4),
+    "split_factor": (0.5, 1, 2, 4),
+}
+
+
+def _cells(text: str) -> list[tuple[int, int]]:
+    """'64x32768,256x8192' -> [(64, 32768), (256, 8192)]"""
+    return [tuple(int(n) for n in cell.split("x")) for cell in text.split(",")]  # type: ignore[misc]
+
+
+def knob_settings(knobs: dict, default_splits: int) -> dict:
+    """The kernel's keyword arguments for a point of the search."""
+    splits = max(1, min(64, round(default_splits * knobs["split_factor"])))
+    settings = {name: value for name, value in knobs.items() if name != "split_factor"}
+    return {**settings, "num_splits": splits}
+
+
+def search_cell(args, batch: int, context: int, read_rate: float, deadline: float) -> list[dict]:
+    """Rows for every point tried on one cell (the last row per knob value set is its time)."""
+    inputs = random_paged_batch(jax.random.key(0), args, batch=batch, context=context, q_len=1)
+    kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * jnp.dtype(args.dtype).itemsize
+    defaults = kernel.default_tiling(
+        group=args.heads // args.kv_heads,
+        block_size=args.block_size,
+        decode_only=True,
+        table_positions=inputs[5].shape[1] * args.block_size,
+    )
+    best = {
+        "pages_per_step": defaults["pages_per_step"],
+        "num_warps": 4,
+        "num_stages": 2,
+        "split_factor": 1,
+    }
+    rows: list[dict] = []
+    seen: dict[tuple, float] = {}
+
+    def measure(knobs: dict) -> float | None:
+        settings = knob_settings(knobs, defaults["num_splits"])
+        key = tuple(sorted(settings.items()))
+        if key in seen:
+            return seen[key]
+        if time.monotonic() > deadline:
+            return None
+        fn = jax.jit(
+            functools.partial(
+                kernel.paged_attention,
+                scale=args.head_dim**-0.5,
+                decode_only=True,
+                interpret=args.interpret,
+                **settings,
+            )
+        )
+        row = {"batch": batch, "context": context, **settings}
+        try:
+            seconds = timed(fn, *inputs, repeats=args.repeats)
+        except Exception as error:  # noqa: BLE001 (a knob value the compiler refuses: report it)
+            seen[key] = float("inf")
+            rows.append({**row, "error": str(error)[:160]})
+            return float("inf")
+        seen[key] = seconds
+        rate = kv_bytes / seconds
+        rows.append(
+            {**row, "ms": seconds * 1e3, "GB/s": rate / 1e9, "of_read_bw": rate / read_rate}
+        )
+        return seconds
+
+    best_seconds = measure(best)
+    if best_seconds is not None:
+        rows[-1]["default"] = True
+    for name, values in KNOBS.items():
+        for value in values:
+            seconds = measure({**best, name: value})
+            if seconds is None:
+                break
+            if best_seconds is None or seconds < best_seconds:
+                best, best_seconds = {**best, name: value}, seconds
+    for row in rows:
+        row["best"] = row.get("ms") == (best_seconds or 0) * 1e3
+    del inputs
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = (
+        "batch",
+        "context",
+        "pages_per_step",
+        "num_warps",
+        "num_stages",
+        "num_splits",
+        "ms",
+        "GB/s",
+        "of_read_bw",
+        "default",
+        "best",
+        "error",
+    )
+    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column, "")
+            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, interpreted (CPU)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--cells",
+        type=_cells,
+        default=_cells("64x32768,256x8192,8x8192,64x2048,1x32768"),
+        help="decode (batch x context) cells, searched in this order",
+    )
+    parser.add_argument("--time-limit", type=float, default=150.0, help="seconds for the search")
+    parser.add_argument(
+        "--out", default=str(Path(__file__).with_name("paged_attention_sweep.json"))
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.monotonic()
+    args = parse_args(argv)
+    args.dtype = jnp.dtype(args.dtype)
+    args.heads, args.kv_heads, args.head_dim, args.block_size = 32, 8, 128, 16
+    args.interpret = jax.default_backend() != "gpu"
+    read_bytes = 1 << 30
+    if args.quick:
+        args.heads, args.kv_heads, args.head_dim = 4, 1, 64
+        args.cells, args.repeats, read_bytes = [(3, 200)], 1, 1 << 22
+    read_rate = measure_device_bandwidth(read_bytes, args.repeats)
+    deadline = started + args.time_limit
+    rows: list[dict] = []
+    for batch, context in args.cells:
+        if time.monotonic() > deadline:
+            break
+        rows += search_cell(args, batch, context, read_rate, deadline)
+    device = jax.devices()[0]
+    result = {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "dtype": str(args.dtype),
+        "shape": {
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "head_dim": args.head_dim,
+            "block_size": args.block_size,
+        },
+        "read_bandwidth_GB/s": read_rate / 1e9,
+        "seconds": time.monotonic() - started,
+        "rows": rows,
+    }
+    print(
+        f"{device.device_kind} ({device.platform}), jax {jax.__version__}, {args.dtype}; "
+        f"device read bandwidth {read_rate / 1e9:.1f} GB/s; {result['seconds']:.0f} s"
+    )
+    print(format_table(rows))
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
