@@ -36,42 +36,59 @@ from roofline import measure_device_bandwidth
 from pallas_kernels import paged_attention as kernel
 
 # Values tried per knob, in search order. `num_splits` is tried as multiples of the default.
-KNOBS: dict[str, tuple] = {
+DECODE_KNOBS: dict[str, tuple] = {
     "pages_per_step": (2, 4, 8, 16),
     "num_warps": (2, 4, 8),
     "num_stages": (1, 2, 3, 4),
     "split_factor": (0.5, 1, 2, 4),
 }
+# Prefill (fresh prompts: every key is one of the step's new tokens): the query tile's tokens
+# (rows = tokens x the padded GQA group) and the keys per loop step decide the dots' sizes.
+PREFILL_KNOBS: dict[str, tuple] = {
+    "tokens_per_tile": (8, 16, 32),
+    "new_keys_per_step": (32, 64, 128),
+    "num_warps": (4, 8),
+    "num_stages": (1, 2, 3, 4),
+}
+KNOBS = DECODE_KNOBS  # what the smoke test checks
 
 
 def _cells(text: str) -> list[tuple[int, int]]:
-    """'64x32768,256x8192' -> [(64, 32768), (256, 8192)]"""
-    return [tuple(int(n) for n in cell.split("x")) for cell in text.split(",")]  # type: ignore[misc]
+    """'64x32768,256x8192' -> [(64, 32768), (256, 8192)]; '' -> [] (none of that case)"""
+    return [tuple(int(n) for n in cell.split("x")) for cell in text.split(",") if cell]  # type: ignore[misc]
 
 
 def knob_settings(knobs: dict, default_splits: int) -> dict:
     """The kernel's keyword arguments for a point of the search."""
-    splits = max(1, min(64, round(default_splits * knobs["split_factor"])))
     settings = {name: value for name, value in knobs.items() if name != "split_factor"}
+    if "split_factor" not in knobs:
+        return settings
+    splits = max(1, min(64, round(default_splits * knobs["split_factor"])))
     return {**settings, "num_splits": splits}
 
 
-def search_cell(args, batch: int, context: int, read_rate: float, deadline: float) -> list[dict]:
-    """Rows for every point tried on one cell (the last row per knob value set is its time)."""
-    inputs = random_paged_batch(jax.random.key(0), args, batch=batch, context=context, q_len=1)
+def search_cell(
+    args, batch: int, context: int, read_rate: float, deadline: float, *, prefill: bool = False
+) -> list[dict]:
+    """Rows for every point tried on one cell: decode (one new token per sequence, `context`
+    cached) or prefill (`context` new tokens per sequence, nothing cached)."""
+    q_len = context if prefill else 1
+    inputs = random_paged_batch(jax.random.key(0), args, batch=batch, context=context, q_len=q_len)
     kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * jnp.dtype(args.dtype).itemsize
+    flops = 4 * batch * context * context / 2 * args.heads * args.head_dim
     defaults = kernel.default_tiling(
         group=args.heads // args.kv_heads,
         block_size=args.block_size,
-        decode_only=True,
+        decode_only=not prefill,
         table_positions=inputs[5].shape[1] * args.block_size,
+        num_seqs=batch,
+        kv_heads=args.kv_heads,
     )
-    best = {
-        "pages_per_step": defaults["pages_per_step"],
-        "num_warps": 4,
-        "num_stages": 2,
-        "split_factor": 1,
-    }
+    if prefill:
+        best = {name: defaults[name] for name in PREFILL_KNOBS}
+    else:
+        best = {name: defaults[name] for name in DECODE_KNOBS if name != "split_factor"}
+        best["split_factor"] = 1
     rows: list[dict] = []
     seen: dict[tuple, float] = {}
 
@@ -86,12 +103,13 @@ def search_cell(args, batch: int, context: int, read_rate: float, deadline: floa
             functools.partial(
                 kernel.paged_attention,
                 scale=args.head_dim**-0.5,
-                decode_only=True,
+                decode_only=not prefill,
                 interpret=args.interpret,
                 **settings,
             )
         )
-        row = {"batch": batch, "context": context, **settings}
+        row = {"case": "prefill" if prefill else "decode", "batch": batch, "context": context}
+        row.update(settings)
         try:
             seconds = timed(fn, *inputs, repeats=args.repeats)
         except Exception as error:  # noqa: BLE001 (a knob value the compiler refuses: report it)
@@ -99,16 +117,18 @@ def search_cell(args, batch: int, context: int, read_rate: float, deadline: floa
             rows.append({**row, "error": str(error)[:160]})
             return float("inf")
         seen[key] = seconds
-        rate = kv_bytes / seconds
-        rows.append(
-            {**row, "ms": seconds * 1e3, "GB/s": rate / 1e9, "of_read_bw": rate / read_rate}
-        )
+        if prefill:
+            rows.append({**row, "ms": seconds * 1e3, "TFLOP/s": flops / seconds / 1e12})
+        else:
+            rate = kv_bytes / seconds
+            row.update(ms=seconds * 1e3, of_read_bw=rate / read_rate)
+            rows.append({**row, "GB/s": rate / 1e9})
         return seconds
 
     best_seconds = measure(best)
     if best_seconds is not None:
         rows[-1]["default"] = True
-    for name, values in KNOBS.items():
+    for name, values in (PREFILL_KNOBS if prefill else DECODE_KNOBS).items():
         for value in values:
             seconds = measure({**best, name: value})
             if seconds is None:
@@ -122,8 +142,11 @@ def search_cell(args, batch: int, context: int, read_rate: float, deadline: floa
 
 def format_table(rows: list[dict]) -> str:
     columns = (
+        "case",
         "batch",
         "context",
+        "tokens_per_tile",
+        "new_keys_per_step",
         "pages_per_step",
         "num_warps",
         "num_stages",
@@ -131,6 +154,7 @@ def format_table(rows: list[dict]) -> str:
         "ms",
         "GB/s",
         "of_read_bw",
+        "TFLOP/s",
         "default",
         "best",
         "error",
@@ -156,6 +180,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=_cells("64x32768,256x8192,8x8192,64x2048,1x32768"),
         help="decode (batch x context) cells, searched in this order",
     )
+    parser.add_argument(
+        "--prefill-cells",
+        type=_cells,
+        default=_cells("4x2048,1x8192,16x512"),
+        help="prefill (batch x prompt length) cells, searched after the decode cells",
+    )
     parser.add_argument("--time-limit", type=float, default=150.0, help="seconds for the search")
     parser.add_argument(
         "--out", default=str(Path(__file__).with_name("paged_attention_sweep.json"))
@@ -169,17 +199,22 @@ def main(argv: list[str] | None = None) -> dict:
     args.dtype = jnp.dtype(args.dtype)
     args.heads, args.kv_heads, args.head_dim, args.block_size = 32, 8, 128, 16
     args.interpret = jax.default_backend() != "gpu"
-    read_bytes = 1 << 30
+    read_bytes = 4 << 30  # roofline.py's size: at 1 GiB a sum's launch cost shows (2.6 vs 3.8 TB/s)
     if args.quick:
         args.heads, args.kv_heads, args.head_dim = 4, 1, 64
-        args.cells, args.repeats, read_bytes = [(3, 200)], 1, 1 << 22
-    read_rate = measure_device_bandwidth(read_bytes, args.repeats)
+        args.cells, args.prefill_cells = [(3, 200)], [(2, 40)]
+        args.repeats, read_bytes = 1, 1 << 22
+    read_rate = measure_device_bandwidth(read_bytes, max(args.repeats, 10))
     deadline = started + args.time_limit
     rows: list[dict] = []
     for batch, context in args.cells:
         if time.monotonic() > deadline:
             break
         rows += search_cell(args, batch, context, read_rate, deadline)
+    for batch, context in args.prefill_cells:
+        if time.monotonic() > deadline:
+            break
+        rows += search_cell(args, batch, context, read_rate, deadline, prefill=True)
     device = jax.devices()[0]
     result = {
         "device": device.device_kind,

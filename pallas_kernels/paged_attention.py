@@ -60,19 +60,35 @@ def supported_head_dim(head_dim: int) -> bool:
 
 
 def default_tiling(
-    *, group: int, block_size: int, decode_only: bool, table_positions: int
+    *,
+    group: int,
+    block_size: int,
+    decode_only: bool,
+    table_positions: int,
+    num_seqs: int | None = None,
+    kv_heads: int | None = None,
 ) -> dict[str, int]:
     """Tile sizes for a shape: ~16 query rows for decode (one token: rows are its query heads,
     padded up to tl.dot's minimum) and ~64 for prefill; ~64 keys per step; and for decode one split
-    per 2048 positions of table width (up to 8), so a long context spreads over more programs.
+    per 2048 positions of table width, so a long context spreads over more programs (up to 8, or
+    16 when the batch has at most 64 (sequence, kv head) pairs: too few programs to fill a GPU's
+    132 multiprocessors otherwise).
+
+    Decode loads its pages without Triton's software pipelining (`num_stages=1`): on the H200 the
+    long-context cells read 3-4% faster so (benchmarks/paged_attention_sweep.py, 2026-12-04:
+    64 x 32k 2.94 vs 3.06 ms, 256 x 8k 2.85 vs 2.95 ms).
     """
     padded_group = _next_power_of_two(group)
     rows = MIN_DOT_DIM if decode_only else 64
+    few_programs = num_seqs is not None and kv_heads is not None and num_seqs * kv_heads <= 64
+    max_splits = 16 if few_programs else 8
     return {
         "tokens_per_tile": max(1, rows // padded_group),
         "pages_per_step": max(1, 64 // block_size),
         "new_keys_per_step": MIN_DOT_DIM if decode_only else 64,
-        "num_splits": max(1, min(8, table_positions // 2048)) if decode_only else 1,
+        "num_splits": max(1, min(max_splits, table_positions // 2048)) if decode_only else 1,
+        "num_warps": 4,
+        "num_stages": 1 if decode_only else 2,
     }
 
 
@@ -268,8 +284,8 @@ def paged_attention(
     pages_per_step: int | None = None,
     new_keys_per_step: int | None = None,
     num_splits: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> jax.Array:  # [T, H, D]
     """Causal attention of each new token over its own sequence's paged context (the kernel).
 
@@ -287,11 +303,15 @@ def paged_attention(
         block_size=block_size,
         decode_only=decode_only,
         table_positions=table_width * block_size,
+        num_seqs=num_seqs,
+        kv_heads=kv_heads,
     )
     tokens_per_tile = tokens_per_tile or tiling["tokens_per_tile"]
     pages_per_step = pages_per_step or tiling["pages_per_step"]
     new_keys_per_step = new_keys_per_step or tiling["new_keys_per_step"]
     num_splits = num_splits or tiling["num_splits"]
+    num_warps = num_warps or tiling["num_warps"]
+    num_stages = num_stages or tiling["num_stages"]
     rows = tokens_per_tile * padded_group
 
     if decode_only:  # one tile per sequence: tile s holds token s

@@ -32,8 +32,9 @@ def test_quick_run_writes_a_complete_table(tmp_path):
 
 
 def test_sweep_quick_run_searches_every_knob(tmp_path):
-    """benchmarks/paged_attention_sweep.py: every knob's values are tried on the cell, one row
-    is the defaults and one the fastest, and no point failed to compile or run."""
+    """benchmarks/paged_attention_sweep.py: every knob's values are tried on the decode cell and
+    the prefill cell, one row of each is the defaults and one the fastest, and no point failed
+    to compile or run."""
     sweep = BENCHMARK.with_name("paged_attention_sweep.py")
     spec = importlib.util.spec_from_file_location("paged_attention_sweep", sweep)
     module = importlib.util.module_from_spec(spec)
@@ -45,8 +46,11 @@ def test_sweep_quick_run_searches_every_knob(tmp_path):
     for row in rows:
         assert "error" not in row, row
         assert row["ms"] > 0 and math.isfinite(row["ms"])
-    for knob in ("pages_per_step", "num_warps", "num_stages"):
-        assert {row[knob] for row in rows} == set(module.KNOBS[knob]), knob
-    assert sum(bool(row.get("default")) for row in rows) == 1
-    best = [row for row in rows if row["best"]]
-    assert len(best) == 1 and best[0]["ms"] == min(row["ms"] for row in rows)
+    for case, knobs in (("decode", module.DECODE_KNOBS), ("prefill", module.PREFILL_KNOBS)):
+        case_rows = [row for row in rows if row["case"] == case]
+        for knob, values in knobs.items():
+            if knob != "split_factor":
+                assert {row[knob] for row in case_rows} == set(values), (case, knob)
+        assert sum(bool(row.get("default")) for row in case_rows) == 1, case
+        best = [row for row in case_rows if row["best"]]
+        assert len(best) == 1 and best[0]["ms"] == min(row["ms"] for row in case_rows), case
