@@ -21,14 +21,17 @@
 # Time: each step is stopped at its budget (kernel_tests 270 s, backend_agreement 150 s,
 # paged_attention 90 s, throughput 300 s; 5 s more to die); a step that runs out is marked
 # "timeout" and the next one starts. Measured on an H200 (2026-12-04, jax 0.11.2, empty caches):
-# kernel_tests 241 s, paged_attention 63 s; backend_agreement (full) ran past 90 s, and
-# throughput (full and --quick) past 160 / 95 s without finishing the engine's load and warm-up
-# (which compiles 66 programs for the quick workload; not timed there). So the whole check does not fit one 10-minute device command: on a lease, run
+# kernel_tests 241 s, paged_attention 63-67 s, backend_agreement --quick within a 95-s limit
+# (the full 8 prompts ran past 90 s), throughput --quick ~95 s (its warm-up compiles 66 programs
+# in 50 s on the machine's 16 cores; one at a time, before the threaded warm-up, it ran past 95 s
+# with --quick and 160 s without).
+# So the whole check does not fit one 10-minute device command: on a lease, run
 # `--steps kernel_tests` in one call and `--quick --steps backend_agreement,paged_attention,
 # throughput` in the next. --no-time-limits lifts the budgets (a rerun is faster: compiled
 # programs persist in JAX's compilation cache, JAXINFER_COMPILATION_CACHE_DIR). --quick runs a
 # smaller grid and workload. --steps runs a comma-separated subset (in the order above); each
-# call's summary names only the steps it ran.
+# call's summary names only the steps it ran. benchmarks/paged_attention_sweep.py (not a step
+# here) searches the kernel's tile knobs on the device.
 #
 # Needs: python3 (or $PYTHON) with jax and its CUDA plugin, this project's test dependencies
 # (pip install -e '.[test]'), and for steps 2 and 4 the SmolLM2 GGUF (pip install --no-deps
