@@ -28,6 +28,8 @@ def test_quick_run_writes_a_complete_table(tmp_path):
     for row in result["rows"]:
         assert "error" not in row, row
         assert row["ms"] > 0 and math.isfinite(row["ms"])
+        if row["case"] == "decode":
+            assert row["back_to_back_ms"] > 0 and math.isfinite(row["back_to_back_ms"])
     assert result["read_bandwidth_GB/s"] > 0
 
 
@@ -53,4 +55,7 @@ def test_sweep_quick_run_searches_every_knob(tmp_path):
                 assert {row[knob] for row in case_rows} == set(values), (case, knob)
         assert sum(bool(row.get("default")) for row in case_rows) == 1, case
         best = [row for row in case_rows if row["best"]]
+        if case == "prefill":  # the joint points (128-row tiles on 8 warps) ran too
+            joint = {(p["tokens_per_tile"], p["num_warps"]) for p in module.PREFILL_JOINT}
+            assert joint <= {(row["tokens_per_tile"], row["num_warps"]) for row in case_rows}
         assert len(best) == 1 and best[0]["ms"] == min(row["ms"] for row in case_rows), case
