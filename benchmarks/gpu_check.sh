@@ -16,10 +16,13 @@
 #                         bandwidth, prefill against dense attention, the KV write
 #   4. throughput         benchmarks/throughput.py on SmolLM2 in bfloat16 against the GPU's own
 #                         bandwidth/matmul roofline (--skip-hf: transformers would run on CPU)
+#   5. throughput_multistep  the same with 8 decode steps per compiled call (num_scheduler_steps):
+#                         the engine on the H200 was host-bound (12-40 ms of host work per step
+#                         against 2-4 ms on the device), which is what multi-step decode amortizes
 # then OUT_DIR/summary.txt and summary.json (step, status, seconds, log).
 #
 # Time: each step is stopped at its budget (kernel_tests 270 s, backend_agreement 150 s,
-# paged_attention 90 s, throughput 300 s; 5 s more to die); a step that runs out is marked
+# paged_attention 90 s, throughput and throughput_multistep 300 s each; 5 s more to die); a step that runs out is marked
 # "timeout" and the next one starts. Measured on an H200 (2026-12-04, jax 0.11.2, empty caches):
 # kernel_tests 241 s, paged_attention 63-67 s, backend_agreement --quick within a 95-s limit
 # (the full 8 prompts ran past 90 s), throughput --quick ~95 s (its warm-up compiles 66 programs
@@ -27,7 +30,7 @@
 # with --quick and 160 s without).
 # So the whole check does not fit one 10-minute device command: on a lease, run
 # `--steps kernel_tests` in one call and `--quick --steps backend_agreement,paged_attention,
-# throughput` in the next. --no-time-limits lifts the budgets (a rerun is faster: compiled
+# throughput,throughput_multistep` in the next (throughput_multistep not yet timed on a GPU). --no-time-limits lifts the budgets (a rerun is faster: compiled
 # programs persist in JAX's compilation cache, JAXINFER_COMPILATION_CACHE_DIR). --quick runs a
 # smaller grid and workload. --steps runs a comma-separated subset (in the order above); each
 # call's summary names only the steps it ran. benchmarks/paged_attention_sweep.py (not a step
@@ -94,13 +97,17 @@ PAGED=("$PYTHON" benchmarks/paged_attention.py --out "$OUT/paged_attention.json"
     --batches 1,8,64,256 --contexts 512,2048,8192,32768)
 THROUGHPUT=("$PYTHON" benchmarks/throughput.py --model smollm2 --dtype bfloat16 --skip-hf
     --out "$OUT/throughput.json" --markdown "$OUT/throughput.md" ${PATH_ARGS[@]+"${PATH_ARGS[@]}"})
+MULTISTEP=("$PYTHON" benchmarks/throughput.py --model smollm2 --dtype bfloat16 --skip-hf
+    --num-scheduler-steps 8 --out "$OUT/throughput_multistep.json"
+    --markdown "$OUT/throughput_multistep.md" ${PATH_ARGS[@]+"${PATH_ARGS[@]}"})
 if [ "$QUICK" = 1 ]; then
     AGREEMENT+=(--prompts 4 --max-tokens 16)
     PAGED=("$PYTHON" benchmarks/paged_attention.py --out "$OUT/paged_attention.json" --repeats 3
         --batches 1,64 --contexts 2048,32768 --prefill-lens 2048)
     THROUGHPUT+=(--quick)
+    MULTISTEP+=(--quick)
 fi
-STEPS=(kernel_tests backend_agreement paged_attention throughput)
+STEPS=(kernel_tests backend_agreement paged_attention throughput throughput_multistep)
 if [ -n "$ONLY" ]; then
     for name in ${ONLY//,/ }; do
         case " ${STEPS[*]} " in
@@ -114,7 +121,8 @@ if [ -n "$ONLY" ]; then
     done
     STEPS=("${chosen[@]}")
 fi
-declare -A BUDGET=([kernel_tests]=270 [backend_agreement]=150 [paged_attention]=90 [throughput]=300)
+declare -A BUDGET=([kernel_tests]=270 [backend_agreement]=150 [paged_attention]=90 [throughput]=300
+    [throughput_multistep]=300)
 
 command_of() {  # the step's command, one shell-quoted line
     local -n cmd
@@ -123,6 +131,7 @@ command_of() {  # the step's command, one shell-quoted line
         backend_agreement) cmd=AGREEMENT ;;
         paged_attention) cmd=PAGED ;;
         throughput) cmd=THROUGHPUT ;;
+        throughput_multistep) cmd=MULTISTEP ;;
     esac
     printf '%q ' "${cmd[@]}"
 }

@@ -16,7 +16,13 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["kernel_tests", "backend_agreement", "paged_attention", "throughput"]
+STEPS = [
+    "kernel_tests",
+    "backend_agreement",
+    "paged_attention",
+    "throughput",
+    "throughput_multistep",
+]
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -78,6 +84,7 @@ def test_plan_writes_under_one_folder_and_every_benchmark_accepts_its_arguments(
         ("backend_agreement", "backend_agreement.py"),
         ("paged_attention", "paged_attention.py"),
         ("throughput", "throughput.py"),
+        ("throughput_multistep", "throughput.py"),
     ]:
         command = steps[step]
         assert command[1] == f"benchmarks/{script}"
@@ -86,6 +93,9 @@ def test_plan_writes_under_one_folder_and_every_benchmark_accepts_its_arguments(
     assert parsed["throughput"].dtype == "bfloat16"
     assert parsed["throughput"].model == "smollm2" and parsed["throughput"].skip_hf
     assert parsed["throughput"].markdown == f"{out}/throughput.md"
+    assert parsed["throughput"].num_scheduler_steps == 1
+    assert parsed["throughput_multistep"].num_scheduler_steps == 8
+    assert parsed["throughput_multistep"].markdown == f"{out}/throughput_multistep.md"
     assert parsed["paged_attention"].batches == [1, 8, 64, 256]
     assert parsed["backend_agreement"].dtypes == ["float32", "bfloat16"]
 
@@ -94,6 +104,8 @@ def test_quick_and_model_options_reach_the_benchmarks():
     steps = plan("--quick", "--model", "/models/smol lm.gguf", "--no-time-limits")
     throughput = benchmark_module("throughput.py").parse_args(steps["throughput"][2:])
     assert throughput.quick and throughput.model_path == "/models/smol lm.gguf"
+    multistep = benchmark_module("throughput.py").parse_args(steps["throughput_multistep"][2:])
+    assert multistep.quick and multistep.model_path == "/models/smol lm.gguf"
     agreement = benchmark_module("backend_agreement.py").parse_args(steps["backend_agreement"][2:])
     assert agreement.model == "/models/smol lm.gguf" and agreement.prompts == 4
     assert "--prefill-lens" in steps["paged_attention"]
@@ -144,10 +156,10 @@ def test_run_loop_records_every_step_and_fails_when_one_fails(tmp_path, python_c
     result = run(str(out), PYTHON=str(python_claiming_a_gpu))
     assert result.returncode == 1, result.stdout + result.stderr
     ran = (tmp_path / "ran.txt").read_text().splitlines()
-    assert len(ran) == 4 and "benchmarks/throughput.py" in ran[-1]
+    assert len(ran) == 5 and "--num-scheduler-steps 8" in ran[-1]
     summary = json.loads((out / "summary.json").read_text())["steps"]
     assert [s["step"] for s in summary] == STEPS
-    assert [s["status"] for s in summary] == ["pass", "pass", "fail (exit 1)", "pass"]
+    assert [s["status"] for s in summary] == ["pass", "pass", "fail (exit 1)", "pass", "pass"]
     assert "kernel broke" in (out / "paged_attention.log").read_text()
     lines = (out / "summary.txt").read_text().splitlines()
     assert lines[2].split()[:4] == ["paged_attention", "fail", "(exit", "1)"]
