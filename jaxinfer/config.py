@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# vLLM's kv_cache_dtype values: "auto" keeps the model's dtype; the fp8 ones store K and V as 8-bit
+# floats (scale 1.0, vLLM's default without calibrated scales); runtime/kv_cache.py maps them.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 # What each backend means: runtime/attention_backend.py.
 ATTENTION_BACKENDS = ("auto", "pallas", "pallas_interpret", "reference")
 
@@ -120,6 +123,9 @@ class EngineConfig:
     # Model length and KV cache.
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
+    # "fp8" / "fp8_e4m3" / "fp8_e5m2": K and V stored in 8 bits (4x the blocks of a float32 cache
+    # in the same memory, 2x bfloat16's), every key and value rounded to it, the step's own too.
+    kv_cache_dtype: str = "auto"
     num_kv_blocks: int | None = None  # explicit override (tests); otherwise sized from the budget
     kv_cache_memory_bytes: int | None = None  # explicit budget; otherwise from the device
     gpu_memory_utilization: float = 0.9  # fraction of accelerator memory for weights + cache
@@ -232,6 +238,12 @@ class EngineConfig:
             self.model,
         )
         _check(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _check(
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            "kv_cache_dtype",
+            f"one of {KV_CACHE_DTYPES}",
+            self.kv_cache_dtype,
+        )
         _check(
             self.attention_backend in ATTENTION_BACKENDS,
             "attention_backend",

@@ -43,6 +43,10 @@ _NEUTRAL: dict[str, tuple[tuple, str]] = {
         ),
     ),
     "max_seq_len_to_capture": (None, ""),  # CUDA graphs: not a concept here
+    "calculate_kv_scales": (
+        (False, None),
+        "an fp8 KV cache uses scale 1.0 (vLLM's default); calibrated scales are not supported",
+    ),
     "compilation_config": ((None,), "compilation is configured through the bucket fields"),
 }
 

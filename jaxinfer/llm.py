@@ -296,9 +296,8 @@ def _build_single(config: EngineConfig, devices) -> tuple[EngineCore | EncoderEn
         return _build_encoder(config, model, tokenizer, source), multi_process
     length_from_model = config.max_model_len is None
     config = _resolve_lengths(config, model.model_config.max_position_embeddings)
-    num_blocks = kv_cache.num_blocks_for(
-        config, model.model_config, model.dtype, model.weight_bytes
-    )
+    kv_dtype = kv_cache.cache_dtype(config.kv_cache_dtype, model.dtype)
+    num_blocks = kv_cache.num_blocks_for(config, model.model_config, kv_dtype, model.weight_bytes)
     _check_kv_capacity(config, num_blocks, length_from_model)
     vocab_size = model.model_config.vocab_size
     runner = ModelRunner(
@@ -312,6 +311,7 @@ def _build_single(config: EngineConfig, devices) -> tuple[EngineCore | EncoderEn
         attention_backend=config.attention_backend,
         mesh=mesh,
         batch_invariant=config.batch_invariant,
+        kv_cache_dtype=kv_dtype,
     )
     core = EngineCore(
         config,

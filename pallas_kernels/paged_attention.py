@@ -218,8 +218,9 @@ def _kernel(
     def cached_step(i, state):
         page0 = begin + i * pages_per_step
         pages = block_tables_ref[seq, pl.ds(page0, pages_per_step)]
-        keys = k_cache_ref[pages].reshape(keys_per_step, head_dim)
-        values = v_cache_ref[pages].reshape(keys_per_step, head_dim)
+        # An fp8 cache (kv_cache_dtype) is widened to the query's type for the dots.
+        keys = k_cache_ref[pages].reshape(keys_per_step, head_dim).astype(q.dtype)
+        values = v_cache_ref[pages].reshape(keys_per_step, head_dim).astype(q.dtype)
         key_pos = page0 * block_size + jnp.arange(keys_per_step)
         return absorb(state, keys, values, key_pos, key_pos < end_pos)
 

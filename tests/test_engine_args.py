@@ -24,10 +24,14 @@ def test_neutral_vllm_arguments_become_an_engine_config():
             enforce_eager=True,
             gpu_memory_utilization=0.5,
             seed=3,
+            kv_cache_dtype="fp8",
+            calculate_kv_scales=False,
         ),
     )
     assert task == "auto"
-    assert config == EngineConfig(model="some/model", gpu_memory_utilization=0.5, seed=3)
+    assert config == EngineConfig(
+        model="some/model", gpu_memory_utilization=0.5, seed=3, kv_cache_dtype="fp8"
+    )
 
 
 @pytest.mark.parametrize(
@@ -37,6 +41,7 @@ def test_neutral_vllm_arguments_become_an_engine_config():
         ("enable_lora", True),
         ("tokenizer_mode", "slow"),
         ("cpu_offload_gb", 4),
+        ("calculate_kv_scales", True),
     ],
 )
 def test_arguments_that_would_change_behaviour_are_refused_by_name(argument, value):

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxinfer.config import ATTENTION_BACKENDS as BACKENDS
@@ -104,6 +105,22 @@ def reference_or_cpu_kernel(
     return reference.paged_attention(*args, decode_only=decode_only, **options)
 
 
+def _keys_as_stored(attention: Callable) -> Callable:
+    """`attention` with the step's own K/V rounded to the cache's type first when that is an
+    8-bit float (kv_cache_dtype "fp8..."), so every key and value is seen as stored, in the step
+    that writes it as in every later one: as in vLLM, whose attention reads the new tokens from
+    the fp8 cache too. Otherwise a prompt's keys would be exact within its own prefill chunk and
+    rounded in later chunks, and outputs would depend on how the scheduler chunked the prompt."""
+
+    def rounded(q, k_new, v_new, k_cache, v_cache, *rest, **static):
+        if jnp.dtype(k_cache.dtype).itemsize == 1:
+            k_new = k_new.astype(k_cache.dtype).astype(k_new.dtype)
+            v_new = v_new.astype(v_cache.dtype).astype(v_new.dtype)
+        return attention(q, k_new, v_new, k_cache, v_cache, *rest, **static)
+
+    return rounded
+
+
 def attention_fn(backend: str, mesh: Mesh | None = None) -> Callable:
     """The paged-attention function of a resolved backend (same signature as the reference).
 
@@ -117,6 +134,7 @@ def attention_fn(backend: str, mesh: Mesh | None = None) -> Callable:
         local = batch_invariant.paged_attention
     else:
         local = functools.partial(kernel.paged_attention, interpret=backend == "pallas_interpret")
+    local = _keys_as_stored(local)
     if mesh is None:
         return local
     heads = PartitionSpec(None, "model", None)  # [T, H or K, D]

@@ -25,6 +25,23 @@ logger = logging.getLogger("jaxinfer")
 _ACTIVATION_HEADROOM_BYTES = 1 << 30
 
 
+# EngineConfig.kv_cache_dtype -> the cache's element type ("auto": the model's dtype). "fp8" is
+# e4m3 as in vLLM: 3 mantissa bits (relative rounding up to 2^-4), largest 448; e5m2 trades a
+# mantissa bit for range (up to 57344).
+FP8_CACHE_DTYPES = {
+    "fp8": jnp.float8_e4m3fn,
+    "fp8_e4m3": jnp.float8_e4m3fn,
+    "fp8_e5m2": jnp.float8_e5m2,
+}
+
+
+def cache_dtype(kv_cache_dtype: str, model_dtype) -> jnp.dtype:
+    """The KV cache's element type for EngineConfig.kv_cache_dtype and the model's dtype."""
+    if kv_cache_dtype == "auto":
+        return jnp.dtype(model_dtype)
+    return jnp.dtype(FP8_CACHE_DTYPES[kv_cache_dtype])
+
+
 def bytes_per_block(
     model_config, block_size: int, dtype: str, shards: int = 1, num_layers: int | None = None
 ) -> int:

@@ -79,6 +79,7 @@ class ModelRunner:
         attention_backend: str = "auto",
         mesh: Mesh | None = None,
         batch_invariant: bool = False,
+        kv_cache_dtype=None,  # default: the model's dtype
     ) -> None:
         self.model = model
         self.mesh = mesh
@@ -109,7 +110,8 @@ class ModelRunner:
             jit = jit_step if layers.stop == cfg.num_layers else jit_stage_forward
             jitted = functools.partial(jit, **static)
             stage_cfg = dataclasses.replace(cfg, num_layers=len(layers))
-            cache = kv.allocate(stage_cfg, num_blocks, block_size, model.dtype, stage_mesh)
+            cache_dtype = model.dtype if kv_cache_dtype is None else kv_cache_dtype
+            cache = kv.allocate(stage_cfg, num_blocks, block_size, cache_dtype, stage_mesh)
             self.stages.append(StageState(stage_mesh, layers, params, cache, jitted, static))
         last = self.stages[-1]
         self.slot_state = slots.allocate(num_slots, cfg.vocab_size)

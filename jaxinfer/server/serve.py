@@ -31,6 +31,7 @@ ENGINE_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--seed", "seed", int),
     ("--max-model-len", "max_model_len", int),
     ("--block-size", "block_size", int),
+    ("--kv-cache-dtype", "kv_cache_dtype", str),
     ("--gpu-memory-utilization", "gpu_memory_utilization", float),
     ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", int),
     ("--num-gpu-blocks-override", "num_kv_blocks", int),

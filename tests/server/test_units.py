@@ -85,7 +85,8 @@ def test_prompt_forms():
 def test_serve_flags_are_vllm_engine_arguments():
     args = _parser().parse_args(
         ["serve", "some/model", "--max-model-len", "64", "-tp", "2", "--no-enable-prefix-caching",
-         "--gpu-memory-utilization", "0.5", "--seed", "3", "--port", "9000"]
+         "--gpu-memory-utilization", "0.5", "--seed", "3", "--port", "9000",
+         "--kv-cache-dtype", "fp8"]
     )  # fmt: skip
     assert args.model_tag == "some/model" and args.port == 9000
     assert engine_arguments(args) == {
@@ -94,4 +95,5 @@ def test_serve_flags_are_vllm_engine_arguments():
         "enable_prefix_caching": False,
         "gpu_memory_utilization": 0.5,
         "seed": 3,
+        "kv_cache_dtype": "fp8",
     }
