@@ -4,6 +4,7 @@ prefill chunks.
 
     python benchmarks/cpu_attention.py                 # the table below, JSON to --out
     python benchmarks/cpu_attention.py --quick         # smoke run (tests/kernels runs it)
+    python benchmarks/cpu_attention.py --kv-cache-dtype fp8   # decode also on an fp8 cache
 
 Shapes: 9 query heads, 3 kv heads, head dim 64, 16-token blocks, a float32 cache; S decode rows in
 {1, 16, 64}; contexts of 128 or 512 positions, every row the same ("equal"), or drawn uniformly
@@ -36,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxinfer.kernels import paged_attention_cpu as kernel
+from jaxinfer.runtime import kv_cache
 from pallas_kernels import reference
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16  # SmolLM2-135M
@@ -94,7 +96,11 @@ def make_prefill_inputs(seqs: tuple[tuple[int, int], ...], seed: int = 0) -> tup
     return tuple(jnp.asarray(a) for a in arrays)
 
 
-def _time_both(args: tuple, decode_only: bool, rounds: int, repeats: int) -> dict:
+def _time_both(
+    args: tuple, decode_only: bool, rounds: int, repeats: int, fp8: str | None = None
+) -> dict:
+    """The reference and the kernel on the float32 cache; with `fp8` (a kv_cache_dtype) also the
+    kernel on the same cache rounded to it and kept as bytes, as the engine keeps it."""
     scale = HEAD_DIM**-0.5
     functions = {
         "reference": jax.jit(
@@ -102,26 +108,42 @@ def _time_both(args: tuple, decode_only: bool, rounds: int, repeats: int) -> dic
         ),
         "kernel": jax.jit(lambda *a: kernel.paged_attention(*a, scale=scale)),
     }
-    outputs = {name: np.asarray(f(*args)) for name, f in functions.items()}  # warm-up, compile
+    inputs = dict.fromkeys(functions, args)
+    if fp8 is not None:
+        dtype = kv_cache.cache_dtype(fp8, "float32")
+        functions["kernel_fp8"] = jax.jit(
+            lambda *a: kernel.paged_attention(*a, scale=scale, cache_dtype=dtype)
+        )
+        inputs["kernel_fp8"] = (
+            *args[:3],
+            *(kv_cache.encode(c, dtype) for c in args[3:5]),
+            *args[5:],
+        )
+    outputs = {name: np.asarray(f(*inputs[name])) for name, f in functions.items()}  # compile
     samples: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(rounds):
         for name, function in functions.items():
             for _ in range(repeats):
                 started = time.perf_counter()
-                jax.block_until_ready(function(*args))
+                jax.block_until_ready(function(*inputs[name]))
                 samples[name].append(time.perf_counter() - started)
     reference_ms = 1e3 * statistics.median(samples["reference"])
     kernel_ms = 1e3 * statistics.median(samples["kernel"])
-    return {
+    timed = {
         "reference_ms": reference_ms,
         "kernel_ms": kernel_ms,
         "speedup": reference_ms / kernel_ms,
         "max_abs_diff": float(np.abs(outputs["reference"] - outputs["kernel"]).max()),
     }
+    if fp8 is not None:
+        timed["kernel_fp8_ms"] = 1e3 * statistics.median(samples["kernel_fp8"])
+    return timed
 
 
-def measure(rows: int, context: int, ragged: bool, rounds: int, repeats: int) -> dict:
-    timed = _time_both(make_inputs(rows, context, ragged), True, rounds, repeats)
+def measure(
+    rows: int, context: int, ragged: bool, rounds: int, repeats: int, fp8: str | None = None
+) -> dict:
+    timed = _time_both(make_inputs(rows, context, ragged), True, rounds, repeats, fp8)
     return {"rows": rows, "context": context, "contexts": "ragged" if ragged else "equal", **timed}
 
 
@@ -135,6 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 x 2 calls, S 1 and 16, 128")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("fp8", "fp8_e4m3", "fp8_e5m2"),
+        help="decode rows also through the kernel on the cache in this 8-bit float (as bytes)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("cpu_attention.json"))
     args = p.parse_args(argv)
     if not kernel.cpu_kernel_enabled():
@@ -142,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     rounds, repeats = (2, 2) if args.quick else (args.rounds, args.repeats)
     load_before = _loadavg()
     results = [
-        measure(rows, context, ragged, rounds, repeats)
+        measure(rows, context, ragged, rounds, repeats, args.kv_cache_dtype)
         for rows in (ROWS[:2] if args.quick else ROWS)
         for context in (CONTEXTS[:1] if args.quick else CONTEXTS)
         for ragged in (False, True)
@@ -159,16 +186,19 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_after": _loadavg(),
         "rounds": rounds,
         "repeats": repeats,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "results": results,
         "prefill": prefill,
     }
     print(f"load average before {load_before}, after {report['loadavg_after']}")
-    print("| S | context | rows | reference ms | kernel ms | speedup | max abs diff |")
-    print("|---:|---:|---|---:|---:|---:|---:|")
+    fp8 = f" kernel {args.kv_cache_dtype} ms |" if args.kv_cache_dtype else ""
+    print(f"| S | context | rows | reference ms | kernel ms | speedup | max abs diff |{fp8}")
+    print("|---:|---:|---|---:|---:|---:|---:|" + ("---:|" if fp8 else ""))
     for r in results:
         print(
             f"| {r['rows']} | {r['context']} | {r['contexts']} | {r['reference_ms']:.3f} | "
             f"{r['kernel_ms']:.3f} | {r['speedup']:.1f}x | {r['max_abs_diff']:.1e} |"
+            + (f" {r['kernel_fp8_ms']:.3f} |" if fp8 else "")
         )
     print("\n| prefill step (512 tokens) | reference ms | kernel ms | speedup | max abs diff |")
     print("|---|---:|---:|---:|---:|")

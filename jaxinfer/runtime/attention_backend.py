@@ -25,11 +25,11 @@ import logging
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxinfer.config import ATTENTION_BACKENDS as BACKENDS
 from jaxinfer.kernels import paged_attention_cpu
+from jaxinfer.runtime import kv_cache
 from pallas_kernels import batch_invariant, reference
 from pallas_kernels import paged_attention as kernel
 
@@ -93,6 +93,7 @@ def reference_or_cpu_kernel(
     decode_only: bool = False,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    cache_dtype=None,
 ) -> jax.Array:  # [T, H, D]
     """The "reference" backend: the CPU kernel where it can run (decode rows and prefill chunks;
     `decode_only` is only the reference's hint), else the jnp reference. Decided when traced
@@ -100,41 +101,65 @@ def reference_or_cpu_kernel(
     before a compile takes the reference for comparisons."""
     args = (q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     options = {"scale": scale, "sliding_window": sliding_window, "soft_cap": soft_cap}
-    if paged_attention_cpu.supports(k_cache) and paged_attention_cpu.cpu_kernel_enabled():
-        return paged_attention_cpu.paged_attention(*args, **options)
+    if (
+        paged_attention_cpu.supports(k_cache, cache_dtype)
+        and paged_attention_cpu.cpu_kernel_enabled()
+    ):
+        return paged_attention_cpu.paged_attention(*args, cache_dtype=cache_dtype, **options)
+    k_cache, v_cache = (
+        kv_cache.typed_view(k_cache, cache_dtype),
+        kv_cache.typed_view(v_cache, cache_dtype),
+    )
+    args = (q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     return reference.paged_attention(*args, decode_only=decode_only, **options)
 
 
-def _keys_as_stored(attention: Callable) -> Callable:
+def _typed_caches(attention: Callable, cache_dtype) -> Callable:
+    """`attention` (a jnp or Pallas backend) given an 8-bit float cache's bytes as that type."""
+
+    def typed(q, k_new, v_new, k_cache, v_cache, *rest, **static):
+        k_cache = kv_cache.typed_view(k_cache, cache_dtype)
+        v_cache = kv_cache.typed_view(v_cache, cache_dtype)
+        return attention(q, k_new, v_new, k_cache, v_cache, *rest, **static)
+
+    return typed
+
+
+def _keys_as_stored(attention: Callable, cache_dtype) -> Callable:
     """`attention` with the step's own K/V rounded to the cache's type first when that is an
     8-bit float (kv_cache_dtype "fp8..."), so every key and value is seen as stored, in the step
     that writes it as in every later one: as in vLLM, whose attention reads the new tokens from
     the fp8 cache too. Otherwise a prompt's keys would be exact within its own prefill chunk and
     rounded in later chunks, and outputs would depend on how the scheduler chunked the prompt."""
+    if not kv_cache.is_fp8(cache_dtype):
+        return attention
 
     def rounded(q, k_new, v_new, k_cache, v_cache, *rest, **static):
-        if jnp.dtype(k_cache.dtype).itemsize == 1:
-            k_new = k_new.astype(k_cache.dtype).astype(k_new.dtype)
-            v_new = v_new.astype(v_cache.dtype).astype(v_new.dtype)
+        k_new = k_new.astype(cache_dtype).astype(k_new.dtype)
+        v_new = v_new.astype(cache_dtype).astype(v_new.dtype)
         return attention(q, k_new, v_new, k_cache, v_cache, *rest, **static)
 
     return rounded
 
 
-def attention_fn(backend: str, mesh: Mesh | None = None) -> Callable:
+def attention_fn(backend: str, mesh: Mesh | None = None, cache_dtype=None) -> Callable:
     """The paged-attention function of a resolved backend (same signature as the reference).
 
     On a mesh it runs under `shard_map`, each device on its own query and kv heads: attention
     never mixes heads, so no collective is needed, and the kernel sees ordinary unsharded arrays.
     This is the one place the model's sharding meets an explicit per-device program.
+
+    `cache_dtype`: the cache's element type where it is an 8-bit float, whose arrays then hold
+    its bytes (`kv_cache.storage_dtype`); the step's own keys and values are rounded to it.
     """
     if backend == "reference":
-        local = reference_or_cpu_kernel
+        local = functools.partial(reference_or_cpu_kernel, cache_dtype=cache_dtype)
     elif backend == "batch_invariant":
-        local = batch_invariant.paged_attention
+        local = _typed_caches(batch_invariant.paged_attention, cache_dtype)
     else:
-        local = functools.partial(kernel.paged_attention, interpret=backend == "pallas_interpret")
-    local = _keys_as_stored(local)
+        pallas = functools.partial(kernel.paged_attention, interpret=backend == "pallas_interpret")
+        local = _typed_caches(pallas, cache_dtype)
+    local = _keys_as_stored(local, cache_dtype)
     if mesh is None:
         return local
     heads = PartitionSpec(None, "model", None)  # [T, H or K, D]

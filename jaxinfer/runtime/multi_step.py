@@ -26,6 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.runtime import kv_cache as kv_cache_lib
 from jaxinfer.runtime import seam_pytrees  # noqa: F401  (StepInputs as a pytree)
 from jaxinfer.runtime import slot_state as slots
 from jaxinfer.runtime import step as single_step
@@ -65,6 +66,7 @@ def _write_then_attend(
     paged_attention: Callable,
     slot_mapping: jax.Array,
     record: Callable,
+    cache_dtype,
     q: jax.Array,
     k_new: jax.Array,
     v_new: jax.Array,
@@ -82,7 +84,13 @@ def _write_then_attend(
     is free to order before that read, and XLA:CPU copied the whole cache in every iteration (a
     64-token SmolLM2 run took 4x as long; benchmarks/RESULTS.md, "Multi-step decode"). The
     attention reads the new token from `k_new` / `v_new` as before, so the result is the same."""
-    k_cache, v_cache = reference.write_kv(k_cache, v_cache, k_new, v_new, slot_mapping)
+    k_cache, v_cache = reference.write_kv(
+        k_cache,
+        v_cache,
+        kv_cache_lib.encode(k_new, cache_dtype),
+        kv_cache_lib.encode(v_new, cache_dtype),
+        slot_mapping,
+    )
     record((k_cache, v_cache))
     return paged_attention(q, k_new, v_new, k_cache, v_cache, *args, **options)
 
@@ -99,6 +107,7 @@ def decode_steps(
     sample_rows: Callable,
     block_size: int,
     max_steps: int,
+    cache_dtype=None,
 ) -> tuple[tuple, slots.SlotState, dict, jax.Array]:
     """Up to `num_steps` (<= max_steps, static) decode steps from `inputs`
     -> (the cache, the slot state, each per-row output stacked [max_steps, S, ...], steps run).
@@ -106,7 +115,8 @@ def decode_steps(
     `model_step(params, kv_cache, inputs, paged_attention=...) -> (logits, hidden, new_kv)` is
     `step.step` and `sample_rows(logits, slot_rows, rows) -> per-row outputs` is
     `step.sample_rows`, their other static arguments bound; `paged_attention` is the attention
-    backend. The cache and the slot state are loop carries: donate them.
+    backend. The cache and the slot state are loop carries: donate them. `cache_dtype`: an
+    8-bit float cache's type (its arrays hold bytes: kv_cache.encode).
     """
     num_rows = inputs.slots.shape[0]
     real = inputs.sampled
@@ -116,7 +126,7 @@ def decode_steps(
         batch = advance_inputs(inputs, tokens, step, block_size)
         written = []
         attend = functools.partial(
-            _write_then_attend, paged_attention, batch.slot_mapping, written.append
+            _write_then_attend, paged_attention, batch.slot_mapping, written.append, cache_dtype
         )
         # Layers traced in turn: `attend` records each layer's cache, a side effect a layer
         # traced once and called again would skip (family.run_layers).
@@ -169,6 +179,7 @@ def compile_decode_steps(
     sampler_static: dict,
     block_size: int,
     max_steps: int,
+    cache_dtype=None,
 ) -> jax.stages.Compiled:
     """`decode_steps` compiled ahead of time for one decode bucket, the model step and the
     sampler bound to their static arguments (the runner's single-step ones); donates the cache
@@ -181,6 +192,7 @@ def compile_decode_steps(
         sample_rows=functools.partial(single_step.sample_rows, **sampler_static),
         block_size=block_size,
         max_steps=max_steps,
+        cache_dtype=cache_dtype,
     )
     num_steps = jax.ShapeDtypeStruct((), jnp.int32)
     lowered = jax.jit(decode, donate_argnums=(1, 2)).lower(

@@ -16,7 +16,6 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,7 @@ from jaxinfer.runtime.program_cache import ProgramCache, compile_concurrently
 from jaxinfer.runtime.sampling_tensors import SamplingRow, build_sampling_tensors
 from jaxinfer.runtime.seam_pytrees import abstract_inputs
 from jaxinfer.runtime.step import (
+    SamplerPrograms,
     all_token_logits,
     jit_copy_blocks,
     jit_stage_forward,
@@ -44,26 +44,11 @@ from jaxinfer.runtime.step import (
     prompt_logprobs,
     sample_rows,
     sampler_inputs,
+    splice_tokens,
 )
 from jaxinfer.seam import Bucket, StepInputs, StepOutputs
 
 logger = logging.getLogger("jaxinfer")
-
-
-def _splice_tokens(host: jax.Array, previous: jax.Array, index: jax.Array) -> jax.Array:
-    return jnp.where(index >= 0, previous[jnp.maximum(index, 0)], host)
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Sampler:
-    """The three programs that sample S rows. Why three: `sample` (the heavy one) takes only
-    [S, ...] and [S, V] arrays, so the persistent cache serves it to every engine with this
-    vocabulary whatever its max_num_seqs; the two that touch the [slots, V] slot state are small
-    (a gather, a scatter-add that donates the state)."""
-
-    gather: jax.stages.Compiled  # (slot state, slots, banned) -> the batch's [S, V] rows
-    sample: jax.stages.Compiled  # (logits, those rows, sampler inputs) -> per-row outputs
-    count: jax.stages.Compiled  # (slot state, slots, tokens, sampled) -> the new slot state
 
 
 class ModelRunner:
@@ -82,6 +67,7 @@ class ModelRunner:
         kv_cache_dtype=None,  # default: the model's dtype
     ) -> None:
         self.model = model
+        self.kv_cache_dtype = jnp.dtype(model.dtype if kv_cache_dtype is None else kv_cache_dtype)
         self.mesh = mesh
         cfg = model.model_config
         self.attention_backend = (
@@ -102,7 +88,9 @@ class ModelRunner:
             static = {
                 "family": model.family,
                 "model_config": cfg,
-                "paged_attention": attention_fn(self.attention_backend, stage_mesh),
+                "paged_attention": attention_fn(
+                    self.attention_backend, stage_mesh, self.kv_cache_dtype
+                ),
                 "mesh": stage_mesh,
                 "first_layer": layers.start,
                 "batch_invariant": batch_invariant,
@@ -110,8 +98,7 @@ class ModelRunner:
             jit = jit_step if layers.stop == cfg.num_layers else jit_stage_forward
             jitted = functools.partial(jit, **static)
             stage_cfg = dataclasses.replace(cfg, num_layers=len(layers))
-            cache_dtype = model.dtype if kv_cache_dtype is None else kv_cache_dtype
-            cache = kv.allocate(stage_cfg, num_blocks, block_size, cache_dtype, stage_mesh)
+            cache = kv.allocate(stage_cfg, num_blocks, block_size, self.kv_cache_dtype, stage_mesh)
             self.stages.append(StageState(stage_mesh, layers, params, cache, jitted, static))
         last = self.stages[-1]
         self.slot_state = slots.allocate(num_slots, cfg.vocab_size)
@@ -140,14 +127,14 @@ class ModelRunner:
         )
         # (decode bucket, max steps) -> the multi-step decode program (runtime/multi_step.py)
         self._multi_step: dict[tuple[Bucket, int], jax.stages.Compiled] = {}
-        self._samplers: dict[int, _Sampler] = {}  # sequence count -> its programs
+        self._samplers: dict[int, SamplerPrograms] = {}  # sequence count -> its programs
         self._prompt_scorers: dict[int, jax.stages.Compiled] = {}  # token count -> scorer
         self._all_logits = jax.jit(
             functools.partial(
                 all_token_logits,
                 family=model.family,
                 model_config=cfg,
-                paged_attention=attention_fn(self.attention_backend, last.mesh),
+                paged_attention=last.static["paged_attention"],
                 first_layer=last.layers.start,
                 batch_invariant=batch_invariant,
             )
@@ -239,9 +226,12 @@ class ModelRunner:
     def _compile_writer(self, stage: StageState, num_tokens: int) -> jax.stages.Compiled:
         slot_mapping = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
         new_kv = self._new_kv_shapes(stage, num_tokens)
-        return jit_write_cache.lower(stage.kv_cache, new_kv, slot_mapping).compile()
+        lowered = jit_write_cache.lower(
+            stage.kv_cache, new_kv, slot_mapping, cache_dtype=self.kv_cache_dtype
+        )
+        return lowered.compile()
 
-    def _compile_sampler(self, forward: jax.stages.Compiled, bucket: Bucket) -> _Sampler:
+    def _compile_sampler(self, forward: jax.stages.Compiled, bucket: Bucket) -> SamplerPrograms:
         inputs = self._abstract_inputs(bucket, self.stages[-1])
         gather = self._gather_rows.lower(self.slot_state, inputs.slots, inputs.banned).compile()
         sample = self._sample_rows.lower(
@@ -250,7 +240,7 @@ class ModelRunner:
         count = self._count_sampled.lower(
             self.slot_state, inputs.slots, sample.out_info["tokens"], inputs.sampled
         ).compile()
-        return _Sampler(gather=gather, sample=sample, count=count)
+        return SamplerPrograms(gather=gather, sample=sample, count=count)
 
     def _has_prompt_scorer(self, bucket: Bucket) -> bool:
         """Decode-only buckets score no prompt tokens, so they need none."""
@@ -277,7 +267,7 @@ class ModelRunner:
 
         def build() -> jax.stages.Compiled:
             return (
-                jax.jit(_splice_tokens)
+                jax.jit(splice_tokens)
                 .lower(
                     jax.ShapeDtypeStruct((num_tokens,), i32),
                     jax.ShapeDtypeStruct((num_previous,), i32),
@@ -306,6 +296,7 @@ class ModelRunner:
                 sampler_static=self._sampler_static,
                 block_size=self.block_size,
                 max_steps=max_steps,
+                cache_dtype=self.kv_cache_dtype,
             )
 
         what = f"{max_steps} decode steps for {bucket.num_seqs} sequences"

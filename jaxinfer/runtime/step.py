@@ -14,6 +14,7 @@ gathers from it and scatters into it; apart, `write_cache` updates the donated c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from types import ModuleType
@@ -26,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxinfer.kernels.row_stats import RowStats
 from jaxinfer.models import invariant
 from jaxinfer.models.family import run_layers
+from jaxinfer.runtime import kv_cache as kv_cache_lib
 from jaxinfer.runtime.sampling import (
     apply_token_bitmask,
     bitmask_allows,
@@ -378,10 +380,35 @@ def stage_forward(
     return hidden, new_kv
 
 
-def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array) -> tuple:
-    """Scatter every layer's new K/V into its cache slots (padding tokens land in block 0)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplerPrograms:
+    """The three compiled programs that sample S rows (the runner's, per sequence count). Why
+    three: `sample` (the heavy one) takes only [S, ...] and [S, V] arrays, so the persistent cache
+    serves it to every engine with this vocabulary whatever its max_num_seqs; the two that touch
+    the [slots, V] slot state are small (a gather, a scatter-add that donates the state)."""
+
+    gather: jax.stages.Compiled  # (slot state, slots, banned) -> the batch's [S, V] rows
+    sample: jax.stages.Compiled  # (logits, those rows, sampler inputs) -> per-row outputs
+    count: jax.stages.Compiled  # (slot state, slots, tokens, sampled) -> the new slot state
+
+
+def splice_tokens(host: jax.Array, previous: jax.Array, index: jax.Array) -> jax.Array:
+    """Async scheduling: token t is the previous step's sampled row index[t] where >= 0 (still on
+    the device when this step was planned), else the host's."""
+    return jnp.where(index >= 0, previous[jnp.maximum(index, 0)], host)
+
+
+def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array, cache_dtype=None) -> tuple:
+    """Scatter every layer's new K/V into its cache slots (padding tokens land in block 0);
+    `cache_dtype`: an 8-bit float cache's type, whose arrays hold its bytes (kv_cache.encode)."""
     return tuple(
-        reference.write_kv(k_cache, v_cache, k_new, v_new, slot_mapping)
+        reference.write_kv(
+            k_cache,
+            v_cache,
+            kv_cache_lib.encode(k_new, cache_dtype),
+            kv_cache_lib.encode(v_new, cache_dtype),
+            slot_mapping,
+        )
         for (k_cache, v_cache), (k_new, v_new) in zip(kv_cache, new_kv, strict=True)
     )
 
@@ -416,5 +443,5 @@ def copy_blocks(kv_cache: tuple, src: jax.Array, dst: jax.Array) -> tuple:
     return jax.lax.fori_loop(0, src.shape[0], copy_one, kv_cache)
 
 
-jit_write_cache = jax.jit(write_cache, donate_argnums=(0,))
+jit_write_cache = jax.jit(write_cache, donate_argnums=(0,), static_argnames="cache_dtype")
 jit_copy_blocks = jax.jit(copy_blocks, donate_argnums=(0,))

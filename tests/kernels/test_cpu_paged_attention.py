@@ -13,8 +13,9 @@ float32 computation in another order, so its own error against float64 is the ya
 case, the kernel's largest error must be at most FACTOR = 4 times the reference's (measured
 ratios 0.53-1.25 over these cases, errors 1e-7 to 5e-7, and 0.47-1.43, errors 3e-7 to 7e-7, over
 the prefill file's; with a window of 1 both are exact), so a wrong position, weight or rescale
-fails (dropping the last cached position: error 0.93) while rounding cannot. For a bfloat16
-cache the float64 answer uses the same bfloat16 values (the cast to float32 is exact).
+fails (dropping the last cached position: error 0.93) while rounding cannot. For a bfloat16 or
+8-bit float cache the float64 answer uses the values the cache holds (their casts to float32 are
+exact).
 """
 
 from __future__ import annotations
@@ -206,12 +207,22 @@ def test_kernel_error_within_a_factor_of_the_references(name, window, cap):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
-def test_bfloat16_cache(q_dtype):
+@pytest.mark.parametrize(
+    ("cache_dtype", "q_dtype"),
+    [
+        (jnp.bfloat16, jnp.float32),
+        (jnp.bfloat16, jnp.bfloat16),
+        (jnp.float8_e4m3fn, jnp.float32),  # kv_cache_dtype "fp8"
+        (jnp.float8_e5m2, jnp.float32),
+        (jnp.float8_e4m3fn, jnp.bfloat16),
+    ],
+)
+def test_narrow_cache(cache_dtype, q_dtype):
+    """bfloat16 and 8-bit float caches: the kernel widens what the cache holds exactly."""
     case = CASES["gqa3-d64"]
     batch = make_ragged_batch(case, seed=9)
-    for name in ("k_cache", "v_cache"):  # the values a bfloat16 cache holds, exactly in float32
-        batch[name] = np.asarray(jnp.asarray(batch[name], jnp.bfloat16).astype(jnp.float32))
+    for name in ("k_cache", "v_cache"):  # the values the cache holds, exactly in float32
+        batch[name] = np.asarray(jnp.asarray(batch[name], cache_dtype).astype(jnp.float32))
     if q_dtype == jnp.bfloat16:
         for name in ("q", "k_new", "v_new"):
             batch[name] = np.asarray(jnp.asarray(batch[name], jnp.bfloat16).astype(jnp.float32))
@@ -225,8 +236,8 @@ def test_bfloat16_cache(q_dtype):
 
         return call
 
-    got = _run(with_q_dtype(kernel.paged_attention), batch, jnp.bfloat16, **static)
-    ours = _run(with_q_dtype(_reference), batch, jnp.bfloat16, **static)
+    got = _run(with_q_dtype(kernel.paged_attention), batch, cache_dtype, **static)
+    ours = _run(with_q_dtype(_reference), batch, cache_dtype, **static)
     assert got.dtype == ours.dtype == jnp.dtype(q_dtype)
     exact = numpy_attention(batch, scale=static["scale"])
     got, ours = got.astype(np.float32), ours.astype(np.float32)
@@ -261,7 +272,7 @@ OTHER_ISAS = [
 
 
 def assert_other_isa_gives_the_same_bits(isa, flags, batch, window, cap) -> None:
-    """The kernel built for `isa` (float32 and bfloat16 caches) gives this build's bits."""
+    """The kernel built for `isa` (float32, bfloat16 and float8 caches) gives this build's bits."""
     path = build_shared_library(kernel.SOURCE, (jax.ffi.include_dir(),), extra_flags=flags)
     assert path is not None
     library = ctypes.CDLL(str(path))
@@ -274,12 +285,22 @@ def assert_other_isa_gives_the_same_bits(isa, flags, batch, window, cap) -> None
         "soft_cap": np.float32(cap),
         "max_threads": np.int64(0),
     }
-    for symbol, dtype in (("F32", jnp.float32), ("BF16", jnp.bfloat16)):
+    for symbol, dtype in (
+        ("F32", jnp.float32),
+        ("BF16", jnp.bfloat16),
+        ("F8E4M3", jnp.float8_e4m3fn),
+        ("F8E5M2", jnp.float8_e5m2),
+    ):
         target = f"jaxinfer_paged_attention_test_{isa}_{symbol}_{len(batch['q'])}"
         handler = jax.ffi.pycapsule(getattr(library, f"JaxinferPagedAttention{symbol}"))
         jax.ffi.register_ffi_target(target, handler, platform="cpu")
         call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(batch["q"].shape, jnp.float32))
-        got = np.asarray(jax.jit(lambda *a, call=call: call(*a, **attrs))(*_args(batch, dtype)))
+        args = _args(batch, dtype)
+        if jnp.dtype(dtype).itemsize == 1:  # the fp8 handlers take the cache's bytes
+            args = [
+                a if a.dtype != dtype else jax.lax.bitcast_convert_type(a, jnp.uint8) for a in args
+            ]
+        got = np.asarray(jax.jit(lambda *a, call=call: call(*a, **attrs))(*args))
         np.testing.assert_array_equal(got, _run(kernel.paged_attention, batch, dtype, **static))
 
 
@@ -292,7 +313,7 @@ def test_other_instruction_sets_give_the_same_bits(isa, flags):
 
 def test_the_reference_backend_sends_decode_rows_to_the_kernel_on_cpu(monkeypatch):
     """Decode calls with a float32 or bfloat16 cache lower to the custom call (prefill calls too:
-    the prefill test file); a float16 cache, a failed build and JAXINFER_CPU_KERNELS=0 take the
+    the prefill test file; 8-bit float caches too); a float16 cache, a failed build and JAXINFER_CPU_KERNELS=0 take the
     reference; the dispatcher's result is the kernel's."""
     batch = make_ragged_batch(CASES["mha-d64"], seed=5)
     local = attention_fn("reference")
@@ -303,6 +324,8 @@ def test_the_reference_backend_sends_decode_rows_to_the_kernel_on_cpu(monkeypatc
 
     assert "jaxinfer_paged_attention_f32" in lowered(decode_only=True)
     assert "jaxinfer_paged_attention_bf16" in lowered(decode_only=True, cache_dtype=jnp.bfloat16)
+    for fp8, target in ((jnp.float8_e4m3fn, "f8e4m3"), (jnp.float8_e5m2, "f8e5m2")):
+        assert f"jaxinfer_paged_attention_{target}" in lowered(decode_only=False, cache_dtype=fp8)
     assert "jaxinfer_paged_attention" not in lowered(decode_only=True, cache_dtype=jnp.float16)
     np.testing.assert_array_equal(
         _run(local, batch, scale=0.125, decode_only=True),
@@ -403,7 +426,9 @@ def test_the_benchmark_quick_run_fills_its_table(tmp_path):
     spec = importlib.util.spec_from_file_location("cpu_attention_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    report = module.main(["--quick", "--out", str(tmp_path / "out.json")])
+    report = module.main(
+        ["--quick", "--kv-cache-dtype", "fp8", "--out", str(tmp_path / "out.json")]
+    )
     assert json.loads((tmp_path / "out.json").read_text()) == report
     assert [(r["rows"], r["contexts"]) for r in report["results"]] == [
         (1, "equal"),
@@ -415,3 +440,4 @@ def test_the_benchmark_quick_run_fills_its_table(tmp_path):
     for row in report["results"] + report["prefill"]:
         assert row["reference_ms"] > 0 and row["kernel_ms"] > 0
         assert row["max_abs_diff"] < 1e-5
+    assert all(row["kernel_fp8_ms"] > 0 for row in report["results"])  # the fp8 column

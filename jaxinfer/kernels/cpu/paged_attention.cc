@@ -1,6 +1,6 @@
 // Paged attention on XLA:CPU, reading the cache blocks in place through the block table: an XLA
 // FFI custom call (jaxinfer/kernels/paged_attention_cpu.py builds it on first use and registers
-// "jaxinfer_paged_attention_f32" / "..._bf16", one per cache dtype). It computes what
+// "jaxinfer_paged_attention_f32" / "..._bf16" / "..._f8e4m3" / "..._f8e5m2", one per cache dtype). It computes what
 // pallas_kernels/reference.py::paged_attention does, for decode rows (row s owns exactly token s)
 // and for ragged prefill chunks alike.
 //
@@ -14,7 +14,7 @@
 // the softmax state of its G query heads in L1.
 //
 // Shapes (the reference's legend): q [T, H, D], k_new / v_new [T, K, D] float32; k_cache / v_cache
-// [K, N, P, D] float32 or bfloat16; block_tables [S, B], context_lens [S] (tokens after this step,
+// [K, N, P, D] float32, bfloat16 or 8-bit float (e4m3fn, e5m2); block_tables [S, B], context_lens [S] (tokens after this step,
 // the new ones included), query_start_loc [S + 1] int32; out [T, H, D] float32, H = K * G. Token t
 // belongs to the sequence s with query_start_loc[s] <= t < query_start_loc[s + 1] (the handler
 // maps them once per call); tokens past query_start_loc[S] are padding.
@@ -57,6 +57,35 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// ---- 8-bit float caches (EngineConfig.kv_cache_dtype "fp8" = e4m3fn, "fp8_e5m2"): one byte per
+// element, widened exactly to float32 through a 256-entry table (a gather of 16 lanes), so all
+// three builds read the same values. ----
+struct Fp8E4M3 {  // sign, 4 exponent bits (bias 7), 3 mantissa bits; no infinity, 0x7f / 0xff NaN
+  uint8_t bits;
+};
+struct Fp8E5M2 {  // sign, 5 exponent bits (bias 15), 2 mantissa bits; IEEE-like inf and NaN
+  uint8_t bits;
+};
+
+struct Fp8Tables {
+  alignas(64) float e4m3[256];
+  alignas(64) float e5m2[256];
+  Fp8Tables() {
+    for (int b = 0; b < 256; ++b) {
+      const float sign = (b & 0x80) ? -1.0f : 1.0f;
+      const int e4 = (b >> 3) & 0xf, m3 = b & 0x7;
+      e4m3[b] = (e4 == 0xf && m3 == 0x7) ? std::nanf("")
+                : e4 == 0                ? sign * std::ldexp(static_cast<float>(m3), -9)
+                                         : sign * std::ldexp(1.0f + m3 / 8.0f, e4 - 7);
+      const int e5 = (b >> 2) & 0x1f, m2 = b & 0x3;
+      e5m2[b] = e5 == 0x1f  ? (m2 == 0 ? sign * INFINITY : std::nanf(""))
+                : e5 == 0   ? sign * std::ldexp(static_cast<float>(m2), -16)
+                            : sign * std::ldexp(1.0f + m2 / 4.0f, e5 - 15);
+    }
+  }
+};
+const Fp8Tables kFp8;
+
 // ---- what this kernel adds to lanes.h: element-wise arithmetic, exp, and loads of a cache row.
 // Each is one IEEE operation per lane (or an exact conversion), the same in the three
 // implementations, so Exp below gives the same bits everywhere. ----
@@ -76,6 +105,10 @@ inline Lanes LoadCache(const float* p) { return LoadX(p); }
 inline Lanes LoadCache(const uint16_t* p) {  // 16 bfloat16 -> float32 (exact: a 16-bit shift)
   __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16))};
+}
+inline Lanes LoadTable(const uint8_t* p, const float* table) {  // 16 bytes -> table[byte]
+  __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return {_mm512_i32gather_ps(_mm512_cvtepu8_epi32(bytes), table, 4)};
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 inline Lanes Add(Lanes a, Lanes b) {
@@ -103,6 +136,13 @@ inline __m256 EightHalves(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
 }
 inline Lanes LoadCache(const uint16_t* p) { return {EightHalves(p), EightHalves(p + 8)}; }
+inline __m256 EightFromTable(const uint8_t* p, const float* table) {
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(bytes), 4);
+}
+inline Lanes LoadTable(const uint8_t* p, const float* table) {
+  return {EightFromTable(p, table), EightFromTable(p + 8, table)};
+}
 #else
 inline Lanes Add(Lanes a, Lanes b) {
   for (int64_t l = 0; l < kLanes; ++l) a.v[l] += b.v[l];
@@ -138,7 +178,18 @@ inline Lanes LoadCache(const uint16_t* p) {
   }
   return out;
 }
+inline Lanes LoadTable(const uint8_t* p, const float* table) {
+  Lanes out;
+  for (int64_t l = 0; l < kLanes; ++l) out.v[l] = table[p[l]];
+  return out;
+}
 #endif
+inline Lanes LoadCache(const Fp8E4M3* p) {
+  return LoadTable(reinterpret_cast<const uint8_t*>(p), kFp8.e4m3);
+}
+inline Lanes LoadCache(const Fp8E5M2* p) {
+  return LoadTable(reinterpret_cast<const uint8_t*>(p), kFp8.e5m2);
+}
 
 // exp(x) for x <= 0 (scores minus their running max), Cephes' expf: x = n ln2 + r with n whole
 // and |r| <= ln2 / 2 (ln2 in two parts, so r is exact), a degree-6 polynomial for exp(r), times
@@ -177,7 +228,7 @@ inline float SoftCap(float score, float soft_cap) {
 // lanes stay in registers while a key or value row is loaded once for all of them.
 constexpr int64_t kHeadsAtOnce = 4;
 
-template <typename T>  // float or uint16_t (bfloat16 bits): the cache's element type
+template <typename T>  // float, uint16_t (bfloat16 bits), Fp8E4M3 or Fp8E5M2: the cache's element
 struct Problem {       // the kernel tiles.h runs: item o = t * kv_heads + kh
   const float* q;            // [T, H, D]
   const float* k_new;        // [T, K, D]
@@ -364,14 +415,17 @@ bool SameDims(const A& a, const B& b) {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
 }
 
-template <ffi::DataType CacheType>
-ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                          ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
-                          ffi::Buffer<CacheType> k_cache, ffi::Buffer<CacheType> v_cache,
-                          ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> context_lens,
-                          ffi::Buffer<ffi::S32> query_start_loc, ffi::ResultBuffer<ffi::F32> out,
-                          float scale, int64_t sliding_window, float soft_cap,
-                          int64_t max_threads) {
+// The handler's body for a cache of element type T (float, bfloat16 bits, or an fp8 struct),
+// the caches given as any buffers whose element type the caller checked.
+template <typename T>
+ffi::Error RunPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                             ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
+                             ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
+                             ffi::Buffer<ffi::S32> block_tables,
+                             ffi::Buffer<ffi::S32> context_lens,
+                             ffi::Buffer<ffi::S32> query_start_loc,
+                             ffi::ResultBuffer<ffi::F32> out, float scale, int64_t sliding_window,
+                             float soft_cap, int64_t max_threads) {
   auto q_dims = q.dimensions(), cache_dims = k_cache.dimensions();
   auto table_dims = block_tables.dimensions();
   if (q_dims.size() != 3 || cache_dims.size() != 4 || table_dims.size() != 2) {
@@ -397,10 +451,10 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     const int64_t end = std::clamp<int64_t>(starts[s + 1], begin, tokens);
     std::fill(token_seq.begin() + begin, token_seq.begin() + end, static_cast<int32_t>(s));
   }
-  using T = ffi::NativeType<CacheType>;
   const Problem<T> problem{
       q.typed_data(),       k_new.typed_data(),        v_new.typed_data(),
-      k_cache.typed_data(), v_cache.typed_data(),      block_tables.typed_data(),
+      static_cast<const T*>(k_cache.untyped_data()),
+      static_cast<const T*>(v_cache.untyped_data()),   block_tables.typed_data(),
       context_lens.typed_data(), starts, token_seq.data(), out->typed_data(),
       tokens, seqs, heads, kv_heads, head_dim, /*num_blocks=*/cache_dims[1],
       /*block_size=*/cache_dims[2], /*table_width=*/table_dims[1], scale, soft_cap,
@@ -410,30 +464,53 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+// One handler per cache element type: `Element` is what the kernel reads, `Type` what XLA holds.
+template <typename Element, ffi::DataType Type>
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                          ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
+                          ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
+                          ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> context_lens,
+                          ffi::Buffer<ffi::S32> query_start_loc, ffi::ResultBuffer<ffi::F32> out,
+                          float scale, int64_t sliding_window, float soft_cap,
+                          int64_t max_threads) {
+  if (k_cache.element_type() != Type || v_cache.element_type() != Type) {
+    return ffi::Error::InvalidArgument("jaxinfer_paged_attention: the caches' element type is "
+                                       "not this target's");
+  }
+  return RunPagedAttention<Element>(pool, q, k_new, v_new, k_cache, v_cache, block_tables,
+                                    context_lens, query_start_loc, out, scale, sliding_window,
+                                    soft_cap, max_threads);
+}
+
 }  // namespace
 
-// The handler's binding for one cache element type.
-#define JAXINFER_PAGED_ATTENTION_BINDING(CacheType) \
-  ffi::Ffi::Bind()                                  \
-      .Ctx<ffi::ThreadPool>()                       \
-      .Arg<ffi::Buffer<ffi::F32>>()                 \
-      .Arg<ffi::Buffer<ffi::F32>>()                 \
-      .Arg<ffi::Buffer<ffi::F32>>()                 \
-      .Arg<ffi::Buffer<CacheType>>()                \
-      .Arg<ffi::Buffer<CacheType>>()                \
-      .Arg<ffi::Buffer<ffi::S32>>()                 \
-      .Arg<ffi::Buffer<ffi::S32>>()                 \
-      .Arg<ffi::Buffer<ffi::S32>>()                 \
-      .Ret<ffi::Buffer<ffi::F32>>()                 \
-      .Attr<float>("scale")                         \
-      .Attr<int64_t>("sliding_window")              \
-      .Attr<float>("soft_cap")                      \
+// The handlers' binding (the caches' element type is each handler's to check).
+#define JAXINFER_PAGED_ATTENTION_BINDING \
+  ffi::Ffi::Bind()                       \
+      .Ctx<ffi::ThreadPool>()            \
+      .Arg<ffi::Buffer<ffi::F32>>()      \
+      .Arg<ffi::Buffer<ffi::F32>>()      \
+      .Arg<ffi::Buffer<ffi::F32>>()      \
+      .Arg<ffi::AnyBuffer>()             \
+      .Arg<ffi::AnyBuffer>()             \
+      .Arg<ffi::Buffer<ffi::S32>>()      \
+      .Arg<ffi::Buffer<ffi::S32>>()      \
+      .Arg<ffi::Buffer<ffi::S32>>()      \
+      .Ret<ffi::Buffer<ffi::F32>>()      \
+      .Attr<float>("scale")              \
+      .Attr<int64_t>("sliding_window")   \
+      .Attr<float>("soft_cap")           \
       .Attr<int64_t>("max_threads")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedAttentionF32, PagedAttention<ffi::F32>,
-                              JAXINFER_PAGED_ATTENTION_BINDING(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedAttentionBF16, PagedAttention<ffi::BF16>,
-                              JAXINFER_PAGED_ATTENTION_BINDING(ffi::BF16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedAttentionF32, (PagedAttention<float, ffi::F32>),
+                              JAXINFER_PAGED_ATTENTION_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedAttentionBF16, (PagedAttention<uint16_t, ffi::BF16>),
+                              JAXINFER_PAGED_ATTENTION_BINDING);
+// 8-bit float caches arrive as their bytes (the engine keeps them as uint8: runtime/kv_cache.py).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedAttentionF8E4M3, (PagedAttention<Fp8E4M3, ffi::U8>),
+                              JAXINFER_PAGED_ATTENTION_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedAttentionF8E5M2, (PagedAttention<Fp8E5M2, ffi::U8>),
+                              JAXINFER_PAGED_ATTENTION_BINDING);
 
 // Which of the three implementations this build holds (for tests and the benchmark's table).
 extern "C" const char* JaxinferPagedAttentionIsa() { return kIsa; }
