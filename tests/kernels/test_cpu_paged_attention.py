@@ -246,6 +246,37 @@ def test_narrow_cache(cache_dtype, q_dtype):
     assert error <= FACTOR * yardstick, (error, yardstick)
 
 
+@pytest.mark.parametrize("fp8", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_every_fp8_byte_widens_exactly(fp8):
+    """All 256 bytes of an 8-bit float cache (subnormals, the largest values, infinities, NaN) as
+    one cached value row that takes all the weight: the output is each byte's value (ml_dtypes')
+    exactly. The new token's score is 10,100 below, so its weight is exp(-87) (the kernel's clamp)
+    times a zero value row."""
+    dim = 256
+    v_cache = np.zeros((1, 2, 16, dim), np.uint8)
+    v_cache[0, 1, 0] = np.arange(256, dtype=np.uint8)
+    k_cache = np.zeros((1, 2, 16, dim), np.float32)
+    k_cache[0, 1, 0, 0] = 1.0
+    q = np.zeros((1, 1, dim), np.float32)
+    q[0, 0, 0] = 100.0
+    k_new = np.zeros((1, 1, dim), np.float32)
+    k_new[0, 0, 0] = -100.0
+    out = kernel.paged_attention(
+        jnp.asarray(q),
+        jnp.asarray(k_new),
+        jnp.zeros((1, 1, dim), jnp.float32),
+        jax.lax.bitcast_convert_type(jnp.asarray(k_cache, fp8), jnp.uint8),
+        jnp.asarray(v_cache),
+        jnp.array([[1]], jnp.int32),
+        jnp.array([2], jnp.int32),
+        jnp.array([0, 1], jnp.int32),
+        scale=1.0,
+        cache_dtype=fp8,
+    )
+    expected = np.arange(256, dtype=np.uint8).view(jnp.dtype(fp8)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(out)[0, 0], expected)
+
+
 def test_a_rows_result_does_not_depend_on_the_other_rows_or_threads():
     """Each (row, kv head) is one work item with a fixed order: alone, in a batch, on one thread
     or two, its bits are the same."""
