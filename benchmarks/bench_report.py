@@ -140,6 +140,7 @@ def markdown_section(key: str, run: dict) -> str:
             f"ignore_eos. jaxinfer: {run.get('dtype', 'float32')}, "
             f"quantization {run.get('quantization')}, "
             f"{run.get('num_scheduler_steps', 1)} decode step(s) per call, "
+            f"KV cache {run.get('kv_cache_dtype', 'auto')}, "
             f"{run['results'][0]['jaxinfer'].get('attention_backend', 'reference')} attention, "
             f"max_num_seqs {spec['max_num_seqs']}, "
             f"max_num_batched_tokens {spec['max_num_batched_tokens']}. transformers: float32, "

@@ -103,6 +103,7 @@ def run_jaxinfer(
             files.name,
             engine.llm_engine.model.model_config,
             dtype_bytes=np.dtype(roofline.numpy_dtype(dtype)).itemsize,
+            kv_dtype_bytes=engine.llm_engine.runner.kv_cache_dtype.itemsize,
         ),
         "tokens": tokens,
         "workload": workload,

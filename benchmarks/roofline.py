@@ -56,9 +56,12 @@ class ModelShape:
     vocab: int
     tied_embeddings: bool
     dtype_bytes: int = 4
+    kv_dtype_bytes: int | None = None  # the KV cache's element size when not dtype_bytes (fp8: 1)
 
     @classmethod
-    def from_decoder_config(cls, name: str, cfg, dtype_bytes: int = 4) -> ModelShape:
+    def from_decoder_config(
+        cls, name: str, cfg, dtype_bytes: int = 4, kv_dtype_bytes: int | None = None
+    ) -> ModelShape:
         """From jaxinfer's `DecoderConfig` (engine.model.model_config)."""
         return cls(
             name=name,
@@ -71,6 +74,7 @@ class ModelShape:
             vocab=cfg.vocab_size,
             tied_embeddings=cfg.tie_word_embeddings,
             dtype_bytes=dtype_bytes,
+            kv_dtype_bytes=kv_dtype_bytes,
         )
 
     @property
@@ -102,7 +106,8 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+        element = self.dtype_bytes if self.kv_dtype_bytes is None else self.kv_dtype_bytes
+        return 2 * self.layers * self.kv_heads * self.head_dim * element
 
     def attention_flops(self, context: float) -> float:
         """QK^T and PV for one query token over `context` keys, all layers."""

@@ -98,6 +98,7 @@ def benchmark_model(name: str, args: argparse.Namespace, spec: WorkloadSpec, rat
         "attention_backend": args.attention_backend,
         "quantization": args.quantization,
         "num_scheduler_steps": args.num_scheduler_steps,
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
     jx = run_jaxinfer(files, spec, args.seed, **engine_options)
     workload, shape = jx.pop("workload"), jx.pop("shape")
@@ -221,6 +222,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--num-scheduler-steps", type=int, default=1, help="jaxinfer: multi-step decode (1: off)"
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+        help="jaxinfer: EngineConfig.kv_cache_dtype",
+    )
     p.add_argument("--out", default=str(here / "results.json"))
     p.add_argument("--markdown", default=str(here / "RESULTS.md"))
     p.add_argument(
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "quantization": args.quantization,
         "num_scheduler_steps": args.num_scheduler_steps,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "workload_spec": asdict(spec),
         "rates": rates,
         "results": results,
@@ -269,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         key += f", {args.quantization}"
     if args.num_scheduler_steps > 1:
         key += f", {args.num_scheduler_steps} steps per call"
+    if args.kv_cache_dtype != "auto":
+        key += f", {args.kv_cache_dtype} KV cache"
     rows = [row for result in results for row in table_rows(result)]
     print()
     print(text_table(rows))
