@@ -127,3 +127,15 @@ def test_fp8_holds_four_times_the_float32_blocks_in_the_same_memory(tiny_llama):
 def test_an_unknown_kv_cache_dtype_is_a_clear_error(tiny_llama):
     with pytest.raises(ValueError, match=r"EngineConfig\.kv_cache_dtype must be one of .*'fp8'"):
         EngineConfig(model=str(tiny_llama), kv_cache_dtype="int4")
+
+
+def test_multi_step_decode_writes_the_fp8_cache_like_single_steps(tiny_llama):
+    """The multi-step loop writes each layer's new K/V into the cache's bytes itself
+    (runtime/multi_step.py): its tokens are the single-step loop's."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    tokens = {}
+    for steps in (1, 4):
+        engine = _engine(tiny_llama, kv_cache_dtype="fp8", num_scheduler_steps=steps)
+        outputs = engine.generate(PROMPTS[1:3], params, use_tqdm=False)
+        tokens[steps] = [list(o.outputs[0].token_ids) for o in outputs]
+    assert tokens[4] == tokens[1]
