@@ -53,7 +53,7 @@ def storage_dtype(dtype) -> jnp.dtype:
     XLA:CPU has no 8-bit float arithmetic and widens an fp8 array to float16 around every op
     that is not a pure bitcast, so a scatter of a few slots into an fp8 cache converted the whole
     cache twice (26 ms for a 12.6 MB layer, against 0.01 ms as bytes). Readers widen the bytes
-    they read (kernels/paged_attention_cpu.py by table; the jnp and Pallas paths by bitcast)."""
+    they read (the CPU kernel by integer arithmetic; the jnp and Pallas paths by bitcast)."""
     return jnp.dtype(jnp.uint8) if is_fp8(dtype) else jnp.dtype(dtype)
 
 
