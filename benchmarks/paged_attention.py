@@ -263,19 +263,22 @@ def bench_kv_write(args) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    columns = (
-        "case",
-        "impl",
-        "batch",
-        "context",
-        "ms",
-        "back_to_back_ms",
-        "GB/s",
-        "of_read_bw",
-        "TFLOP/s",
-        "error",
-    )
+COLUMNS = (
+    "case",
+    "impl",
+    "batch",
+    "context",
+    "ms",
+    "back_to_back_ms",
+    "GB/s",
+    "of_read_bw",
+    "TFLOP/s",
+    "error",
+)
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """A markdown table of `rows` (missing cells empty, floats to 3 significant digits)."""
     lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
     for row in rows:
         cells = []
@@ -284,6 +287,28 @@ def format_table(rows: list[dict]) -> str:
             cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
         lines.append(" | ".join(cells))
     return "\n".join(lines)
+
+
+def run_header(args, read_rate: float, note: str = "") -> dict:
+    """The run's device, versions, shape and read bandwidth (JSON), also printed as one line."""
+    device = jax.devices()[0]
+    print(
+        f"{device.device_kind} ({device.platform}), jax {jax.__version__}, {args.dtype}; "
+        f"device read bandwidth {read_rate / 1e9:.1f} GB/s{note}"
+    )
+    return {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "dtype": str(args.dtype),
+        "shape": {
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "head_dim": args.head_dim,
+            "block_size": args.block_size,
+        },
+        "read_bandwidth_GB/s": read_rate / 1e9,
+    }
 
 
 def _sizes(text: str) -> list[int]:
@@ -323,27 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.repeats = 1
         read_bytes = 1 << 22
 
-    device = jax.devices()[0]
     read_rate = measure_device_bandwidth(read_bytes, max(args.repeats, 10))
     rows = bench_decode(args, read_rate) + bench_prefill(args) + bench_kv_write(args)
-    result = {
-        "device": device.device_kind,
-        "platform": device.platform,
-        "jax": jax.__version__,
-        "dtype": str(args.dtype),
-        "shape": {
-            "heads": args.heads,
-            "kv_heads": args.kv_heads,
-            "head_dim": args.head_dim,
-            "block_size": args.block_size,
-        },
-        "read_bandwidth_GB/s": read_rate / 1e9,
-        "rows": rows,
-    }
-    print(
-        f"{device.device_kind} ({device.platform}), jax {jax.__version__}, {args.dtype}; "
-        f"device read bandwidth {read_rate / 1e9:.1f} GB/s"
-    )
+    result = {**run_header(args, read_rate), "rows": rows}
     print(format_table(rows))
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result

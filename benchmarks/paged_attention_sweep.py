@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paged_attention import random_paged_batch, timed
+from paged_attention import format_table, random_paged_batch, run_header, timed
 from roofline import measure_device_bandwidth
 
 from pallas_kernels import paged_attention as kernel
@@ -152,33 +152,24 @@ def search_cell(
     return rows  # the cell's cache (up to ~9 GB) is freed with this frame
 
 
-def format_table(rows: list[dict]) -> str:
-    columns = (
-        "case",
-        "batch",
-        "context",
-        "tokens_per_tile",
-        "new_keys_per_step",
-        "pages_per_step",
-        "num_warps",
-        "num_stages",
-        "num_splits",
-        "ms",
-        "GB/s",
-        "of_read_bw",
-        "TFLOP/s",
-        "default",
-        "best",
-        "error",
-    )
-    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
-    for row in rows:
-        cells = []
-        for column in columns:
-            value = row.get(column, "")
-            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value))
-        lines.append(" | ".join(cells))
-    return "\n".join(lines)
+COLUMNS = (
+    "case",
+    "batch",
+    "context",
+    "tokens_per_tile",
+    "new_keys_per_step",
+    "pages_per_step",
+    "num_warps",
+    "num_stages",
+    "num_splits",
+    "ms",
+    "GB/s",
+    "of_read_bw",
+    "TFLOP/s",
+    "default",
+    "best",
+    "error",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -227,27 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
         if time.monotonic() > deadline:
             break
         rows += search_cell(args, batch, context, read_rate, deadline, prefill=True)
-    device = jax.devices()[0]
-    result = {
-        "device": device.device_kind,
-        "platform": device.platform,
-        "jax": jax.__version__,
-        "dtype": str(args.dtype),
-        "shape": {
-            "heads": args.heads,
-            "kv_heads": args.kv_heads,
-            "head_dim": args.head_dim,
-            "block_size": args.block_size,
-        },
-        "read_bandwidth_GB/s": read_rate / 1e9,
-        "seconds": time.monotonic() - started,
-        "rows": rows,
-    }
-    print(
-        f"{device.device_kind} ({device.platform}), jax {jax.__version__}, {args.dtype}; "
-        f"device read bandwidth {read_rate / 1e9:.1f} GB/s; {result['seconds']:.0f} s"
-    )
-    print(format_table(rows))
+    seconds = time.monotonic() - started
+    result = {**run_header(args, read_rate, f"; {seconds:.0f} s"), "seconds": seconds, "rows": rows}
+    print(format_table(rows, COLUMNS))
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
