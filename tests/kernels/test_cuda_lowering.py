@@ -35,12 +35,22 @@ TRITON_CALL = "xla.gpu.triton"
 
 
 def lower_for_cuda(
-    *, head_dim, block_size, group, dtype, decode_only, window, cap, table_positions, kv_heads=2
+    *,
+    head_dim,
+    block_size,
+    group,
+    dtype,
+    decode_only,
+    window,
+    cap,
+    table_positions,
+    kv_heads=2,
+    cache_dtype=None,
 ) -> str:
     tokens, seqs = (32, 32) if decode_only else (256, 4)
     blocks = table_positions // block_size
     shape = jax.ShapeDtypeStruct
-    cache = shape((kv_heads, 64, block_size, head_dim), dtype)
+    cache = shape((kv_heads, 64, block_size, head_dim), cache_dtype or dtype)
     args = (
         shape((tokens, kv_heads * group, head_dim), dtype),
         shape((tokens, kv_heads, head_dim), dtype),
@@ -116,6 +126,25 @@ def test_every_group_and_dtype_lowers(decode_only):
             table_positions=8192,
         )
         assert TRITON_CALL in text, (group, dtype)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("decode_only", [True, False])
+def test_an_fp8_cache_lowers(cache_dtype, decode_only):
+    """kv_cache_dtype "fp8" / "fp8_e5m2": the kernel widens the pages it loads to the queries'
+    type (the engine hands it the cache's bytes bitcast to the fp8 type)."""
+    text = lower_for_cuda(
+        head_dim=128,
+        block_size=16,
+        group=4,
+        dtype=jnp.bfloat16,
+        decode_only=decode_only,
+        window=None,
+        cap=None,
+        table_positions=8192,
+        cache_dtype=cache_dtype,
+    )
+    assert TRITON_CALL in text
 
 
 def test_unsupported_head_dim_is_rejected_by_the_lowering():
