@@ -7,7 +7,7 @@
 The signature and the result of `pallas_kernels.reference.paged_attention` (tokens past
 `query_start_loc[S]` are padding and output zeros), for decode rows (row s owns exactly token s:
 the reference's `decode_only=True`) and ragged prefill chunks alike, for a float32 or bfloat16
-cache, or an 8-bit float one (kv_cache_dtype "fp8" / "fp8_e5m2", widened exactly through a table);
+cache, or an 8-bit float one (kv_cache_dtype "fp8" / "fp8_e5m2", widened exactly in the kernel);
 `supports(...)` says whether a call can take it.
 
 Why: the reference's decode path gathers every sequence's context into float32 copies, chunk by

@@ -106,12 +106,9 @@ def reference_or_cpu_kernel(
         and paged_attention_cpu.cpu_kernel_enabled()
     ):
         return paged_attention_cpu.paged_attention(*args, cache_dtype=cache_dtype, **options)
-    k_cache, v_cache = (
-        kv_cache.typed_view(k_cache, cache_dtype),
-        kv_cache.typed_view(v_cache, cache_dtype),
+    return _typed_caches(reference.paged_attention, cache_dtype)(
+        *args, decode_only=decode_only, **options
     )
-    args = (q, k_new, v_new, k_cache, v_cache, block_tables, context_lens, query_start_loc)
-    return reference.paged_attention(*args, decode_only=decode_only, **options)
 
 
 def _typed_caches(attention: Callable, cache_dtype) -> Callable:

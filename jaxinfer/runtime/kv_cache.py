@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from jaxinfer.config import EngineConfig
 from jaxinfer.runtime.mesh import KV_CACHE_AXES, named_sharding
 from jaxinfer.runtime.pipeline import layer_partition
+from pallas_kernels import reference
 
 logger = logging.getLogger("jaxinfer")
 
@@ -42,10 +43,11 @@ def cache_dtype(kv_cache_dtype: str, model_dtype) -> jnp.dtype:
     return jnp.dtype(FP8_CACHE_DTYPES[kv_cache_dtype])
 
 
+_FP8 = frozenset(jnp.dtype(t) for t in FP8_CACHE_DTYPES.values())
+
+
 def is_fp8(dtype) -> bool:
-    return dtype is not None and jnp.dtype(dtype) in {
-        jnp.dtype(t) for t in FP8_CACHE_DTYPES.values()
-    }
+    return dtype is not None and jnp.dtype(dtype) in _FP8
 
 
 def storage_dtype(dtype) -> jnp.dtype:
@@ -63,6 +65,21 @@ def encode(new: jax.Array, dtype) -> jax.Array:
     if not is_fp8(dtype):
         return new
     return jax.lax.bitcast_convert_type(new.astype(dtype), jnp.uint8)
+
+
+def write_layer(
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    slot_mapping: jax.Array,
+    dtype=None,
+) -> tuple[jax.Array, jax.Array]:
+    """`reference.write_kv` of one layer's new K/V, encoded for a cache of element type `dtype`
+    first (the single-step writer and the multi-step loop both write through here)."""
+    return reference.write_kv(
+        k_cache, v_cache, encode(k_new, dtype), encode(v_new, dtype), slot_mapping
+    )
 
 
 def typed_view(cache: jax.Array, dtype) -> jax.Array:

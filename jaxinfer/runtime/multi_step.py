@@ -32,7 +32,6 @@ from jaxinfer.runtime import slot_state as slots
 from jaxinfer.runtime import step as single_step
 from jaxinfer.seam import STEP_ROW_FIELDS as ROW_FIELDS
 from jaxinfer.seam import StepInputs
-from pallas_kernels import reference
 
 
 def advance_inputs(inputs: StepInputs, tokens: jax.Array, step: jax.Array, block_size: int):
@@ -84,12 +83,8 @@ def _write_then_attend(
     is free to order before that read, and XLA:CPU copied the whole cache in every iteration (a
     64-token SmolLM2 run took 4x as long; benchmarks/RESULTS.md, "Multi-step decode"). The
     attention reads the new token from `k_new` / `v_new` as before, so the result is the same."""
-    k_cache, v_cache = reference.write_kv(
-        k_cache,
-        v_cache,
-        kv_cache_lib.encode(k_new, cache_dtype),
-        kv_cache_lib.encode(v_new, cache_dtype),
-        slot_mapping,
+    k_cache, v_cache = kv_cache_lib.write_layer(
+        k_cache, v_cache, k_new, v_new, slot_mapping, cache_dtype
     )
     record((k_cache, v_cache))
     return paged_attention(q, k_new, v_new, k_cache, v_cache, *args, **options)

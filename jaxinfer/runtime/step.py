@@ -402,13 +402,7 @@ def write_cache(kv_cache: tuple, new_kv: tuple, slot_mapping: jax.Array, cache_d
     """Scatter every layer's new K/V into its cache slots (padding tokens land in block 0);
     `cache_dtype`: an 8-bit float cache's type, whose arrays hold its bytes (kv_cache.encode)."""
     return tuple(
-        reference.write_kv(
-            k_cache,
-            v_cache,
-            kv_cache_lib.encode(k_new, cache_dtype),
-            kv_cache_lib.encode(v_new, cache_dtype),
-            slot_mapping,
-        )
+        kv_cache_lib.write_layer(k_cache, v_cache, k_new, v_new, slot_mapping, cache_dtype)
         for (k_cache, v_cache), (k_new, v_new) in zip(kv_cache, new_kv, strict=True)
     )
 

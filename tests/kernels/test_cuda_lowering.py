@@ -36,14 +36,14 @@ TRITON_CALL = "xla.gpu.triton"
 
 def lower_for_cuda(
     *,
-    head_dim,
-    block_size,
-    group,
-    dtype,
     decode_only,
-    window,
-    cap,
-    table_positions,
+    head_dim=128,
+    block_size=16,
+    group=4,
+    dtype=jnp.bfloat16,
+    window=None,
+    cap=None,
+    table_positions=8192,
     kv_heads=2,
     cache_dtype=None,
 ) -> str:
@@ -133,30 +133,10 @@ def test_every_group_and_dtype_lowers(decode_only):
 def test_an_fp8_cache_lowers(cache_dtype, decode_only):
     """kv_cache_dtype "fp8" / "fp8_e5m2": the kernel widens the pages it loads to the queries'
     type (the engine hands it the cache's bytes bitcast to the fp8 type)."""
-    text = lower_for_cuda(
-        head_dim=128,
-        block_size=16,
-        group=4,
-        dtype=jnp.bfloat16,
-        decode_only=decode_only,
-        window=None,
-        cap=None,
-        table_positions=8192,
-        cache_dtype=cache_dtype,
-    )
-    assert TRITON_CALL in text
+    assert TRITON_CALL in lower_for_cuda(decode_only=decode_only, cache_dtype=cache_dtype)
 
 
 def test_unsupported_head_dim_is_rejected_by_the_lowering():
     """The check is real: a 96-wide head (not a power of two) does not lower."""
     with pytest.raises(ValueError, match="power of 2"):
-        lower_for_cuda(
-            head_dim=96,
-            block_size=16,
-            group=1,
-            dtype=jnp.bfloat16,
-            decode_only=True,
-            window=None,
-            cap=None,
-            table_positions=1024,
-        )
+        lower_for_cuda(head_dim=96, group=1, decode_only=True, table_positions=1024)
