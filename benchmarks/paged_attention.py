@@ -9,8 +9,8 @@ What is measured, and why:
 * Decode is memory-bound: each step reads every cached K/V byte of the batch once. So decode is
   reported as achieved bandwidth, (K + V bytes of the batch's contexts) / time, beside the
   device's read bandwidth measured in the same run (best of 10 jitted sums over 4 GiB,
-  roofline.py's measure; over 1 GiB the H200 read 2.6-2.7 TB/s, the sum's fixed cost showing), which is what a perfect kernel could approach. Goal: >= 80% of it at
-  long context. (Until 2026-12-04 the bound was a copy's read + write rate, `a + 1`: on the H200
+  roofline.py's measure; over 1 GiB the H200 read 2.6-2.7 TB/s, the sum's fixed cost showing),
+  which is what a perfect kernel could approach. Goal: >= 80% of it at long context. (Until 2026-12-04 the bound was a copy's read + write rate, `a + 1`: on the H200
   it read 2.3 TB/s against 3.8 TB/s for the sum, and the kernel's reads came out at 1.2x "the
   bound".)
 * Prefill (fresh prompts, causal) is compute-bound: reported as TFLOP/s (2 matmuls of

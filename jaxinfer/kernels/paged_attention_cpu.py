@@ -101,7 +101,7 @@ def paged_attention(
     type of a cache given as bytes (an 8-bit float one, as the engine keeps it)."""
     max_threads = _LIBRARY.call_threads(max_threads, THREADS_ENV)
     element = _element_type(k_cache, cache_dtype)
-    if not supports(k_cache, cache_dtype) or v_cache.dtype != k_cache.dtype:
+    if element not in TARGETS or v_cache.dtype != k_cache.dtype:
         raise TypeError(
             f"the CPU paged-attention kernel takes a float32, bfloat16 or float8 cache, got "
             f"{k_cache.dtype} / {v_cache.dtype}"
